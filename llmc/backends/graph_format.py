@@ -1,0 +1,183 @@
+"""A safe, human-readable JSON format for aten-level ``torch.fx.Graph`` programs.
+
+An engine is stored as this JSON (the program) plus safetensors (the weights).
+Why not ``torch.save`` / ``torch.export.save``: those go through pickle, so
+loading an engine could run arbitrary code.  Here loading only ever builds
+nodes whose targets are in an allow-list (``torch.ops.{aten,prims,llmc}`` and
+a few ``operator`` functions), and constants are plain JSON values or tagged
+objects (``{"dtype": "float32"}``) that are checked against fixed tables.
+Being one JSON object per node, a program can also be diffed and reviewed.
+
+    {"format": "llmc.fx/1",
+     "nodes": [{"op": ..., "name": ..., "target": ..., "args": [...], "kwargs": {...}}]}
+
+Node names are kept, so ``get_attr`` targets still match the safetensors keys.
+Node ``meta`` is not stored.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import operator
+import re
+
+import torch
+import torch.fx
+
+FORMAT = "llmc.fx/1"
+_OPS = ("placeholder", "get_attr", "call_function", "output")
+_NAMESPACES = ("aten", "prims", "llmc")
+# The only non-OpOverload targets in graphs torch.export makes from HF models
+# are operator.getitem; the arithmetic/comparisons are what symbolic shape math emits.
+_PY_FUNCS = {f"operator.{n}": getattr(operator, n) for n in (
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg",
+    "eq", "ne", "lt", "le", "gt", "ge")}
+_PY_NAMES = {fn: name for name, fn in _PY_FUNCS.items()}
+
+
+def _table(kind: type) -> dict:
+    return {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, kind)}
+
+
+_KINDS = {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format}
+_TAGGED = {tag: _table(kind) for tag, kind in _KINDS.items()}
+# fx pastes placeholder/get_attr targets and kwarg names into the Python source it
+# generates and exec()s, so on load they must be plain names, never code.
+_ATTR_PATH = re.compile(r"(?!__)\w+(\.(?!__)\w+)*", re.ASCII)
+
+
+def _ident(s) -> bool:
+    return isinstance(s, str) and s.isascii() and s.isidentifier() and not keyword.iskeyword(s)
+
+
+class GraphFormatError(ValueError):
+    """The graph can't be written in, or the JSON can't be read as, llmc.fx/1."""
+
+
+def _rebuild_msg(what: str) -> str:
+    return (f"{what}: this engine was built by an incompatible llmc/torch version "
+            f"(torch {torch.__version__} here); rebuild the engine")
+
+
+def _enc(v, node):
+    if isinstance(v, torch.fx.Node):
+        return {"node": v.name}
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else {"float": str(v)}  # 'inf', '-inf', 'nan'
+    if isinstance(v, list):
+        return [_enc(x, node) for x in v]
+    if isinstance(v, tuple):
+        return {"tuple": [_enc(x, node) for x in v]}
+    if isinstance(v, slice):
+        return {"slice": [_enc(x, node) for x in (v.start, v.stop, v.step)]}
+    if isinstance(v, torch.device):
+        return {"device": str(v)}
+    for tag, kind in _KINDS.items():
+        if isinstance(v, kind):
+            return {tag: str(v).removeprefix("torch.")}
+    raise GraphFormatError(f"node {node.name!r}: cannot encode value of type {type(v).__qualname__}")
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if node.op != "call_function":
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._opname}.{t._overloadname}"
+    if t in _PY_NAMES:
+        return _PY_NAMES[t]
+    raise GraphFormatError(f"node {node.name!r}: call target {t!r} is not an OpOverload "
+                           f"or an allow-listed operator function")
+
+
+def graph_to_json(graph: torch.fx.Graph) -> dict:
+    """Encode every node: placeholder, get_attr, call_function, output."""
+    nodes = []
+    for n in graph.nodes:
+        if n.op not in _OPS:
+            raise GraphFormatError(f"node {n.name!r}: op {n.op!r} is not supported")
+        nodes.append({"op": n.op, "name": n.name, "target": _target_name(n),
+                      "args": [_enc(a, n) for a in n.args],
+                      "kwargs": {k: _enc(v, n) for k, v in n.kwargs.items()}})
+    return {"format": FORMAT, "nodes": nodes}
+
+
+def _resolve(name: str, where: str):
+    if name in _PY_FUNCS:
+        return _PY_FUNCS[name]
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in _NAMESPACES:
+        raise GraphFormatError(_rebuild_msg(f"{where}: call target {name!r} is not allowed "
+                                            f"(only {'/'.join(_NAMESPACES)} ops and some operator.*)"))
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        op = None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise GraphFormatError(_rebuild_msg(f"{where}: unknown op {name!r}"))
+    return op
+
+
+def _dec(v, nodes: dict, device: torch.device, where: str):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_dec(x, nodes, device, where) for x in v]
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "node":
+            if not isinstance(x, str) or x not in nodes:
+                raise GraphFormatError(where + f": refers to unknown or later node {x!r}")
+            return nodes[x]
+        if tag == "tuple" and isinstance(x, list):
+            return tuple(_dec(y, nodes, device, where) for y in x)
+        if tag == "slice" and isinstance(x, list) and len(x) == 3:
+            return slice(*(_dec(y, nodes, device, where) for y in x))
+        if tag == "float" and x in ("inf", "-inf", "nan"):
+            return float(x)
+        if tag == "device" and isinstance(x, str):
+            return device
+        if tag in _TAGGED:
+            if isinstance(x, str) and x in _TAGGED[tag]:
+                return _TAGGED[tag][x]
+            raise GraphFormatError(_rebuild_msg(f"{where}: unknown torch {tag} {x!r}"))
+    raise GraphFormatError(where + f": bad value {v!r}")
+
+
+def graph_from_json(obj: dict, device: torch.device | str = "cpu") -> torch.fx.Graph:
+    """Rebuild the graph. Every torch.device constant found in args/kwargs is replaced by `device`
+    (engines are built on one device and run on another). Only allow-listed targets resolve."""
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("nodes"), list):
+        raise GraphFormatError(_rebuild_msg(f"not an {FORMAT} graph"))
+    device = torch.device(device)
+    graph, nodes = torch.fx.Graph(), {}
+    for i, rec in enumerate(obj["nodes"]):
+        where = f"node #{i} {rec.get('name')!r}" if isinstance(rec, dict) else f"node #{i}"
+        if not (isinstance(rec, dict) and rec.get("op") in _OPS and isinstance(rec.get("name"), str)
+                and isinstance(rec.get("target"), str) and isinstance(rec.get("args"), list)
+                and isinstance(rec.get("kwargs"), dict)):
+            raise GraphFormatError(where + ": malformed node record")
+        if rec["name"] in nodes:
+            raise GraphFormatError(where + ": duplicate node name")
+        op, target = rec["op"], rec["target"]
+        if op == "call_function":
+            target = _resolve(target, where)
+        elif not {"placeholder": _ident(target), "output": target == "output",
+                  "get_attr": bool(_ATTR_PATH.fullmatch(target))}[op]:
+            raise GraphFormatError(where + f": invalid {op} target {target!r}")
+        if not all(_ident(k) for k in rec["kwargs"]):
+            raise GraphFormatError(where + f": invalid keyword argument names {list(rec['kwargs'])}")
+        args = tuple(_dec(a, nodes, device, where) for a in rec["args"])
+        kwargs = {k: _dec(v, nodes, device, where) for k, v in rec["kwargs"].items()}
+        node = graph.create_node(op, target, args, kwargs, name=rec["name"])
+        if node.name != rec["name"]:
+            raise GraphFormatError(where + f": name is not a valid fx node name (became {node.name!r})")
+        nodes[rec["name"]] = node
+    try:
+        graph.lint()
+    except RuntimeError as e:
+        raise GraphFormatError(f"invalid graph: {e}") from e
+    return graph

@@ -1,0 +1,94 @@
+"""`build`: HF checkpoint -> frontend -> passes -> backend -> engine directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmc.backends import get_backend
+from llmc.engine import CONFIG, EngineConfig, record_files
+from llmc.frontend.checkpoint import Checkpoint, CheckpointError
+from llmc.frontend.export import DTYPES, trace
+from llmc.passes import PIPELINE, BuildContext, run_passes
+
+
+def build(
+    model: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_seq_len: int | None = None,
+    max_batch_tokens: int = 2048,
+    max_num_seqs: int = 64,
+    block_size: int = 16,
+    backend: str = "torch",
+    verify_passes: bool = False,
+    dump_graphs: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Compile `model` (a HF directory or hub id) into an engine at `output_dir`; returns its path."""
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG).is_file():
+        raise FileExistsError(f"{out} exists and is not an llmc engine; choose another output directory")
+    writer = get_backend(backend)
+
+    ckpt = Checkpoint(model)
+    tokenizer_files = ckpt.tokenizer_files()
+    log(f"[llmc] {ckpt.architecture} from {ckpt.path}")
+    limit = ckpt.config.get_text_config().max_position_embeddings
+    max_seq_len = max_seq_len or min(limit, 4096)
+    if not 2 <= max_seq_len <= limit:
+        raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
+
+    gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
+    log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
+    ctx = BuildContext(ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size)
+    gm, records = run_passes(gm, ctx, PIPELINE, verify=verify_passes, dump_dir=dump_graphs, log=lambda m: log(f"[llmc] {m}"))
+
+    # Write beside the destination and swap in at the end: an interrupted build leaves no half engine.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        writer.write_rank(gm, staging / "rank0")
+        (staging / "tokenizer").mkdir()
+        for f in tokenizer_files:
+            shutil.copy2(f, staging / "tokenizer" / f.name)
+        config = EngineConfig(
+            architecture=ckpt.architecture,
+            model_type=ckpt.config.model_type,
+            dtype=dtype,
+            backend=backend,
+            vocab_size=ckpt.config.get_text_config().vocab_size,
+            kv_cache={**ctx.kv_cache, "block_size": block_size},
+            limits={"max_seq_len": max_seq_len, "max_batch_tokens": max_batch_tokens, "max_num_seqs": max_num_seqs},
+            eos_token_ids=ckpt.eos_token_ids(),
+            inputs=[n.target for n in gm.graph.nodes if n.op == "placeholder"],
+            passes=records,
+            build={
+                "source": str(model),
+                "seconds": round(time.perf_counter() - start, 2),
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+            },
+        )
+        record_files(staging, config)
+        config.save(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"[llmc] engine written to {out} in {time.perf_counter() - start:.1f} s")
+    return out

@@ -1,0 +1,169 @@
+"""Trace a Hugging Face causal LM with torch.export into a plain FX GraphModule.
+
+The model is built on the meta device (no weights in memory), exported around a step wrapper, and
+its parameters become `get_attr` nodes named as in the checkpoint. Weights are then streamed from
+safetensors into the GraphModule, one copy, in the dtype the traced graph expects.
+
+The traced program is a single flat sequence: `input_ids[1, T]`, `position_ids[1, T]` and
+`logits_indices[S]` in, logits `[1, S, vocab]` out. The attention pass turns it into DESIGN.md's
+ragged, paged step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, hf: torch.nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, position_ids, logits_indices):
+        out = self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_indices)
+        return out.logits
+
+
+def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(ckpt.config, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:
+        raise CheckpointError(
+            f"architecture {ckpt.architecture} ({ckpt.config.model_type}) is not a causal LM that llmc can trace: {e}. "
+            f"Supported: {', '.join(TESTED_ARCHITECTURES)}."
+        ) from None
+    return model.eval()
+
+
+def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Values of buffers that are computed at init rather than stored (RoPE frequencies, position tables).
+
+    A meta model has none, so each owning module gets real buffers and transformers' own
+    initialisation fills them, exactly as `from_pretrained` does.
+    """
+    values = {}
+    for name, buf in list(model.named_non_persistent_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner.register_buffer(attr, torch.empty_like(buf, device="cpu"), persistent=False)
+        model._init_weights(owner)
+        values[name] = getattr(owner, attr)
+        owner.register_buffer(attr, values[name].to("meta"), persistent=False)
+    return values
+
+
+def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int) -> torch.export.ExportedProgram:
+    num_tokens = torch.export.Dim("num_tokens", min=2, max=max(max_batch_tokens, 3))
+    num_seqs = torch.export.Dim("num_seqs", min=1, max=max(max_num_seqs, 3))
+    # Example sizes avoid 0 and 1, which torch.export would specialise on.
+    example = (
+        torch.zeros(1, 3, dtype=torch.long, device="meta"),
+        torch.arange(3, device="meta")[None],
+        torch.tensor([1, 2], device="meta"),
+    )
+    return torch.export.export(
+        _Step(model), example, dynamic_shapes=({1: num_tokens}, {1: num_tokens}, {0: num_seqs}), strict=False
+    )
+
+
+def to_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """Lifted parameters and buffers become get_attr nodes named by their FQN in the HF model."""
+    sig = ep.graph_signature
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    graph = ep.graph
+    first_user_input = next(n for n in graph.nodes if n.op == "placeholder" and n.name not in lifted)
+    attrs: dict[str, torch.Tensor] = {}
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or node.name not in lifted:
+            continue
+        if not node.users:  # e.g. the unused alias of a tied embedding
+            graph.erase_node(node)
+            continue
+        fqn = lifted[node.name].removeprefix("hf.")
+        tensor = ep.state_dict.get(lifted[node.name], ep.constants.get(lifted[node.name]))
+        with graph.inserting_before(first_user_input):
+            get = graph.create_node("get_attr", fqn)
+        get.meta = dict(node.meta)
+        node.replace_all_uses_with(get)
+        graph.erase_node(node)
+        attrs[fqn] = tensor.detach()  # buffers, not parameters: an engine holds no trainable state
+    # Traced on the meta device: constants like `arange(..., device=meta)` must name a real device.
+    for node in graph.nodes:
+        node.args, node.kwargs = fx.node.map_aggregate(
+            (node.args, node.kwargs), lambda a: torch.device("cpu") if isinstance(a, torch.device) else a
+        )
+    # The exported graph carries a pytree codegen and input guards; a plain module is what passes rewrite.
+    graph._codegen = fx.graph.CodeGen()
+    return fx.GraphModule(attrs, graph)
+
+
+def checkpoint_keys(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, str]:
+    """{model parameter name: checkpoint key}, through transformers' own renamings of legacy keys
+    (e.g. GPT-NeoX's `embed_out` is `lm_head`, GPT-2 hub checkpoints lack the `transformer.` prefix)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    keys = {}
+    for key in ckpt.keys():
+        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if converter is not None:
+            raise CheckpointError(
+                f"{ckpt.architecture} checkpoints store {key!r} in a layout that needs conversion ({converter}); "
+                "llmc reads checkpoints whose tensors map one-to-one onto the model's"
+            )
+        keys[name] = key
+    return keys
+
+
+def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Replace every meta attribute of `gm` by its real tensor, read from the checkpoint."""
+    keys = checkpoint_keys(ckpt, model)
+    by_tensor: dict[int, list[str]] = {}  # tied weights are one parameter with several names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    aliases = {name: names for names in by_tensor.values() for name in names}
+    names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=len(names) < 50):
+        meta = gm.get_buffer(name)
+        if name in buffers:
+            value = buffers[name]
+        else:
+            key = next((keys[a] for a in aliases.get(name, [name]) if a in keys), None)
+            if key is None:
+                raise CheckpointError(f"weight {name!r} is missing from {ckpt.path} (checkpoint incomplete or for another model?)")
+            value = ckpt.tensor(key)
+        if tuple(value.shape) != tuple(meta.shape):
+            raise CheckpointError(
+                f"weight {name!r} in {ckpt.path} has shape {tuple(value.shape)}, but config.json implies {tuple(meta.shape)}"
+            )
+        owner_name, _, attr = name.rpartition(".")
+        gm.get_submodule(owner_name).register_buffer(attr, value.to(meta.dtype), persistent=True)
+
+
+def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:
+    """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline)."""
+    model = build_meta_model(ckpt, dtype)
+    buffers = non_persistent_buffers(model)
+    try:
+        ep = export_step(model, max_batch_tokens, max_num_seqs)
+    except Exception as e:  # torch.export raises many types; all mean the same thing here
+        raise CheckpointError(
+            f"torch.export could not trace {ckpt.architecture}: {type(e).__name__}: {str(e).splitlines()[0]}. "
+            f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
+        ) from e
+    gm = to_graph_module(ep)
+    load_weights(gm, ckpt, model, buffers)
+    return gm

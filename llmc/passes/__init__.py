@@ -1,0 +1,15 @@
+"""Graph passes: one file a pass, one signature, one registry, and the order in one place.
+
+Every pass is `fn(gm, ctx) -> (gm, record)`: it rewrites the FX GraphModule, may read or fill the
+build context, and returns a short JSON-able record of what it matched. The manager lints, cleans up
+and recompiles after each pass, so passes do not.
+"""
+
+from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
+
+# Importing a pass module registers it.
+from llmc.passes import attention, canonicalize  # noqa: E402,F401
+
+PIPELINE = ("canonicalize", "attention")
+
+__all__ = ["PASSES", "PIPELINE", "BuildContext", "register_pass", "run_passes"]

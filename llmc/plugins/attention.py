@@ -1,0 +1,76 @@
+"""Paged attention: the one op through which every llmc program reads and writes its KV cache.
+
+It implements DESIGN.md's step contract for one layer. The step is a flat, ragged batch of T new
+tokens from S sequences; sequence i owns the tokens query_start_loc[i]:query_start_loc[i+1] and has
+seq_lens[i] tokens of context once they are added. The op first writes the new keys and values into
+the cache at `slot_mapping` (slot = block * block_size + offset), then lets each new token attend to
+its sequence's context through the sequence's block table, causally (and within `sliding_window`
+tokens when that is positive).
+
+Layouts (those of the HF attention it replaces, so the graph around it is unchanged):
+    q       [1, num_heads, T, head_dim]
+    k, v    [1, num_kv_heads, T, head_dim]          (before any GQA expansion)
+    kv_cache[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    returns [1, num_heads, T, head_dim]
+
+The implementation below is the reference: plain torch, the definition of the op's numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("llmc::paged_attention", mutates_args={"kv_cache"})
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    write_kv_cache(k, v, kv_cache, layer, slot_mapping)
+    return paged_attention_reference(
+        q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window
+    )
+
+
+@paged_attention.register_fake
+def _(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+    return torch.empty_like(q)
+
+
+def write_kv_cache(k, v, kv_cache, layer, slot_mapping) -> None:
+    _, _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    slots = num_blocks * block_size
+    kv_cache[layer, 0].view(slots, num_kv_heads, head_dim)[slot_mapping] = k[0].transpose(0, 1).to(kv_cache.dtype)
+    kv_cache[layer, 1].view(slots, num_kv_heads, head_dim)[slot_mapping] = v[0].transpose(0, 1).to(kv_cache.dtype)
+
+
+def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+    """Attention of each sequence's new tokens over its cached context, one sequence at a time."""
+    block_size = kv_cache.shape[3]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for i, context_len in enumerate(seq_lens.tolist()):
+        start, end = starts[i], starts[i + 1]
+        num_blocks = -(-context_len // block_size)
+        blocks = block_tables[i, :num_blocks]
+        # [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context_len, d]
+        kv = kv_cache[layer][:, blocks].flatten(1, 2)[:, :context_len].transpose(1, 2).to(q.dtype)
+        query_pos = torch.arange(context_len - (end - start), context_len, device=q.device)[:, None]
+        key_pos = torch.arange(context_len, device=q.device)[None, :]
+        mask = key_pos <= query_pos
+        if sliding_window > 0:
+            mask &= key_pos > query_pos - sliding_window
+        out[0, :, start:end] = F.scaled_dot_product_attention(
+            q[0, :, start:end], kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out

@@ -1,0 +1,72 @@
+"""In-flight batching: every step packs running sequences and new prefill chunks up to a token budget.
+
+Running sequences go first (oldest first), so decodes are never stalled by a long prompt; what is
+left of the budget goes to prompts, chunked (Sarathi-Serve's stall-free batching). When the cache
+has no block for a running sequence, the newest running sequence is preempted: its blocks are freed
+and it goes back to the front of the queue, to be recomputed from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from llmc.runtime.block_manager import BlockManager
+from llmc.runtime.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int):
+        self.block_manager = block_manager
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The step's work: (sequence, number of its tokens to compute now)."""
+        budget = self.max_batch_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens == 0:
+                break
+            while not self.block_manager.can_allocate(seq, num_tokens):
+                self._preempt(self.running[-1])
+                if seq.status != Status.RUNNING:
+                    break
+            if seq.status == Status.RUNNING:
+                self.block_manager.allocate(seq, num_tokens)
+                batch.append((seq, num_tokens))
+                budget -= num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_tokens)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, num_tokens))
+            budget -= num_tokens
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.block_manager.free(seq)

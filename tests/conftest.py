@@ -1,0 +1,68 @@
+"""Tiny random-weight Hugging Face checkpoints of every supported architecture, with a real tokenizer."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+VOCAB = 320
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4),
+    "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, rotary_pct=0.5),
+}
+ARCHITECTURES = list(TINY_CONFIGS)
+TOKENIZER_TEXT = (
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
+    "The quick brown fox jumps over the lazy dog. import os, sys\nclass A:\n    pass\n"
+) * 4
+
+
+@functools.cache
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny `arch` model with the tokenizer; EOS is off so every request runs to max_tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**TINY_CONFIGS[arch], **overrides}
+    config = AutoConfig.for_model(
+        kwargs.pop("model_type"), vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: make_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
