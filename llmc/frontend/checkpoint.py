@@ -48,6 +48,8 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (with config.json)")
+    if str(model).startswith(("/", ".", "~")) or os.sep + os.sep in str(model):
+        raise CheckpointError(f"{model}: no such directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -77,6 +79,13 @@ class Checkpoint:
         except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(f"cannot read {self.path / 'config.json'}: {e}") from None
         self.architecture = (getattr(self.config, "architectures", None) or [type(self.config).__name__])[0]
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        if type(self.config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise CheckpointError(
+                f"architecture {self.architecture} ({self.config.model_type}) is not a causal language model; "
+                f"llmc compiles decoder-only causal LMs such as {', '.join(TESTED_ARCHITECTURES)}"
+            )
         self._files = self._index_weights()
         self._open: dict[Path, object] = {}
 

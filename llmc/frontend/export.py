@@ -36,10 +36,9 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(ckpt.config, dtype=dtype, attn_implementation="sdpa")
-    except ValueError as e:
+    except ValueError as e:  # e.g. a model without an SDPA attention implementation
         raise CheckpointError(
-            f"architecture {ckpt.architecture} ({ckpt.config.model_type}) is not a causal LM that llmc can trace: {e}. "
-            f"Supported: {', '.join(TESTED_ARCHITECTURES)}."
+            f"{ckpt.architecture} cannot be built by llmc: {e}. Tested: {', '.join(TESTED_ARCHITECTURES)}."
         ) from None
     return model.eval()
 

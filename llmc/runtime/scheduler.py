@@ -21,6 +21,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -64,6 +65,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

@@ -1,0 +1,123 @@
+"""The `llmc` command: build | generate | inspect."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+def _clean_errors(fn):
+    """Errors about the user's input print as one line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from llmc.engine import EngineError
+        from llmc.frontend.checkpoint import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, EngineError, CheckpointError, FileExistsError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="llmc")
+def main():
+    """llmc: compile Hugging Face causal LMs into engines and run them."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="Longest request (prompt + output) in tokens. [default: model's, at most 4096]")
+@click.option("--max-batch-tokens", type=int, default=2048, show_default=True, help="Token budget of one step.")
+@click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Most requests in flight at once.")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
+@click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
+@_clean_errors
+def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, backend, verify_passes, dump_graphs):
+    """Compile MODEL (a Hugging Face directory or hub id) into an engine."""
+    from llmc.compiler import build as build_engine
+
+    build_engine(
+        model,
+        output_dir,
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        max_batch_tokens=max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+        backend=backend,
+        verify_passes=verify_passes,
+        dump_graphs=dump_graphs,
+        log=lambda m: click.echo(m, err=True),
+    )
+
+
+@main.command()
+@click.argument("engine", type=click.Path(exists=True, file_okay=False))
+@click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch.")
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
+@_clean_errors
+def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_json):
+    """Generate completions for prompts with ENGINE."""
+    from llmc.runtime import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    llm = LLM(engine)
+    start = time.perf_counter()
+    outputs = llm.generate(list(prompts), params)
+    seconds = time.perf_counter() - start
+    for out in outputs:
+        if as_json:
+            click.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+        else:
+            click.echo(out.prompt + click.style(out.text, bold=True))
+            click.echo()
+    tokens = sum(len(o.token_ids) for o in outputs)
+    click.echo(f"[llmc] {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)", err=True)
+
+
+@main.command()
+@click.argument("engine", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print config.json as it is.")
+@_clean_errors
+def inspect(engine, as_json):
+    """Show ENGINE's config, files and the record of each build pass."""
+    from llmc.engine import EngineConfig
+
+    config = EngineConfig.load(engine)
+    if as_json:
+        click.echo((Path(engine) / "config.json").read_text())
+        return
+    kv, limits = config.kv_cache, config.limits
+    click.echo(f"engine      {engine}")
+    click.echo(f"model       {config.architecture} ({config.model_type}), {config.dtype}, vocab {config.vocab_size}")
+    click.echo(f"backend     {config.backend}, tp={config.mapping['tp']} pp={config.mapping['pp']}, quantization {config.quantization or 'none'}")
+    click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, blocks of {kv['block_size']}")
+    click.echo(f"limits      max_seq_len {limits['max_seq_len']}, max_batch_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_num_seqs']}")
+    click.echo(f"built       in {config.build.get('seconds')} s from {config.build.get('source')} (torch {config.build.get('torch')})")
+    click.echo("files")
+    for name, info in config.files.items():
+        click.echo(f"  {name:40s} {info['bytes'] / 1e6:10.2f} MB  sha256 {info['sha256'][:12]}")
+    click.echo("passes")
+    for record in config.passes:
+        details = ", ".join(f"{k}={v}" for k, v in record.items() if k != "pass")
+        click.echo(f"  {record['pass']:14s} {details}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The engine directory: round trip through a fresh process, and damage reported by file name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import llmc
+from llmc import LLM, SamplingParams
+from llmc.engine import EngineConfig, EngineError
+
+PROMPTS = ["def fib(n):", "import os", "class A:\n    pass"]
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("e") / "engine", max_seq_len=64, log=lambda _: None)
+
+
+@pytest.fixture
+def engine_copy(engine, tmp_path):
+    return shutil.copytree(engine, tmp_path / "engine")
+
+
+def test_engine_layout(engine):
+    config = EngineConfig.load(engine)
+    assert {"rank0/program.json", "rank0/weights.safetensors", "tokenizer/tokenizer.json"} <= set(config.files)
+    assert config.architecture == "LlamaForCausalLM" and config.mapping == {"tp": 1, "pp": 1}
+    assert [p["pass"] for p in config.passes] == ["canonicalize", "attention"]
+    assert config.kv_cache == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "block_size": 16}
+    program = json.loads((engine / "rank0/program.json").read_text())
+    targets = {n["target"] for n in program["nodes"]}
+    assert "llmc.paged_attention.default" in targets
+    assert "aten.scaled_dot_product_attention.default" not in targets
+
+
+def test_round_trip_in_fresh_process(engine):
+    params = SamplingParams(max_tokens=12, temperature=0)
+    here = [o.token_ids for o in LLM(engine).generate(PROMPTS, params)]
+    code = (
+        "import json, sys; from llmc import LLM, SamplingParams; "
+        f"outs = LLM(sys.argv[1]).generate({PROMPTS!r}, SamplingParams(max_tokens=12, temperature=0)); "
+        "print(json.dumps([o.token_ids for o in outs]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == here
+
+
+def test_rebuild_over_an_engine_replaces_it(engine, checkpoints, tmp_path):
+    out = shutil.copytree(engine, tmp_path / "engine")
+    llmc.build(checkpoints["qwen2"], out, max_seq_len=64, log=lambda _: None)
+    assert EngineConfig.load(out).architecture == "Qwen2ForCausalLM"
+    LLM(out)  # its file list matches what is on disk
+
+
+def test_altered_weights_are_named(engine_copy):
+    weights = engine_copy / "rank0/weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=r"weights\.safetensors was altered"):
+        LLM(engine_copy)
+
+
+def test_truncated_program_is_named(engine_copy):
+    program = engine_copy / "rank0/program.json"
+    program.write_bytes(program.read_bytes()[:100])
+    with pytest.raises(EngineError, match=r"program\.json has 100 bytes.*truncated"):
+        LLM(engine_copy)
+
+
+def test_missing_tokenizer_is_named(engine_copy):
+    (engine_copy / "tokenizer/tokenizer.json").unlink()
+    with pytest.raises(EngineError, match=r"tokenizer\.json is missing"):
+        LLM(engine_copy)
+
+
+def test_corrupt_config_is_named(engine_copy):
+    (engine_copy / "config.json").write_text("{not json")
+    with pytest.raises(EngineError, match=r"config\.json is corrupt"):
+        LLM(engine_copy)
+
+
+def test_not_an_engine(tmp_path):
+    with pytest.raises(EngineError, match="not an llmc engine"):
+        LLM(tmp_path)
+
+
+def test_program_with_forbidden_op_is_refused(engine_copy):
+    """Even with matching checksums, a program can only call allow-listed ops."""
+    program = engine_copy / "rank0/program.json"
+    graph = json.loads(program.read_text())
+    graph["nodes"][-2]["target"] = "builtins.eval"
+    program.write_text(json.dumps(graph))
+    config = EngineConfig.load(engine_copy)
+    from llmc.engine import record_files
+
+    record_files(engine_copy, config)
+    config.save(engine_copy)
+    with pytest.raises(EngineError, match="builtins.eval.*not allowed"):
+        LLM(engine_copy)

@@ -1,0 +1,51 @@
+"""llmc.paged_attention against dense causal attention over each sequence's whole context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmc.plugins  # noqa: F401
+
+BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
+
+
+def dense(q, k, v, window):
+    """q, k, v: [heads, n, d] of one whole sequence."""
+    n = q.shape[1]
+    pos = torch.arange(n)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_chunked_ragged_steps_equal_dense_attention(window):
+    g = torch.Generator().manual_seed(0)
+    lengths = [11, 6]
+    qs = [torch.randn(HEADS, n, DIM, generator=g) for n in lengths]
+    ks = [torch.randn(KV_HEADS, n, DIM, generator=g) for n in lengths]
+    vs = [torch.randn(KV_HEADS, n, DIM, generator=g) for n in lengths]
+    cache = torch.zeros(2, 2, 12, BLOCK, KV_HEADS, DIM)  # two layers; use layer 1
+    tables = [[7, 2, 9], [4, 0]]  # blocks in no particular order
+    block_tables = torch.tensor([tables[0], tables[1] + [0]], dtype=torch.int32)
+    out = [torch.empty(HEADS, n, DIM) for n in lengths]
+    # Two steps: a first chunk of each sequence, then the rest.
+    for chunk in ((0, 7, 0, 4), (7, 11, 4, 6)):
+        spans = [(chunk[0], chunk[1]), (chunk[2], chunk[3])]
+        q = torch.cat([qs[i][:, a:b] for i, (a, b) in enumerate(spans)], dim=1)[None]
+        k = torch.cat([ks[i][:, a:b] for i, (a, b) in enumerate(spans)], dim=1)[None]
+        v = torch.cat([vs[i][:, a:b] for i, (a, b) in enumerate(spans)], dim=1)[None]
+        slots = [tables[i][p // BLOCK] * BLOCK + p % BLOCK for i, (a, b) in enumerate(spans) for p in range(a, b)]
+        starts = [0, spans[0][1] - spans[0][0], sum(b - a for a, b in spans)]
+        result = torch.ops.llmc.paged_attention(
+            q, k, v, cache, 1, torch.tensor(slots), block_tables,
+            torch.tensor([b for _, b in spans], dtype=torch.int32), torch.tensor(starts, dtype=torch.int32), 0.3, window,
+        )
+        for i, (a, b) in enumerate(spans):
+            out[i][:, a:b] = result[0, :, starts[i] : starts[i + 1]]
+    assert cache[0].abs().sum() == 0  # other layers untouched
+    for i in range(2):
+        torch.testing.assert_close(out[i], dense(qs[i], ks[i], vs[i], window), rtol=1e-5, atol=1e-5)
