@@ -44,10 +44,13 @@ def test_round_trip_in_fresh_process(engine):
     code = (
         "import json, sys; from llmc import LLM, SamplingParams; "
         f"outs = LLM(sys.argv[1]).generate({PROMPTS!r}, SamplingParams(max_tokens=12, temperature=0)); "
-        "print(json.dumps([o.token_ids for o in outs]))"
+        "compiler = [m for m in sys.modules if m.startswith(('llmc.frontend', 'llmc.passes'))]; "
+        "print(json.dumps([[o.token_ids for o in outs], compiler]))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True, check=True)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == here
+    tokens, compiler_modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert tokens == here
+    assert compiler_modules == []  # serving an engine needs neither the frontend nor the passes
 
 
 def test_rebuild_over_an_engine_replaces_it(engine, checkpoints, tmp_path):

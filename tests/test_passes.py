@@ -1,0 +1,72 @@
+"""The pass manager: order, records, graph dumps, and numerical verification that catches a wrong pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmc
+from llmc.engine import EngineConfig
+from llmc.frontend.checkpoint import Checkpoint
+from llmc.frontend.export import trace
+from llmc.passes import PASSES, PIPELINE, BuildContext, register_pass, run_passes
+from llmc.passes.manager import PassError
+
+
+def test_verify_and_dump_every_stage(checkpoints, tmp_path):
+    engine = llmc.build(
+        checkpoints["gptj"], tmp_path / "engine", max_seq_len=64, verify_passes=True, dump_graphs=tmp_path / "graphs", log=lambda _: None
+    )
+    records = EngineConfig.load(engine).passes
+    assert [r["pass"] for r in records] == list(PIPELINE)
+    assert all(r["verify_max_abs_diff"] < 1e-5 for r in records)
+    dumps = sorted(p.name for p in (tmp_path / "graphs").iterdir())
+    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt"]
+    assert "scaled_dot_product_attention" in (tmp_path / "graphs/00-traced.txt").read_text()
+    assert "llmc.paged_attention" in (tmp_path / "graphs/02-attention.txt").read_text()
+
+
+def test_canonicalize_removes_asserts_and_attention_removes_the_mask(checkpoints):
+    ckpt = Checkpoint(checkpoints["mistral"])
+    gm = trace(ckpt, torch.float32, 64, 8)
+    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
+    gm, records = run_passes(gm, ctx, PIPELINE)
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert not any("_assert" in t or "scaled_dot_product" in t or "cumsum" in t for t in targets)
+    assert records[1]["num_layers"] == 2 and records[1]["num_kv_heads"] == 2 and records[1]["sliding_window"] == 8
+    assert records[0]["asserts_removed"] > 0
+
+
+def test_verification_catches_a_pass_that_changes_numerics(checkpoints):
+    @register_pass("test_scale_lm_head")
+    def scale_lm_head(gm, ctx):
+        gm.get_buffer("lm_head.weight").mul_(1.01)
+        return gm, {}
+
+    try:
+        ckpt = Checkpoint(checkpoints["llama"])
+        ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
+        with pytest.raises(PassError, match="test_scale_lm_head.*changed the logits"):
+            run_passes(trace(ckpt, torch.float32, 64, 8), ctx, ("canonicalize", "test_scale_lm_head"), verify=True)
+    finally:
+        del PASSES["test_scale_lm_head"]
+
+
+def test_cli_build_generate_inspect(checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+
+    runner = CliRunner()
+    engine = tmp_path / "engine"
+    result = runner.invoke(main, ["build", str(checkpoints["llama"]), "-o", str(engine), "--max-seq-len", "64"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["generate", str(engine), "-p", "def fib(n):", "--max-tokens", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("{"))
+    assert '"finish_reason": "length"' in line
+    result = runner.invoke(main, ["inspect", str(engine)])
+    assert result.exit_code == 0 and "paged" not in result.output and "attention" in result.output
+    assert "rank0/weights.safetensors" in result.output
+    result = runner.invoke(main, ["generate", str(engine), "-p", "x", "--top-p", "0"])
+    assert result.exit_code == 1 and "top_p must be in (0, 1]" in result.output
