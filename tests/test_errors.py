@@ -119,3 +119,10 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: {tmp_path / 'missing'}: no such directory"
+
+
+def test_hub_id_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"'llmc-test/no-such-model' is not a local directory and could not be downloaded"):
+        build("llmc-test/no-such-model", tmp_path)
