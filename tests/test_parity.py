@@ -47,8 +47,8 @@ def test_bf16_logits_close_to_transformers(arch, checkpoints, tmp_path):
     llm = LLM(engine)
     prompt = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     seq = Sequence(prompt, SamplingParams(max_tokens=1))
-    llm.scheduler.block_manager.allocate(seq, len(prompt))
-    logits, _ = llm.runner.run([(seq, len(prompt))])
+    llm.engine.scheduler.block_manager.allocate(seq, len(prompt))
+    logits, _ = llm.engine.runner.run([(seq, len(prompt))])
 
     reference = AutoModelForCausalLM.from_pretrained(checkpoints[arch], dtype=torch.bfloat16).eval()
     with torch.no_grad():

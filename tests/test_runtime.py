@@ -39,9 +39,9 @@ def test_batched_equals_alone(engine, prompts, alone):
 def test_preemption_recomputes_and_gives_the_same_tokens(engine, prompts, alone):
     llm = LLM(engine, kv_cache_tokens=64)  # one full-length request at a time
     outputs = llm.generate(prompts, GREEDY)
-    assert llm.scheduler.num_preemptions > 0
+    assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outputs] == alone
-    assert len(llm.scheduler.block_manager.free_blocks) == llm.scheduler.block_manager.num_blocks
+    assert len(llm.engine.scheduler.block_manager.free_blocks) == llm.engine.scheduler.block_manager.num_blocks
 
 
 def test_kv_cache_smaller_than_one_request_is_refused(engine):
@@ -83,7 +83,7 @@ def test_text_prompts_and_eos(checkpoints, tmp_path):
     out = llm.generate("def fib(n):", GREEDY)[0]
     assert out.prompt_token_ids == llm.tokenizer("def fib(n):")["input_ids"]
     assert out.text == llm.tokenizer.decode(out.token_ids)
-    llm.eos_token_ids = {out.token_ids[3]}
+    llm.engine.eos_token_ids = {out.token_ids[3]}
     stopped = llm.generate("def fib(n):", GREEDY)[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(out.token_ids[3]) + 1]
     ignored = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
