@@ -1,4 +1,4 @@
-"""The `llmc` command: build | generate | inspect."""
+"""The `llmc` command: build | generate | serve | bench | inspect."""
 
 from __future__ import annotations
 
@@ -89,6 +89,47 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
             click.echo()
     tokens = sum(len(o.token_ids) for o in outputs)
     click.echo(f"[llmc] {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)", err=True)
+
+
+@main.command()
+@click.argument("engine", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="LLMC_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on /v1 (or set LLMC_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model id clients send. [default: the engine folder's name]")
+@click.option("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB.")
+@click.option("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens.")
+@click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
+@_clean_errors
+def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs):
+    """Serve ENGINE over an OpenAI-compatible HTTP API."""
+    from llmc.runtime.api_server import serve as run_server
+
+    run_server(
+        engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+        kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
+    )
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("name")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name, args):
+    """Run the benchmark NAME from benchmarks/ (e.g. `serve`) with ARGS; prints JSON.
+
+    `llmc bench NAME --help` lists a benchmark's options.
+    """
+    import runpy
+
+    available = sorted(p.stem for p in BENCHMARKS.glob("*.py")) if BENCHMARKS.is_dir() else []
+    if name not in available:
+        raise click.ClickException(
+            f"no benchmark {name!r} in {BENCHMARKS}; available: {', '.join(available) or 'none (benchmarks need a source checkout)'}"
+        )
+    runpy.run_path(str(BENCHMARKS / f"{name}.py"), run_name="llmc_bench")["main"](list(args))
 
 
 @main.command()

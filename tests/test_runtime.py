@@ -71,8 +71,8 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     for seed in range(200):
         k = Sequence([0], SamplingParams(top_k=2, seed=seed))
         p = Sequence([0], SamplingParams(top_p=0.7, seed=seed))
-        draws["k"].add(sample(logits, [k])[0])
-        draws["p"].add(sample(logits, [p])[0])
+        draws["k"].add(sample(logits, [k])[0][0])
+        draws["p"].add(sample(logits, [p])[0][0])
     assert draws == {"k": {0, 1}, "p": {0, 1}}
 
 

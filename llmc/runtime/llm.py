@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 import torch
 
@@ -21,9 +21,12 @@ class LLM:
         *,
         device: str | torch.device = "cpu",
         kv_cache_tokens: int | None = None,
+        kv_cache_memory: float | None = None,
         max_num_seqs: int | None = None,
     ):
-        self.engine = LLMEngine(engine, device=device, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs)
+        self.engine = LLMEngine(
+            engine, device=device, kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs
+        )
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -40,7 +43,26 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         # Check every prompt before queueing any, so a bad one leaves no request behind.
         token_ids = [self.engine.tokenize(p) for p in prompts]
-        seqs = [self.engine.add_request(ids, sp) for ids, sp in zip(token_ids, params)]
-        while not all(seq.is_finished for seq in seqs):
-            self.engine.step()
-        return [self.engine.output(seq, p if isinstance(p, str) else None) for seq, p in zip(seqs, prompts)]
+        ids = [
+            self.engine.add_request(t, sp, prompt=p if isinstance(p, str) else None)
+            for t, sp, p in zip(token_ids, params, prompts)
+        ]
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
+        return [finished[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding an output (with its `delta_text`) at every new token."""
+        request_id = self.engine.add_request(
+            self.engine.tokenize(prompt), sampling_params or SamplingParams(), prompt=prompt if isinstance(prompt, str) else None
+        )
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)  # a consumer that stops early frees the request

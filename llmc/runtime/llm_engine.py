@@ -14,7 +14,7 @@ from llmc.backends import get_backend
 from llmc.engine import EngineConfig, EngineError, verify_files
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.model_runner import ModelRunner
-from llmc.runtime.outputs import RequestOutput
+from llmc.runtime.outputs import RequestOutput, RequestState
 from llmc.runtime.sampler import sample
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler
@@ -26,8 +26,8 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 class LLMEngine:
     """An engine directory, loaded: tokenizer, program, KV cache, scheduler.
 
-    kv_cache_tokens: capacity of the paged KV cache in tokens (default: room for max_num_seqs
-    full-length sequences, within 1 GiB, and never less than one).
+    The paged KV cache holds `kv_cache_tokens` tokens, or as many as fit in `kv_cache_memory` GiB;
+    by default room for max_num_seqs full-length requests within 1 GiB, and never less than one.
     """
 
     def __init__(
@@ -36,8 +36,11 @@ class LLMEngine:
         *,
         device: str | torch.device = "cpu",
         kv_cache_tokens: int | None = None,
+        kv_cache_memory: float | None = None,
         max_num_seqs: int | None = None,
     ):
+        if kv_cache_tokens is not None and kv_cache_memory is not None:
+            raise ValueError("give the KV cache size as kv_cache_tokens or as kv_cache_memory, not both")
         self.engine_dir = Path(engine)
         self.config = config = EngineConfig.load(self.engine_dir)
         verify_files(self.engine_dir, config)
@@ -54,18 +57,22 @@ class LLMEngine:
         block_size = kv["block_size"]
         bytes_per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * getattr(torch, config.dtype).itemsize
         max_num_seqs = max_num_seqs or limits["max_num_seqs"]
+        if kv_cache_memory is not None:
+            kv_cache_tokens = int(kv_cache_memory * (1 << 30)) // bytes_per_token
         if kv_cache_tokens is None:
             kv_cache_tokens = min(max_num_seqs * self.max_seq_len, DEFAULT_KV_CACHE_BYTES // bytes_per_token)
             kv_cache_tokens = max(kv_cache_tokens, self.max_seq_len)
         if kv_cache_tokens < self.max_seq_len:
             raise ValueError(
-                f"a KV cache of {kv_cache_tokens} tokens cannot hold one request of max_seq_len={self.max_seq_len}; "
-                "give it more tokens, or build the engine with a smaller --max-seq-len"
+                f"a KV cache of {kv_cache_tokens} tokens ({kv_cache_tokens * bytes_per_token / (1 << 30):.3g} GiB) cannot hold "
+                f"one request of max_seq_len={self.max_seq_len} ({self.max_seq_len * bytes_per_token / (1 << 30):.3g} GiB); "
+                "give it more memory, or build the engine with a smaller --max-seq-len"
             )
         num_blocks = -(-kv_cache_tokens // block_size)
         self.runner = ModelRunner(program, config, num_blocks, self.device)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), limits["max_batch_tokens"], max_num_seqs)
         self.eos_token_ids = set(config.eos_token_ids)
+        self.requests: dict[str, RequestState] = {}  # in flight, by request id
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Prompt text or token ids -> checked token ids (raises ValueError naming the problem)."""
@@ -85,43 +92,50 @@ class LLMEngine:
             )
         return ids
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
+    ) -> str:
+        """Queue a request (token ids from `tokenize`); returns its id."""
         seq = Sequence(prompt_token_ids, params, request_id)
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in flight")
+        self.requests[seq.request_id] = RequestState(seq, self.tokenizer, prompt)
         self.scheduler.add(seq)
-        return seq
+        return seq.request_id
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.scheduler.abort(state.seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.requests)
 
-    def step(self) -> list[Sequence]:
-        """One in-flight batching step; returns the sequences that got a new token."""
+    def step(self) -> list[RequestOutput]:
+        """One in-flight batching step; returns an output for every request that got a new token."""
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler could not make progress (KV cache too small for any request)")
         logits, sampled = self.runner.run(batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
-        for seq, token in zip(sampled, sample(logits, sampled)):
+        tokens, logprobs = sample(logits, sampled)
+        outputs = []
+        for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
+            state = self.requests[seq.request_id]
             seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            delta = state.append(token, token_logprobs)
+            reason = self._finish_reason(seq, token, state)
             if reason:
                 self.scheduler.finish(seq, reason)
-        return sampled
+                del self.requests[seq.request_id]
+            outputs.append(state.output(delta))
+        return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
+    def _finish_reason(self, seq: Sequence, token: int, state: RequestState) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or state.detokenizer.stopped:
             return "stop"
         if len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
             return "length"
         return None
-
-    def output(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
-        tokens = seq.output_token_ids
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            token_ids=tokens,
-            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-            finish_reason=seq.finish_reason,
-        )

@@ -1,30 +1,63 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, each request with its own generator."""
+"""Next-token sampling: penalties, temperature, top-k, top-p, min-p; each request with its own generator."""
 
 from __future__ import annotations
 
 import torch
 
+from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [len(seqs), vocab] -> one token id per sequence."""
+def apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+        values = row[seen]
+        row = row.index_put((seen,), torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty))
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.numel()).float()
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return row
+
+
+def filter_logits(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks."""
+    row = row / p.temperature
+    if 0 < p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = row.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop tokens once the mass before them reaches top_p; the first token always stays.
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        row = row.scatter(0, order[drop], float("-inf"))
+    if p.min_p > 0:
+        probs = row.softmax(-1)
+        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return row
+
+
+def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    """The chosen token's log-probability and the n likeliest, under the model's raw distribution."""
+    values, ids = logprobs.topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    return {token: logprobs[token].item(), **dict(zip(ids.tolist(), values.tolist()))}
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [len(seqs), vocab] -> one token id per sequence, and its logprobs where asked for."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1).tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.greedy:
-            continue
-        row = logits[i] / p.temperature
-        if 0 < p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = row.sort(descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop tokens once the mass before them reaches top_p; the first token always stays.
-            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
-            row = row.scatter(0, order[drop], float("-inf"))
-        probs = row.softmax(-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
-    return tokens
+        if p.penalized or not p.greedy:  # else the batched argmax above stands
+            row = apply_penalties(logits[i], seq) if p.penalized else logits[i]
+            if p.greedy:
+                tokens[i] = int(row.argmax())
+            else:
+                probs = filter_logits(row, p).softmax(-1)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
+        if p.logprobs is not None:
+            logprobs[i] = top_logprobs(logits[i].log_softmax(-1), tokens[i], p.logprobs)
+    return tokens, logprobs

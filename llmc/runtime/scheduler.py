@@ -4,6 +4,9 @@ Running sequences go first (oldest first), so decodes are never stalled by a lon
 left of the budget goes to prompts, chunked (Sarathi-Serve's stall-free batching). When the cache
 has no block for a running sequence, the newest running sequence is preempted: its blocks are freed
 and it goes back to the front of the queue, to be recomputed from its tokens.
+
+With prefix caching, a request admitted from the queue starts after the longest prefix of its tokens
+already in the cache (see BlockManager); that prefix costs no budget.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The step's work: (sequence, number of its tokens to compute now)."""
+        # Last step's tokens are now in the cache, so their full blocks can be shared.
+        for seq in self.running:
+            self.block_manager.cache_blocks(seq)
         budget = self.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
@@ -49,11 +55,13 @@ class Scheduler:
                 budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_tokens):
+            cached = self.block_manager.cached_prefix(seq)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            num_tokens = min(seq.num_uncomputed_tokens - num_cached_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_tokens, cached):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, num_tokens)
+            self.block_manager.allocate(seq, num_tokens, cached)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, num_tokens))
@@ -62,7 +70,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq)  # publishes its computed blocks first: the recompute may hit them
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -72,3 +80,12 @@ class Scheduler:
         seq.finish_reason = reason
         self.running.remove(seq)
         self.block_manager.free(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is (its client went away); a running one frees its blocks."""
+        if seq.status == Status.RUNNING:
+            self.finish(seq, "abort")
+        elif seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"

@@ -28,6 +28,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks so far (the block manager's memo)
+        self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache has already seen
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     def __len__(self) -> int:
