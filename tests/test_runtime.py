@@ -88,3 +88,35 @@ def test_text_prompts_and_eos(checkpoints, tmp_path):
     assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(out.token_ids[3]) + 1]
     ignored = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert ignored.token_ids == out.token_ids
+
+
+def test_staggered_arrivals_equal_alone(engine, prompts, alone):
+    """Requests joining a running batch at different steps get the same tokens as alone."""
+    from llmc.runtime.llm_engine import LLMEngine
+
+    core = LLMEngine(engine)
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 9: [5]}  # step -> prompts that arrive then
+    finished, step = {}, 0
+    while len(finished) < len(prompts):
+        for i in arrivals.get(step, []):
+            core.add_request(prompts[i], GREEDY, request_id=str(i))
+        finished.update((int(o.request_id), o.token_ids) for o in core.step() if o.finished)
+        step += 1
+    assert [finished[i] for i in range(len(prompts))] == alone
+
+
+def test_chunked_prefill_equals_unchunked(engine, prompts, alone):
+    llm = LLM(engine)
+    llm.engine.scheduler.max_batch_tokens = 4096  # every prompt in one piece
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    llm.engine.scheduler.max_batch_tokens = 3  # a few tokens a step
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+
+
+def test_kv_cache_memory_in_gib(engine):
+    llm = LLM(engine, kv_cache_memory=0.001)
+    kv = llm.engine.config.kv_cache
+    bytes_per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4
+    assert llm.engine.scheduler.block_manager.num_blocks == -(-(int(0.001 * 2**30) // bytes_per_token) // 16)
+    with pytest.raises(ValueError, match=r"cannot hold one request of max_seq_len=64 \(.* GiB\)"):
+        LLM(engine, kv_cache_memory=1e-6)

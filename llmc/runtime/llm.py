@@ -5,28 +5,19 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence as Seq
 
-import torch
-
 from llmc.runtime.llm_engine import LLMEngine
 from llmc.runtime.outputs import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 
 
 class LLM:
-    """An engine, loaded and ready to generate (see `LLMEngine` for the options)."""
+    """An engine, loaded and ready to generate.
 
-    def __init__(
-        self,
-        engine: str | os.PathLike,
-        *,
-        device: str | torch.device = "cpu",
-        kv_cache_tokens: int | None = None,
-        kv_cache_memory: float | None = None,
-        max_num_seqs: int | None = None,
-    ):
-        self.engine = LLMEngine(
-            engine, device=device, kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs
-        )
+    Options (device, kv_cache_tokens, kv_cache_memory, max_num_seqs) are `LLMEngine`'s.
+    """
+
+    def __init__(self, engine: str | os.PathLike, **options):
+        self.engine = LLMEngine(engine, **options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
