@@ -100,14 +100,16 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
 @click.option("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB.")
 @click.option("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens.")
 @click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
+@click.option("--no-prefix-caching", is_flag=True, help="Do not share KV blocks between requests with a common prefix.")
 @_clean_errors
-def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs):
+def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching):
     """Serve ENGINE over an OpenAI-compatible HTTP API."""
     from llmc.runtime.api_server import serve as run_server
 
     run_server(
         engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
+        enable_prefix_caching=not no_prefix_caching,
     )
 
 

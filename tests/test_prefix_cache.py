@@ -33,9 +33,7 @@ def prompts():
 
 
 def uncached(engine, **kwargs) -> LLM:
-    llm = LLM(engine, **kwargs)
-    llm.engine.scheduler.block_manager.enable_prefix_caching = False
-    return llm
+    return LLM(engine, enable_prefix_caching=False, **kwargs)
 
 
 def alone(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:

@@ -38,6 +38,7 @@ class LLMEngine:
         kv_cache_tokens: int | None = None,
         kv_cache_memory: float | None = None,
         max_num_seqs: int | None = None,
+        enable_prefix_caching: bool = True,
     ):
         if kv_cache_tokens is not None and kv_cache_memory is not None:
             raise ValueError("give the KV cache size as kv_cache_tokens or as kv_cache_memory, not both")
@@ -70,7 +71,9 @@ class LLMEngine:
             )
         num_blocks = -(-kv_cache_tokens // block_size)
         self.runner = ModelRunner(program, config, num_blocks, self.device)
-        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), limits["max_batch_tokens"], max_num_seqs)
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, block_size, enable_prefix_caching), limits["max_batch_tokens"], max_num_seqs
+        )
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
 

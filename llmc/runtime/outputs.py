@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmc.runtime.detokenizer import IncrementalDetokenizer
 from llmc.runtime.sequence import Sequence
@@ -20,8 +20,6 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort"; None while running
     delta_text: str = ""  # text added since the previous output of this request (for streaming)
     logprobs: list[dict[int, float]] | None = None  # per token: {chosen and top-n token id: logprob}
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -39,7 +37,6 @@ class RequestState:
             tokenizer, seq.token_ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output
         )
         self.logprobs: list[dict[int, float]] | None = [] if p.logprobs is not None else None
-        self.num_cached_tokens = 0
 
     def append(self, token: int, logprobs: dict[int, float] | None) -> str:
         """Record a new token; returns the text it finalized."""
@@ -60,5 +57,4 @@ class RequestState:
             finish_reason=seq.finish_reason,
             delta_text=delta_text,
             logprobs=self.logprobs,
-            num_cached_tokens=self.num_cached_tokens,
         )
