@@ -1,0 +1,40 @@
+"""The benchmarks run (tiny and short here) and print JSON with llmc, the reference and their ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import llmc
+from llmc.cli import main
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("e") / "engine", max_seq_len=640, log=lambda _: None)
+
+
+def run_bench(*args) -> dict:
+    result = CliRunner().invoke(main, ["bench", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{") :])
+
+
+def test_bench_latency(engine):
+    out = run_bench("latency", engine, "--new-tokens", 4, "--repeats", 1)
+    assert set(out) == {"workload", "llmc", "hf", "ratios"}
+    assert out["llmc"]["batch1_tokens_per_s"] > 0 and out["hf"]["prefill_512_ms"] > 0
+
+
+def test_bench_serve(engine):
+    out = run_bench("serve", engine, "--num-requests", 6, "--request-rate", "inf", "--prompt-len", 4, 40, "--output-len", 2, 12)
+    assert out["llmc"]["requests"] == out["hf"]["requests"] == 6
+    assert out["llmc"]["output_tokens"] == out["hf"]["output_tokens"]
+    assert out["ratios"]["throughput_llmc_over_hf"] > 0
+
+
+def test_unknown_benchmark():
+    result = CliRunner().invoke(main, ["bench", "nope"])
+    assert result.exit_code == 1 and "available: latency, serve" in result.output

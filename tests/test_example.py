@@ -1,0 +1,56 @@
+"""The shipped example model: the README's first command builds it; it must match transformers and write Python."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llmc
+from llmc import LLM, SamplingParams
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MODEL = EXAMPLES / "stdlib-llama"
+PROMPTS = ["def read_config(path):\n", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return llmc.build(MODEL, tmp_path_factory.mktemp("e") / "stdlib-llama", log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return AutoModelForCausalLM.from_pretrained(MODEL).eval(), AutoTokenizer.from_pretrained(MODEL)
+
+
+def test_example_matches_transformers(engine, reference):
+    model, tokenizer = reference
+    outputs = LLM(engine).generate(PROMPTS, SamplingParams(max_tokens=48, temperature=0))
+    for prompt, out in zip(PROMPTS, outputs):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = model.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1] :].tolist()
+        assert out.token_ids == expected[: len(out.token_ids)]
+        assert len(out.token_ids) == len(expected) or out.finish_reason == "stop"
+
+
+def test_example_model_has_learned_python(reference):
+    """Perplexity on standard-library files it never saw (held out by the training script) is low."""
+    spec = importlib.util.spec_from_file_location("train_example_model", EXAMPLES / "train_example_model.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    model, tokenizer = reference
+    heldout = [f for f in train.stdlib_files() if train.is_heldout(f)][:4]
+    assert heldout, "no held-out standard-library files found"
+    losses = []
+    for f in heldout:
+        ids = tokenizer(f.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :512]
+        with torch.no_grad():
+            losses.append(model(ids, labels=ids).loss.item())
+    perplexity = math.exp(sum(losses) / len(losses))
+    assert perplexity < 20, f"held-out perplexity {perplexity:.1f}: the example model writes no Python"
