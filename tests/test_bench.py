@@ -38,3 +38,14 @@ def test_bench_serve(engine):
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code == 1 and "available: latency, serve" in result.output
+
+
+def test_bench_serve_from_a_trace_file(engine, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(
+        '{"prompt": "def fib(n):", "output_len": 5, "arrival": 0.0}\n'
+        '{"prompt_len": 30, "output_len": 3, "arrival": 0.05}\n'
+        '{"prompt_len": 9, "output_len": 7}\n'
+    )
+    out = run_bench("serve", engine, "--trace", trace, "--no-hf")
+    assert out["llmc"]["requests"] == 3 and out["llmc"]["output_tokens"] == 15 and "hf" not in out
