@@ -1,7 +1,8 @@
 """Canonicalize: remove what torch.export leaves that no backend wants.
 
 - runtime asserts on tensor metadata (they pin the traced device and block pattern matches),
-- dtype/device conversions that convert nothing (`x.to(float32)` of an fp32 tensor).
+- dtype/device conversions that convert nothing (`x.to(float32)` of an fp32 tensor),
+- dropout in eval mode (`dropout(x, p, train=False)` is x).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _is_noop_conversion(node: fx.Node) -> bool:
 
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
-    asserts = conversions = 0
+    asserts = conversions = dropouts = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -36,4 +37,8 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             conversions += 1
-    return gm, {"asserts_removed": asserts, "noop_conversions_removed": conversions}
+        elif node.target == aten.dropout.default and not node.args[2]:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropouts += 1
+    return gm, {"asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts}
