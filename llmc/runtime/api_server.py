@@ -8,139 +8,30 @@ never disturbs the others.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmc.runtime.async_llm import AsyncLLM
+from llmc.runtime.metrics import ServerMetrics
+from llmc.runtime.openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_response,
+    sse,
+    usage_dict,
+)
 from llmc.runtime.outputs import RequestOutput
-from llmc.runtime.sampling_params import SamplingParams
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
-
-
-class SamplingRequest(BaseModel):
-    """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        try:
-            return SamplingParams(
-                max_tokens=16 if max_tokens is None else max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                min_p=self.min_p,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty,
-                seed=self.seed,
-                stop=self.stop or [],
-                stop_token_ids=self.stop_token_ids or [],
-                ignore_eos=self.ignore_eos,
-                logprobs=logprobs,
-            )
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-class ServerMetrics:
-    def __init__(self, llm: AsyncLLM):
-        self.llm = llm
-        self.registry = r = CollectorRegistry()
-        self.running = Gauge("llmc_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("llmc_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
-        self.kv_usage = Gauge("llmc_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
-        self.prefix_hit_rate = Gauge("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up", registry=r)
-        self.requests = Counter("llmc_request_success", "Finished requests", ["finished_reason"], registry=r)
-        self.prompt_tokens = Counter("llmc_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("llmc_generation_tokens", "Tokens generated", registry=r)
-        buckets = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time to first token", buckets=buckets, registry=r)
-        self.tpot = Histogram("llmc_time_per_output_token_seconds", "Time per output token after the first", buckets=buckets, registry=r)
-
-    def render(self) -> bytes:
-        scheduler = self.llm.engine.scheduler
-        blocks = scheduler.block_manager
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(blocks.usage)
-        queries = getattr(blocks, "prefix_cache_queries", 0)
-        self.prefix_hit_rate.set(getattr(blocks, "prefix_cache_hits", 0) / queries if queries else 0.0)
-        return generate_latest(self.registry)
-
-    async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass outputs through, timing first token and the tokens after it."""
-        start = last = time.perf_counter()
-        count = 0
-        async for out in outputs:
-            now = time.perf_counter()
-            new = len(out.token_ids) - count
-            if count == 0:
-                self.ttft.observe(now - start)
-                self.prompt_tokens.inc(len(out.prompt_token_ids))
-            elif new:
-                self.tpot.observe((now - last) / new)
-            count, last = len(out.token_ids), now
-            self.generation_tokens.inc(new)
-            if out.finished:
-                self.requests.labels(out.finish_reason).inc()
-            yield out
 
 
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -272,14 +163,6 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
     return app
 
 
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-def usage_dict(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 async def last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     out = None
     async for out in outputs:
@@ -308,27 +191,6 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
     finally:
         for t in tasks:
             t.cancel()
-
-
-def completion_logprobs(tokenizer, out: RequestOutput) -> dict:
-    tokens = [tokenizer.decode([t]) for t in out.token_ids]
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp[t] for t, lp in zip(out.token_ids, out.logprobs)],
-        "top_logprobs": [{tokenizer.decode([k]): v for k, v in lp.items()} for lp in out.logprobs],
-        "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))],
-    }
-
-
-def chat_logprobs(tokenizer, out: RequestOutput, top_n: int) -> list[dict]:
-    def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return [
-        {**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]]}
-        for t, lp in zip(out.token_ids, out.logprobs)
-    ]
 
 
 def serve(engine_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -1,0 +1,55 @@
+"""Prometheus metrics of a server: queue and cache gauges read at scrape time, latency histograms per request."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llmc.runtime.async_llm import AsyncLLM
+from llmc.runtime.outputs import RequestOutput
+
+
+class ServerMetrics:
+    def __init__(self, llm: AsyncLLM):
+        self.llm = llm
+        self.registry = r = CollectorRegistry()
+        self.running = Gauge("llmc_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("llmc_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("llmc_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up", registry=r)
+        self.requests = Counter("llmc_request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter("llmc_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("llmc_generation_tokens", "Tokens generated", registry=r)
+        buckets = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time to first token", buckets=buckets, registry=r)
+        self.tpot = Histogram("llmc_time_per_output_token_seconds", "Time per output token after the first", buckets=buckets, registry=r)
+
+    def render(self) -> bytes:
+        scheduler = self.llm.engine.scheduler
+        blocks = scheduler.block_manager
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(blocks.usage)
+        queries = getattr(blocks, "prefix_cache_queries", 0)
+        self.prefix_hit_rate.set(getattr(blocks, "prefix_cache_hits", 0) / queries if queries else 0.0)
+        return generate_latest(self.registry)
+
+    async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass outputs through, timing first token and the tokens after it."""
+        start = last = time.perf_counter()
+        count = 0
+        async for out in outputs:
+            now = time.perf_counter()
+            new = len(out.token_ids) - count
+            if count == 0:
+                self.ttft.observe(now - start)
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+            elif new:
+                self.tpot.observe((now - last) / new)
+            count, last = len(out.token_ids), now
+            self.generation_tokens.inc(new)
+            if out.finished:
+                self.requests.labels(out.finish_reason).inc()
+            yield out
