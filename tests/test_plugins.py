@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llmc.plugins  # noqa: F401
+from llmc.plugins import cpu_kernels
+from llmc.plugins.attention import paged_attention as reference
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -21,8 +22,15 @@ def dense(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
 
 
+def kernel(*args):
+    module = cpu_kernels.load()
+    assert module is not None, "the C++ kernels did not build"
+    return module.paged_attention(*args)
+
+
+@pytest.mark.parametrize("impl", [reference, kernel], ids=["reference", "cpu-kernel"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_chunked_ragged_steps_equal_dense_attention(window):
+def test_chunked_ragged_steps_equal_dense_attention(window, impl):
     g = torch.Generator().manual_seed(0)
     lengths = [11, 6]
     qs = [torch.randn(HEADS, n, DIM, generator=g) for n in lengths]
@@ -40,7 +48,7 @@ def test_chunked_ragged_steps_equal_dense_attention(window):
         v = torch.cat([vs[i][:, a:b] for i, (a, b) in enumerate(spans)], dim=1)[None]
         slots = [tables[i][p // BLOCK] * BLOCK + p % BLOCK for i, (a, b) in enumerate(spans) for p in range(a, b)]
         starts = [0, spans[0][1] - spans[0][0], sum(b - a for a, b in spans)]
-        result = torch.ops.llmc.paged_attention(
+        result = impl(
             q, k, v, cache, 1, torch.tensor(slots), block_tables,
             torch.tensor([b for _, b in spans], dtype=torch.int32), torch.tensor(starts, dtype=torch.int32), 0.3, window,
         )
@@ -49,3 +57,31 @@ def test_chunked_ragged_steps_equal_dense_attention(window):
     assert cache[0].abs().sum() == 0  # other layers untouched
     for i in range(2):
         torch.testing.assert_close(out[i], dense(qs[i], ks[i], vs[i], window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_kernel_matches_reference_on_a_mixed_step(dtype, tol):
+    """A decode of one sequence and a prefill chunk of another in one step, GQA, both cache layouts written."""
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(3, 2, 10, BLOCK, KV_HEADS, DIM, generator=g).to(dtype)
+    q = torch.randn(1, HEADS, 5, DIM, generator=g).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, 5, DIM, generator=g).to(dtype) for _ in range(2))
+    args = (2, torch.tensor([13, 20, 21, 22, 23]), torch.tensor([[8, 2, 3, 1], [5, 9, 0, 0]], dtype=torch.int32),
+            torch.tensor([14, 8], dtype=torch.int32), torch.tensor([0, 1, 5], dtype=torch.int32), 0.35, 0)
+    cache_ref = cache.clone()
+    expected = reference(q, k, v, cache_ref, *args)
+    got = kernel(q, k, v, cache, *args)
+    assert torch.equal(cache, cache_ref)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_op_runs_the_kernel_on_cpu(monkeypatch):
+    calls = []
+    module = cpu_kernels.load()
+    monkeypatch.setattr(cpu_kernels, "load", lambda: calls.append(1) or module)
+    q, k, v = torch.randn(1, HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM)
+    cache = torch.zeros(1, 2, 1, BLOCK, KV_HEADS, DIM)
+    i32 = dict(dtype=torch.int32)
+    torch.ops.llmc.paged_attention(q, k, v, cache, 0, torch.tensor([0]), torch.zeros(1, 1, **i32),
+                                   torch.tensor([1], **i32), torch.tensor([0, 1], **i32), 0.5, 0)
+    assert calls == [1]
