@@ -209,3 +209,23 @@ def test_cli_serve_with_api_key(engine):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_engine_failure_gives_503_not_a_hang(engine):
+    """If a step fails (here: injected), waiting clients get an error and /health reports it."""
+    llm = AsyncLLM(LLMEngine(engine))
+
+    def broken(batch):
+        raise RuntimeError("injected failure")
+
+    llm.engine.runner.run = broken
+    server = Server(build_app(llm, "tiny-llama"))
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "def", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503 and "injected failure" in r.json()["error"]["message"]
+        assert httpx.get(server.url + "/health").status_code == 503
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "def", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503
+    finally:
+        server.stop()
+        llm.shutdown()

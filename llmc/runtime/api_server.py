@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmc.runtime.async_llm import AsyncLLM
+from llmc.runtime.async_llm import AsyncLLM, EngineDeadError
 from llmc.runtime.metrics import ServerMetrics
 from llmc.runtime.openai_protocol import (
     APIError,
@@ -41,6 +41,10 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, e: EngineDeadError):
+        return error_response(503, str(e), "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
