@@ -21,7 +21,7 @@ def test_verify_and_dump_every_stage(checkpoints, tmp_path):
     assert [r["pass"] for r in records] == list(PIPELINE)
     assert all(r["verify_max_abs_diff"] < 1e-5 for r in records)
     dumps = sorted(p.name for p in (tmp_path / "graphs").iterdir())
-    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt"]
+    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt", "03-linear.txt"]
     assert "scaled_dot_product_attention" in (tmp_path / "graphs/00-traced.txt").read_text()
     assert "llmc.paged_attention" in (tmp_path / "graphs/02-attention.txt").read_text()
 

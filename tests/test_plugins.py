@@ -85,3 +85,20 @@ def test_op_runs_the_kernel_on_cpu(monkeypatch):
     torch.ops.llmc.paged_attention(q, k, v, cache, 0, torch.tensor([0]), torch.zeros(1, 1, **i32),
                                    torch.tensor([1], **i32), torch.tensor([0, 1], **i32), 0.5, 0)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch(dtype, tol, rows, bias):
+    """llmc::linear on CPU: the kernel for a few rows (K not a multiple of 16 on purpose), torch beyond."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 70, generator=g).to(dtype)
+    w = torch.randn(33, 70, generator=g).to(dtype)
+    b = torch.randn(33, generator=g).to(dtype) if bias else None
+    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    got = torch.ops.llmc.linear(x, w, b)
+    assert got.shape == (1, rows, 33) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    if rows <= 4:
+        torch.testing.assert_close(cpu_kernels.load().linear(x, w, b), got)

@@ -1,0 +1,12 @@
+// The Python module of llmc's CPU kernels: one function per kernel file.
+#include <torch/extension.h>
+
+at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
+                           at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
+                           at::Tensor query_start_loc, double scale, int64_t sliding_window);
+at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention);
+  m.def("linear", &linear, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+}
