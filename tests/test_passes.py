@@ -39,6 +39,8 @@ def test_canonicalize_removes_asserts_and_attention_removes_the_mask(arch, check
         assert records[0]["asserts_removed"] > 0
     else:
         assert records[0]["eval_dropouts_removed"] == 5
+        assert records[2]["addmms"] == 8 and records[2]["linears"] == 1  # Conv1D layers and the LM head
+    assert not any(t in ("aten.linear.default", "aten.addmm.default") for t in targets)
 
 
 def test_verification_catches_a_pass_that_changes_numerics(checkpoints):

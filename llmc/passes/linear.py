@@ -1,5 +1,9 @@
-"""Linear: every `aten.linear` becomes `llmc::linear`, whose CPU kernel reads the weights once per
-decode step (see llmc/plugins/linear.py). Numerics are torch's own linear up to summation order."""
+"""Linear: every linear layer becomes `llmc::linear`, whose CPU kernel reads the weights once per
+decode step (see llmc/plugins/linear.py). Numerics are torch's own linear up to summation order.
+
+Matched: `aten.linear(x, W, b)`, and `aten.addmm(b, x, W)` with a weight of its own (GPT-2's
+Conv1D stores W as [in, out]; it is transposed once here, at build time).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,30 @@ import torch.fx as fx
 import llmc.plugins.linear  # noqa: F401  (registers torch.ops.llmc.linear)
 from llmc.passes.manager import BuildContext, register_pass
 
+aten = torch.ops.aten
+llmc_linear = torch.ops.llmc.linear.default
+
 
 @register_pass("linear")
 def linear(gm: fx.GraphModule, ctx: BuildContext):
-    count = 0
+    linears = addmms = 0
     for node in gm.graph.nodes:
-        if node.target == torch.ops.aten.linear.default:
+        if node.target == aten.linear.default:
             x, w, *rest = node.args
-            node.target = torch.ops.llmc.linear.default
-            node.args = (x, w, rest[0] if rest else node.kwargs.get("bias"))
-            node.kwargs = {}
-            count += 1
-    return gm, {"linears": count}
+            node.target, node.args, node.kwargs = llmc_linear, (x, w, rest[0] if rest else node.kwargs.get("bias")), {}
+            linears += 1
+        elif _is_plain_addmm(node):
+            bias, x, w = node.args
+            owner, _, attr = w.target.rpartition(".")
+            gm.get_submodule(owner).register_buffer(attr, gm.get_buffer(w.target).t().contiguous())
+            node.target, node.args = llmc_linear, (x, w, bias)
+            addmms += 1
+    return gm, {"linears": linears, "addmms": addmms}
+
+
+def _is_plain_addmm(node: fx.Node) -> bool:
+    """addmm(bias, x, W) with beta = alpha = 1 and W a weight nothing else reads."""
+    if node.target != aten.addmm.default or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    w = node.args[2]
+    return w.op == "get_attr" and len(w.users) == 1
