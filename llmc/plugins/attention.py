@@ -75,12 +75,17 @@ def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_
         blocks = block_tables[i, :num_blocks]
         # [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context_len, d]
         kv = kv_cache[layer][:, blocks].flatten(1, 2)[:, :context_len].transpose(1, 2).to(q.dtype)
-        query_pos = torch.arange(context_len - (end - start), context_len, device=q.device)[:, None]
-        key_pos = torch.arange(context_len, device=q.device)[None, :]
-        mask = key_pos <= query_pos
-        if sliding_window > 0:
-            mask &= key_pos > query_pos - sliding_window
+        if context_len == end - start and sliding_window <= 0:  # a whole prompt: plain causal (SDPA's flash path)
+            mask = None
+        else:
+            query_pos = torch.arange(context_len - (end - start), context_len, device=q.device)[:, None]
+            key_pos = torch.arange(context_len, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if sliding_window > 0:
+                mask &= key_pos > query_pos - sliding_window
+        # GQA: repeat the KV heads rather than enable_gqa, which sends SDPA to its slow math path on CPU.
+        k, v = kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
         out[0, :, start:end] = F.scaled_dot_product_attention(
-            q[0, :, start:end], kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True
+            q[0, :, start:end], k, v, attn_mask=mask, is_causal=mask is None, scale=scale
         )
     return out
