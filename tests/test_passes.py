@@ -21,7 +21,7 @@ def test_verify_and_dump_every_stage(checkpoints, tmp_path):
     assert [r["pass"] for r in records] == list(PIPELINE)
     assert all(r["verify_max_abs_diff"] < 1e-5 for r in records)
     dumps = sorted(p.name for p in (tmp_path / "graphs").iterdir())
-    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt", "03-linear.txt"]
+    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt", "03-linear.txt", "04-merge_linears.txt"]
     assert "scaled_dot_product_attention" in (tmp_path / "graphs/00-traced.txt").read_text()
     assert "llmc.paged_attention" in (tmp_path / "graphs/02-attention.txt").read_text()
 
@@ -76,3 +76,16 @@ def test_cli_build_generate_inspect(checkpoints, tmp_path):
     assert "rank0/weights.safetensors" in result.output
     result = runner.invoke(main, ["generate", str(engine), "-p", "x", "--top-p", "0"])
     assert result.exit_code == 1 and "top_p must be in (0, 1]" in result.output
+
+
+@pytest.mark.parametrize("arch, groups, merged", [("llama", 4, 10), ("qwen2", 4, 10), ("gptj", 2, 6), ("gpt_neox", 0, 0)])
+def test_merge_linears(arch, groups, merged, checkpoints):
+    """Q/K/V (with or without biases) and gate/up merge; fused checkpoints (GPT-NeoX) have nothing to merge."""
+    ckpt = Checkpoint(checkpoints[arch])
+    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
+    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
+    record = next(r for r in records if r["pass"] == "merge_linears")
+    assert (record["merged_groups"], record["linears_merged"], record["verify_max_abs_diff"]) == (groups, merged, 0.0)
+    if arch == "llama":
+        names = {n for n, _ in gm.named_buffers()}
+        assert "model.layers.0.self_attn.q_proj.weight_merged" in names and "model.layers.0.self_attn.k_proj.weight" not in names

@@ -1,0 +1,52 @@
+"""Merge linears: linears that read the same input become one linear over their concatenated weights,
+then a split (Q/K/V projections, gate/up). One weight stream and one kernel call instead of several;
+every output element is the same dot product as before."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from llmc.passes.manager import BuildContext, register_pass
+
+LINEAR = torch.ops.llmc.linear.default
+
+
+def _weight(node: fx.Node) -> fx.Node | None:
+    w = node.args[1]
+    return w if w.op == "get_attr" and len(w.users) == 1 else None
+
+
+@register_pass("merge_linears")
+def merge_linears(gm: fx.GraphModule, ctx: BuildContext):
+    groups: dict[tuple[fx.Node, bool], list[fx.Node]] = {}  # (input, has bias) -> linears
+    for node in gm.graph.nodes:
+        bias = node.args[2] if node.target == LINEAR else None
+        if node.target == LINEAR and _weight(node) is not None and (bias is None or (bias.op == "get_attr" and len(bias.users) == 1)):
+            groups.setdefault((node.args[0], bias is not None), []).append(node)
+    merged = []
+    for (x, has_bias), linears in groups.items():
+        weights = [gm.get_buffer(_weight(n).target) for n in linears]
+        if len(linears) < 2 or len({w.dtype for w in weights}) != 1:
+            continue
+        biases = [gm.get_buffer(n.args[2].target) for n in linears] if has_bias else None
+        name = _weight(linears[0]).target + "_merged"
+        owner, _, attr = name.rpartition(".")
+        gm.get_submodule(owner).register_buffer(attr, torch.cat(weights))
+        if biases is not None:
+            gm.get_submodule(owner).register_buffer(attr + "_bias", torch.cat(biases))
+        first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
+        with gm.graph.inserting_before(first):
+            w = gm.graph.get_attr(name)
+            b = gm.graph.get_attr(name + "_bias") if biases is not None else None
+            y = gm.graph.call_function(LINEAR, (x, w, b))
+            parts = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (y, [t.shape[0] for t in weights], -1))
+            for i, n in enumerate(linears):
+                out = gm.graph.call_function(operator.getitem, (parts, i))
+                n.replace_all_uses_with(out)
+        for n in linears:
+            gm.graph.erase_node(n)
+        merged.append(len(linears))
+    return gm, {"merged_groups": len(merged), "linears_merged": sum(merged)}
