@@ -12,6 +12,7 @@ import pytest
 import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig, EngineError
+from llmc.passes import PIPELINE
 
 PROMPTS = ["def fib(n):", "import os", "class A:\n    pass"]
 
@@ -30,7 +31,7 @@ def test_engine_layout(engine):
     config = EngineConfig.load(engine)
     assert {"rank0/program.json", "rank0/weights.safetensors", "tokenizer/tokenizer.json"} <= set(config.files)
     assert config.architecture == "LlamaForCausalLM" and config.mapping == {"tp": 1, "pp": 1}
-    assert [p["pass"] for p in config.passes] == ["canonicalize", "attention", "linear", "merge_linears"]
+    assert [p["pass"] for p in config.passes] == list(PIPELINE)
     assert config.kv_cache == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "block_size": 16}
     program = json.loads((engine / "rank0/program.json").read_text())
     targets = {n["target"] for n in program["nodes"]}

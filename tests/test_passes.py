@@ -21,7 +21,7 @@ def test_verify_and_dump_every_stage(checkpoints, tmp_path):
     assert [r["pass"] for r in records] == list(PIPELINE)
     assert all(r["verify_max_abs_diff"] < 1e-5 for r in records)
     dumps = sorted(p.name for p in (tmp_path / "graphs").iterdir())
-    assert dumps == ["00-traced.txt", "01-canonicalize.txt", "02-attention.txt", "03-linear.txt", "04-merge_linears.txt"]
+    assert dumps == [f"{i:02d}-{name}.txt" for i, name in enumerate(("traced", *PIPELINE))]
     assert "scaled_dot_product_attention" in (tmp_path / "graphs/00-traced.txt").read_text()
     assert "llmc.paged_attention" in (tmp_path / "graphs/02-attention.txt").read_text()
 
@@ -39,7 +39,8 @@ def test_canonicalize_removes_asserts_and_attention_removes_the_mask(arch, check
         assert records[0]["asserts_removed"] > 0
     else:
         assert records[0]["eval_dropouts_removed"] == 5
-        assert records[2]["addmms"] == 8 and records[2]["linears"] == 1  # Conv1D layers and the LM head
+        linear = next(r for r in records if r["pass"] == "linear")
+        assert linear["addmms"] == 8 and linear["linears"] == 1  # Conv1D layers and the LM head
     assert not any(t in ("aten.linear.default", "aten.addmm.default") for t in targets)
 
 
@@ -89,3 +90,12 @@ def test_merge_linears(arch, groups, merged, checkpoints):
     if arch == "llama":
         names = {n for n, _ in gm.named_buffers()}
         assert "model.layers.0.self_attn.q_proj.weight_merged" in names and "model.layers.0.self_attn.k_proj.weight" not in names
+
+
+@pytest.mark.parametrize("arch, dtype, count", [("llama", "float32", 5), ("qwen2", "bfloat16", 5), ("mistral", "float16", 5), ("gpt2", "float32", 0)])
+def test_fuse_rms_norm(arch, dtype, count, checkpoints, tmp_path):
+    """HF's RMSNorm (with its fp32 upcast in half-precision builds) becomes llmc::rms_norm; LayerNorm models are untouched."""
+    engine = llmc.build(checkpoints[arch], tmp_path / "e", dtype=dtype, max_seq_len=64, verify_passes=True, log=lambda _: None)
+    record = next(r for r in EngineConfig.load(engine).passes if r["pass"] == "fuse_rms_norm")
+    assert record["rms_norms"] == count
+    assert record["verify_max_abs_diff"] <= (1e-5 if dtype == "float32" else 5e-2)
