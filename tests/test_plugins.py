@@ -102,3 +102,13 @@ def test_linear_matches_torch(dtype, tol, rows, bias):
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     if rows <= 4:
         torch.testing.assert_close(cpu_kernels.load().linear(x, w, b), got)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_kernel_matches_reference(dtype, tol):
+    from llmc.plugins.norms import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 7, 96, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    torch.testing.assert_close(torch.ops.llmc.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu_kernels.load().rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
