@@ -99,3 +99,19 @@ def test_fuse_rms_norm(arch, dtype, count, checkpoints, tmp_path):
     record = next(r for r in EngineConfig.load(engine).passes if r["pass"] == "fuse_rms_norm")
     assert record["rms_norms"] == count
     assert record["verify_max_abs_diff"] <= (1e-5 if dtype == "float32" else 5e-2)
+
+
+def test_fuse_gated_activation(checkpoints):
+    ckpt = Checkpoint(checkpoints["llama"])
+    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
+    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
+    record = next(r for r in records if r["pass"] == "fuse_gated_activation")
+    assert record["gated_activations"] == {"silu": 2} and record["verify_max_abs_diff"] == 0.0
+    assert not any(n.target == torch.ops.aten.silu.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("act, fn", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+                                     ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))])
+def test_gated_activation_op(act, fn):
+    gate, up = torch.randn(3, 10), torch.randn(3, 10)
+    assert torch.equal(torch.ops.llmc.gated_activation(gate, up, act), fn(gate) * up)

@@ -8,8 +8,8 @@ and recompiles after each pass, so passes do not.
 from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
-from llmc.passes import attention, canonicalize, fuse_rms_norm, linear, merge_linears  # noqa: E402,F401
+from llmc.passes import attention, canonicalize, fuse_gated_activation, fuse_rms_norm, linear, merge_linears  # noqa: E402,F401
 
-PIPELINE = ("canonicalize", "attention", "fuse_rms_norm", "linear", "merge_linears")
+PIPELINE = ("canonicalize", "attention", "fuse_rms_norm", "fuse_gated_activation", "linear", "merge_linears")
 
 __all__ = ["PASSES", "PIPELINE", "BuildContext", "register_pass", "run_passes"]
