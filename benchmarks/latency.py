@@ -4,15 +4,23 @@ for the same model through Hugging Face transformers, in the same run; prints JS
 Method (as in ../shared/PLATFORM.md's table): greedy, random 32-token prompts, 128 new tokens, EOS
 ignored; tokens/s is new tokens over the wall time of the whole call, median of --repeats runs after
 a warm-up. Prefill is the time to the first token of one 512-token prompt.
+
+Peers installed with ../shared/peers/setup.sh DIR join the run when given `--peers DIR` (or
+LLMC_PEERS_DIR): onnxruntime-genai (its fp32 model is built once from the HF checkpoint into
+DIR/models/).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -56,6 +64,22 @@ def bench_hf(model_dir: str, dtype: str, prompts: dict, new_tokens: int, repeats
     }
 
 
+def bench_genai(peers: Path, model_dir: str, prompts: dict, new_tokens: int, repeats: int) -> dict | None:
+    python = peers / "venv-genai" / "bin" / "python"
+    if not python.exists():
+        return None
+    tag = hashlib.sha1(str(Path(model_dir).resolve()).encode()).hexdigest()[:10]
+    out = peers / "models" / f"genai-fp32-{tag}"
+    if not (out / "genai_config.json").exists():
+        print(f"[llmc] building the onnxruntime-genai model in {out} ...", file=sys.stderr, flush=True)
+        subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-i", model_dir, "-o", str(out),
+                        "-p", "fp32", "-e", "cpu"], check=True, stdout=subprocess.DEVNULL)
+    script = Path(__file__).parent / "peers" / "genai_latency.py"
+    result = subprocess.run([str(python), str(script), str(out), str(new_tokens), str(repeats)],
+                            input=json.dumps(prompts), capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="llmc bench latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine")
@@ -63,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--peers", default=os.environ.get("LLMC_PEERS_DIR"), help="directory of ../shared/peers/setup.sh")
     args = ap.parse_args(argv)
 
     from llmc.engine import EngineConfig
@@ -79,15 +104,23 @@ def main(argv: list[str] | None = None) -> dict:
                      "dtype": config.dtype, "threads": torch.get_num_threads()},
         "llmc": bench_llmc(args.engine, prompts, args.new_tokens, args.repeats),
     }
+    hf_model = args.hf_model or config.build["checkpoint"]
     if not args.no_hf:
-        hf = bench_hf(args.hf_model or config.build["source"], config.dtype, prompts, args.new_tokens, args.repeats)
-        result["hf"] = hf
-        ours = result["llmc"]
-        result["ratios"] = {
-            "batch1_llmc_over_hf": ours["batch1_tokens_per_s"] / hf["batch1_tokens_per_s"],
-            "batch8_llmc_over_hf": ours["batch8_tokens_per_s"] / hf["batch8_tokens_per_s"],
-            "prefill_hf_over_llmc": hf["prefill_512_ms"] / ours["prefill_512_ms"],
+        result["hf"] = bench_hf(hf_model, config.dtype, prompts, args.new_tokens, args.repeats)
+    if args.peers and config.dtype == "float32":
+        genai = bench_genai(Path(args.peers), hf_model, prompts, args.new_tokens, args.repeats)
+        if genai is not None:
+            result["onnxruntime-genai"] = genai
+    ours = result["llmc"]
+    # Speedups of llmc over each peer: > 1 means llmc is faster.
+    result["speedups"] = {
+        peer: {
+            "batch1": ours["batch1_tokens_per_s"] / r["batch1_tokens_per_s"],
+            "batch8": ours["batch8_tokens_per_s"] / r["batch8_tokens_per_s"],
+            "prefill_512": r["prefill_512_ms"] / ours["prefill_512_ms"],
         }
+        for peer, r in result.items() if peer not in ("workload", "llmc")
+    }
     result = json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 3))
     print(json.dumps(result, indent=2))
     return result

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "output_len": args.output_len, "threads": torch.get_num_threads()}}
     result["llmc"] = asyncio.run(run_llmc(args.engine, trace))
     if not args.no_hf:
-        hf_model = args.hf_model or config.build["source"]
+        hf_model = args.hf_model or config.build["checkpoint"]
         result["hf"] = run_hf(hf_model, config.dtype, trace, args.hf_batch_size)
         llmc_r, hf_r = result["llmc"], result["hf"]
         result["ratios"] = {

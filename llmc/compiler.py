@@ -78,6 +78,7 @@ def build(
             passes=records,
             build={
                 "source": str(model),
+                "checkpoint": str(ckpt.path.resolve()),
                 "seconds": round(time.perf_counter() - start, 2),
                 "torch": torch.__version__,
                 "transformers": __import__("transformers").__version__,

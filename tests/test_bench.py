@@ -24,8 +24,9 @@ def run_bench(*args) -> dict:
 
 def test_bench_latency(engine):
     out = run_bench("latency", engine, "--new-tokens", 4, "--repeats", 1)
-    assert set(out) == {"workload", "llmc", "hf", "ratios"}
+    assert set(out) == {"workload", "llmc", "hf", "speedups"}
     assert out["llmc"]["batch1_tokens_per_s"] > 0 and out["hf"]["prefill_512_ms"] > 0
+    assert set(out["speedups"]["hf"]) == {"batch1", "batch8", "prefill_512"}
 
 
 def test_bench_serve(engine):
