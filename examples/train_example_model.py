@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -143,7 +144,8 @@ def main() -> None:
 
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
-    model.save_pretrained(args.out)
+    # Shipped in bf16: half the bytes, and llmc builds it in fp32 (or bf16) all the same.
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(args.out)
     tokens_seen = step * args.batch_size * args.seq_len
     (args.out / "training.json").write_text(
         json.dumps(
