@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
 from llmc.plugins.attention import paged_attention as reference
+from llmc.plugins.linear import KERNEL_MAX_ROWS
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -88,7 +89,7 @@ def test_op_runs_the_kernel_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_torch(dtype, tol, rows, bias):
     """llmc::linear on CPU: the kernel for a few rows (K not a multiple of 16 on purpose), torch beyond."""
@@ -100,7 +101,7 @@ def test_linear_matches_torch(dtype, tol, rows, bias):
     got = torch.ops.llmc.linear(x, w, b)
     assert got.shape == (1, rows, 33) and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    if rows <= 4:
+    if rows <= KERNEL_MAX_ROWS[dtype]:
         torch.testing.assert_close(cpu_kernels.load().linear(x, w, b), got)
 
 
