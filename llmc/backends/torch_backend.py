@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
+from llmc.plugins import cpu_kernels
 from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
 from llmc.engine import EngineError
 
@@ -35,6 +36,8 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
         weights = load_file(rank_dir / WEIGHTS, device=str(device))
     except (GraphFormatError, json.JSONDecodeError, SafetensorError) as e:
         raise EngineError(f"cannot load {rank_dir}: {e}") from None
+    if torch.device(device).type == "cpu":
+        cpu_kernels.load()  # compile (first use only) now, not in the middle of the first step
     missing = {n.target for n in graph.nodes if n.op == "get_attr"} - weights.keys()
     if missing:
         raise EngineError(f"{rank_dir / WEIGHTS} lacks weights the program reads: {sorted(missing)[:5]}")
