@@ -1,9 +1,15 @@
 """Run by onnxruntime-genai's own interpreter (its virtualenv): the latency workload of
 benchmarks/latency.py on an ORT-genai model. Prompts come as JSON on stdin; prints JSON."""
 
-import json, sys, time, statistics
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime_genai as og
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from latency import median_seconds  # noqa: E402  (the same timing as llmc's side of the run)
 
 model_dir, new_tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 prompts = json.loads(sys.stdin.read())
@@ -20,18 +26,8 @@ def run(batch, n):
         generator.generate_next_token()
 
 
-def median_seconds(fn):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 print(json.dumps({
-    "batch1_tokens_per_s": new_tokens / median_seconds(lambda: run(prompts["one"], new_tokens)),
-    "batch8_tokens_per_s": 8 * new_tokens / median_seconds(lambda: run(prompts["eight"], new_tokens)),
-    "prefill_512_ms": 1000 * median_seconds(lambda: run(prompts["long"], 1)),
+    "batch1_tokens_per_s": new_tokens / median_seconds(lambda: run(prompts["one"], new_tokens), repeats),
+    "batch8_tokens_per_s": 8 * new_tokens / median_seconds(lambda: run(prompts["eight"], new_tokens), repeats),
+    "prefill_512_ms": 1000 * median_seconds(lambda: run(prompts["long"], 1), repeats),
 }))
