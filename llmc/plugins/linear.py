@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from llmc.plugins import cpu_kernels
 
 # Most rows the kernel takes, by weight dtype. Measured on the dev machine (2 threads, 124.7M Llama's
-# linears): fp32 1.9x torch at 1 row, 2.3x at 4, 1.3x at 8; bf16 1.7x at 1 row but slower at 8.
+# linears): fp32 1.9x torch at 1 row, 1.7x at 8; bf16 1.9x at 1 row but no faster at 8.
 KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 torch.library.define("llmc::linear", "(Tensor x, Tensor w, Tensor? bias) -> Tensor")
