@@ -37,8 +37,7 @@ def merge_linears(gm: fx.GraphModule, ctx: BuildContext):
         gm.get_submodule(owner).register_buffer(attr, torch.cat(weights))
         if biases is not None:
             gm.get_submodule(owner).register_buffer(attr + "_bias", torch.cat(biases))
-        first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
-        with gm.graph.inserting_before(first):
+        with gm.graph.inserting_before(linears[0]):  # groups were collected in graph order
             w = gm.graph.get_attr(name)
             b = gm.graph.get_attr(name + "_bias") if biases is not None else None
             y = gm.graph.call_function(LINEAR, (x, w, b))
