@@ -184,3 +184,14 @@ def test_twins_computed_at_once_and_caching_off():
         compute(off, s)
         off.free(s)
     assert (off.prefix_cache_queries, off.prefix_cache_hits, off.hash_to_block) == (0, 0, {})
+
+
+def test_prefix_cache_with_sliding_window(checkpoints, tmp_path):
+    """Mistral's sliding window (8 tokens, shorter than a shared 3-block prefix): hits give the same tokens."""
+    engine = llmc.build(checkpoints["mistral"], tmp_path / "engine", max_seq_len=128, max_batch_tokens=32, log=lambda _: None)
+    prefix = random_tokens(3 * BS + 2, seed=5)
+    shared = [prefix + random_tokens(n, seed=50 + n) for n in (3, 9, 1)]
+    cached = LLM(engine)
+    got = [cached.generate([p], GREEDY)[0].token_ids for p in shared]
+    assert cached.engine.scheduler.block_manager.prefix_cache_hits > 0
+    assert got == alone(uncached(engine), shared)
