@@ -98,6 +98,7 @@ def test_fuse_rms_norm(arch, dtype, count, checkpoints, tmp_path):
     engine = llmc.build(checkpoints[arch], tmp_path / "e", dtype=dtype, max_seq_len=64, verify_passes=True, log=lambda _: None)
     record = next(r for r in EngineConfig.load(engine).passes if r["pass"] == "fuse_rms_norm")
     assert record["rms_norms"] == count
+    assert record["with_residual_add"] == max(count - 1, 0)  # all but the first layer's input norm
     assert record["verify_max_abs_diff"] <= (1e-5 if dtype == "float32" else 5e-2)
 
 

@@ -113,3 +113,16 @@ def test_rms_norm_kernel_matches_reference(dtype, tol):
     x, w = torch.randn(2, 7, 96, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     torch.testing.assert_close(torch.ops.llmc.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
     torch.testing.assert_close(cpu_kernels.load().rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_add_rms_norm_kernel_matches_reference(dtype, tol):
+    from llmc.plugins.norms import add_rms_norm
+
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(3, 5, 64, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(64, generator=g).to(dtype)
+    normed, total = add_rms_norm(x, r, w, 1e-6)
+    for got in (torch.ops.llmc.add_rms_norm(x, r, w, 1e-6), cpu_kernels.load().add_rms_norm(x, r, w, 1e-6)):
+        assert torch.equal(got[1], total)
+        torch.testing.assert_close(got[0], normed, rtol=tol, atol=tol)

@@ -2,10 +2,14 @@
 
     [h = x.to(float32)]  pow(h, 2) -> mean(-1, keepdim) -> add(eps) -> rsqrt -> mul(h, .) -> [to(x.dtype)] -> mul(w, .)
 
-(the casts are there in bf16/fp16 builds; canonicalize removes them in fp32 ones).
+(the casts are there in bf16/fp16 builds; canonicalize removes them in fp32 ones). A residual
+`add(a, b)` that feeds the norm joins it: `llmc::add_rms_norm(a, b, w, eps)` returns the normalised
+tensor and the sum, which goes on to the add's other users (the next residual).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -63,4 +67,24 @@ def fuse_rms_norm(gm: fx.GraphModule, ctx: BuildContext):
         fused.meta["val"] = out.meta.get("val")
         out.replace_all_uses_with(fused)
         count += 1
-    return gm, {"rms_norms": count}
+    gm.graph.eliminate_dead_code()  # the unfused chains still read the adds
+    norms = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.rms_norm.default]
+    added = sum(_fuse_residual_add(gm, norm) for norm in norms)
+    return gm, {"rms_norms": count, "with_residual_add": added}
+
+
+def _fuse_residual_add(gm: fx.GraphModule, norm: fx.Node) -> int:
+    add = norm.args[0]
+    if add.target != aten.add.Tensor or add.kwargs or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+        return 0
+    a, b = add.args
+    if a.meta["val"].shape != b.meta["val"].shape or a.meta["val"].dtype != b.meta["val"].dtype:
+        return 0
+    with gm.graph.inserting_before(add.next):  # where the sum was: every user of either comes later
+        fused = gm.graph.call_function(torch.ops.llmc.add_rms_norm.default, (a, b, *norm.args[1:]))
+        normed = gm.graph.call_function(operator.getitem, (fused, 0))
+        total = gm.graph.call_function(operator.getitem, (fused, 1))
+    normed.meta["val"], total.meta["val"] = norm.meta.get("val"), add.meta.get("val")
+    norm.replace_all_uses_with(normed)
+    add.replace_all_uses_with(total)
+    return 1

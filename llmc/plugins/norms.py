@@ -1,6 +1,7 @@
-"""llmc::rms_norm: HF's RMSNorm as one op: (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * w, computed in fp32.
+"""llmc::rms_norm: HF's RMSNorm as one op: (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * w, computed in fp32;
+llmc::add_rms_norm: the residual add before it too, returning (normalised, x + residual).
 
-The reference is those torch ops; on CPU a C++ kernel does a row in one pass (csrc/rms_norm.cpp).
+The references are those torch ops; on CPU a C++ kernel does each (csrc/rms_norm.cpp).
 """
 
 from __future__ import annotations
@@ -27,3 +28,23 @@ def rms_norm_cpu(x, w, eps):
 torch.library.impl("llmc::rms_norm", "CompositeExplicitAutograd", rms_norm)
 torch.library.impl("llmc::rms_norm", "CPU", rms_norm_cpu)
 torch.library.register_fake("llmc::rms_norm", lambda x, w, eps: torch.empty_like(x))
+
+
+torch.library.define("llmc::add_rms_norm", "(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)")
+
+
+def add_rms_norm(x, residual, w, eps):
+    h = x + residual
+    return rms_norm(h, w, eps), h
+
+
+def add_rms_norm_cpu(x, residual, w, eps):
+    kernels = cpu_kernels.load()
+    if kernels is None or x.dtype != w.dtype or x.shape != residual.shape or x.dtype != residual.dtype:
+        return add_rms_norm(x, residual, w, eps)
+    return kernels.add_rms_norm(x, residual, w, eps)
+
+
+torch.library.impl("llmc::add_rms_norm", "CompositeExplicitAutograd", add_rms_norm)
+torch.library.impl("llmc::add_rms_norm", "CPU", add_rms_norm_cpu)
+torch.library.register_fake("llmc::add_rms_norm", lambda x, residual, w, eps: (torch.empty_like(x), torch.empty_like(x)))

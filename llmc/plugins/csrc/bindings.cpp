@@ -6,9 +6,11 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
                            at::Tensor query_start_loc, double scale, int64_t sliding_window);
 at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("linear", &linear, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
   m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
 }

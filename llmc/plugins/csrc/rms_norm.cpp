@@ -29,3 +29,21 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
   });
   return y;
 }
+
+// llmc::add_rms_norm: h = x + residual (rounded to x's dtype, as torch's add), y = rms_norm(h) * w.
+// Returns (y, h): the residual stream goes on, the normalised copy feeds the next block.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps) {
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type(), "add_rms_norm: x and residual must match");
+  auto h = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto xc = x.contiguous(), rc = residual.contiguous();
+  const int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* a = xc.data_ptr<scalar_t>();
+    const scalar_t* b = rc.data_ptr<scalar_t>();
+    scalar_t* o = h.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+    });
+  });
+  return {rms_norm(h, w, eps), h};
+}
