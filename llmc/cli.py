@@ -18,10 +18,12 @@ def _clean_errors(fn):
     def wrapper(*args, **kwargs):
         from llmc.engine import EngineError
         from llmc.frontend.checkpoint import CheckpointError
+        from llmc.passes.manager import PassError
+        from llmc.runtime.executor import RankError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, EngineError, CheckpointError, FileExistsError) as e:
+        except (ValueError, EngineError, CheckpointError, FileExistsError, PassError, RankError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -40,14 +42,22 @@ def main():
 @click.option("--max-seq-len", type=int, default=None, help="Longest request (prompt + output) in tokens. [default: model's, at most 4096]")
 @click.option("--max-batch-tokens", type=int, default=2048, show_default=True, help="Token budget of one step.")
 @click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Most requests in flight at once.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (heads and MLP split across them).")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages (contiguous layer ranges).")
+@click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]")
 @click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
 @click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
 @click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
 @_clean_errors
-def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, backend, verify_passes, dump_graphs):
+def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, tp, pp, pp_layers, backend, verify_passes, dump_graphs):
     """Compile MODEL (a Hugging Face directory or hub id) into an engine."""
     from llmc.compiler import build as build_engine
 
+    if pp_layers is not None:
+        try:
+            pp_layers = [int(n) for n in pp_layers.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{pp_layers!r} is not a comma-separated list of layer counts", param_hint="--pp-layers")
     build_engine(
         model,
         output_dir,
@@ -55,6 +65,9 @@ def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs,
         max_seq_len=max_seq_len,
         max_batch_tokens=max_batch_tokens,
         max_num_seqs=max_num_seqs,
+        tp=tp,
+        pp=pp,
+        pp_layers=pp_layers,
         backend=backend,
         verify_passes=verify_passes,
         dump_graphs=dump_graphs,
@@ -71,16 +84,17 @@ def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs,
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
+@click.option("--rank-timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may be silent before the run fails.")
 @_clean_errors
-def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_json):
+def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_json, rank_timeout):
     """Generate completions for prompts with ENGINE."""
     from llmc.runtime import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    llm = LLM(engine)
-    start = time.perf_counter()
-    outputs = llm.generate(list(prompts), params)
-    seconds = time.perf_counter() - start
+    with LLM(engine, rank_timeout=rank_timeout) as llm:
+        start = time.perf_counter()
+        outputs = llm.generate(list(prompts), params)
+        seconds = time.perf_counter() - start
     for out in outputs:
         if as_json:
             click.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
@@ -101,15 +115,16 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
 @click.option("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens.")
 @click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not share KV blocks between requests with a common prefix.")
+@click.option("--rank-timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may be silent before the engine fails.")
 @_clean_errors
-def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching):
+def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching, rank_timeout):
     """Serve ENGINE over an OpenAI-compatible HTTP API."""
     from llmc.runtime.api_server import serve as run_server
 
     run_server(
         engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
-        enable_prefix_caching=not no_prefix_caching,
+        enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout,
     )
 
 
@@ -149,7 +164,8 @@ def inspect(engine, as_json):
     kv, limits = config.kv_cache, config.limits
     click.echo(f"engine      {engine}")
     click.echo(f"model       {config.architecture} ({config.model_type}), {config.dtype}, vocab {config.vocab_size}")
-    click.echo(f"backend     {config.backend}, tp={config.mapping['tp']} pp={config.mapping['pp']}, quantization {config.quantization or 'none'}")
+    click.echo(f"backend     {config.backend}, quantization {config.quantization or 'none'}")
+    click.echo(f"mapping     tp={config.mapping['tp']} pp={config.mapping['pp']}, layers per stage {config.mapping['pp_layers']}")
     click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, blocks of {kv['block_size']}")
     click.echo(f"limits      max_seq_len {limits['max_seq_len']}, max_batch_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_num_seqs']}")
     click.echo(f"built       in {config.build.get('seconds')} s from {config.build.get('source')} (torch {config.build.get('torch')})")
@@ -158,8 +174,17 @@ def inspect(engine, as_json):
         click.echo(f"  {name:40s} {info['bytes'] / 1e6:10.2f} MB  sha256 {info['sha256'][:12]}")
     click.echo("passes")
     for record in config.passes:
-        details = ", ".join(f"{k}={v}" for k, v in record.items() if k != "pass")
-        click.echo(f"  {record['pass']:14s} {details}")
+        _echo_record(record)
+    for rank, info in enumerate(config.ranks):
+        kv = info["kv_cache"]
+        click.echo(f"rank {rank}: {kv['num_layers']} layers, {kv['num_kv_heads']} kv heads; receives {len(info['pp_inputs'])}, sends {len(info['pp_outputs'])}")
+        for record in info["passes"]:
+            _echo_record(record)
+
+
+def _echo_record(record: dict) -> None:
+    details = ", ".join(f"{k}={v}" for k, v in record.items() if k != "pass")
+    click.echo(f"  {record['pass']:18s} {details}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -10,12 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.fx as fx
 
 from llmc.backends import get_backend
 from llmc.engine import CONFIG, EngineConfig, record_files
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
-from llmc.passes import PIPELINE, BuildContext, run_passes
+from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
 
 
 def build(
@@ -27,16 +29,24 @@ def build(
     max_batch_tokens: int = 2048,
     max_num_seqs: int = 64,
     block_size: int = 16,
+    tp: int = 1,
+    pp: int = 1,
+    pp_layers: list[int] | None = None,
     backend: str = "torch",
     verify_passes: bool = False,
     dump_graphs: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Compile `model` (a HF directory or hub id) into an engine at `output_dir`; returns its path."""
+    """Compile `model` (a HF directory or hub id) into an engine at `output_dir`; returns its path.
+
+    With tp x pp > 1 the engine has one directory per rank, each with only that rank's weights; the
+    whole model is in memory once, and each rank's shard while it is written.
+    """
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+    for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                        ("tp", tp), ("pp", pp)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     out = Path(output_dir)
@@ -54,14 +64,36 @@ def build(
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
-    ctx = BuildContext(ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size)
-    gm, records = run_passes(gm, ctx, PIPELINE, verify=verify_passes, dump_dir=dump_graphs, log=lambda m: log(f"[llmc] {m}"))
+    ctx = BuildContext(
+        ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp,
+        pp_layers=pp_layers,
+    )
+    gm, records = run_passes(
+        gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=lambda m: log(f"[llmc] {m}")
+    )
 
     # Write beside the destination and swap in at the end: an interrupted build leaves no half engine.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer.write_rank(gm, staging / "rank0")
+        ranks = []
+        for rank in range(tp * pp):
+            rank_ctx = dataclasses.replace(ctx, tp_rank=rank % tp, pp_rank=rank // tp)
+            rank_gm, rank_records = run_passes(
+                _copy(gm), rank_ctx, PIPELINE[FIRST_RANK_PASS:], verify=verify_passes,
+                dump_dir=None if dump_graphs is None else Path(dump_graphs) / (f"rank{rank}" if tp * pp > 1 else ""),
+                first_stage=FIRST_RANK_PASS + 1, log=lambda m: log(f"[llmc] rank {rank}: {m}"),
+            )
+            writer.write_rank(rank_gm, staging / f"rank{rank}")
+            del rank_gm  # its shards: only one rank's are in memory at a time
+            ranks.append({
+                "kv_cache": {k: rank_ctx.kv_cache[k] for k in ("num_layers", "num_kv_heads", "head_dim")},
+                "pp_inputs": rank_ctx.pp_inputs,
+                "pp_outputs": rank_ctx.pp_outputs,
+                "passes": rank_records,
+            })
+            if tp * pp > 1:
+                log(f"[llmc] rank {rank + 1}/{tp * pp} written (tp rank {rank_ctx.tp_rank}, pipeline stage {rank_ctx.pp_rank})")
         (staging / "tokenizer").mkdir()
         for f in tokenizer_files:
             shutil.copy2(f, staging / "tokenizer" / f.name)
@@ -74,7 +106,8 @@ def build(
             kv_cache={**ctx.kv_cache, "block_size": block_size},
             limits={"max_seq_len": max_seq_len, "max_batch_tokens": max_batch_tokens, "max_num_seqs": max_num_seqs},
             eos_token_ids=ckpt.eos_token_ids(),
-            inputs=[n.target for n in gm.graph.nodes if n.op == "placeholder"],
+            mapping={"tp": tp, "pp": pp, "pp_layers": [ranks[s * tp]["kv_cache"]["num_layers"] for s in range(pp)]},
+            ranks=ranks,
             passes=records,
             build={
                 "source": str(model),
@@ -93,3 +126,10 @@ def build(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"[llmc] engine written to {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A module with its own graph over the same weight tensors (a rank's passes replace, never modify, them)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)

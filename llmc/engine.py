@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONFIG = "config.json"
 
 
@@ -28,18 +28,21 @@ class EngineConfig:
     dtype: str
     backend: str
     vocab_size: int
-    # KV cache layout the program expects: num_layers, num_kv_heads, head_dim, block_size.
+    # The model's KV cache: num_layers, num_kv_heads, head_dim, block_size.
     kv_cache: dict[str, int]
     # max_seq_len, max_batch_tokens, max_num_seqs.
     limits: dict[str, int]
     eos_token_ids: list[int]
-    # Names of the step program's inputs, in order.
-    inputs: list[str]
-    mapping: dict[str, int] = field(default_factory=lambda: {"tp": 1, "pp": 1})
+    # tp, pp, and pp_layers (layers per pipeline stage).
+    mapping: dict[str, Any]
+    # One entry per rank (rank = pp_rank * tp + tp_rank): its slice of the KV cache {num_layers,
+    # num_kv_heads, head_dim}, the tensors it receives from the previous pipeline stage and sends to
+    # the next ([{name, shape (-1: the step's token count), dtype}]), and its passes' records.
+    ranks: list[dict[str, Any]]
     quantization: dict[str, Any] | None = None
     # relative path -> {"bytes": n, "sha256": hex}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # One record per pass: what it matched, how long it took.
+    # One record per whole-model pass: what it matched, how long it took.
     passes: list[dict[str, Any]] = field(default_factory=list)
     build: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION

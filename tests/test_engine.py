@@ -30,8 +30,8 @@ def engine_copy(engine, tmp_path):
 def test_engine_layout(engine):
     config = EngineConfig.load(engine)
     assert {"rank0/program.json", "rank0/weights.safetensors", "tokenizer/tokenizer.json"} <= set(config.files)
-    assert config.architecture == "LlamaForCausalLM" and config.mapping == {"tp": 1, "pp": 1}
-    assert [p["pass"] for p in config.passes] == list(PIPELINE)
+    assert config.architecture == "LlamaForCausalLM" and config.mapping == {"tp": 1, "pp": 1, "pp_layers": [2]}
+    assert [p["pass"] for p in config.passes + config.ranks[0]["passes"]] == list(PIPELINE)
     assert config.kv_cache == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "block_size": 16}
     program = json.loads((engine / "rank0/program.json").read_text())
     targets = {n["target"] for n in program["nodes"]}

@@ -86,7 +86,7 @@ def test_prompt_longer_than_max_seq_len(llm):
 def test_bad_prompt_leaves_no_request_behind(llm):
     with pytest.raises(ValueError):
         llm.generate([[1, 2, 3], [1] * 40], SamplingParams(max_tokens=4))
-    assert not llm.engine.scheduler.has_unfinished()
+    assert not llm.engine.schedulers[0].has_unfinished()
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids) == 4
 
 

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import llmc
 from llmc import LLM, SamplingParams
+from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.sequence import Sequence
 
 from conftest import ARCHITECTURES, VOCAB
@@ -47,8 +48,8 @@ def test_bf16_logits_close_to_transformers(arch, checkpoints, tmp_path):
     llm = LLM(engine)
     prompt = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     seq = Sequence(prompt, SamplingParams(max_tokens=1))
-    llm.engine.scheduler.block_manager.allocate(seq, len(prompt))
-    logits, _ = llm.engine.runner.run([(seq, len(prompt))])
+    llm.engine.block_manager.allocate(seq, len(prompt))
+    logits = llm.engine.executor.execute(prepare_inputs([(seq, len(prompt))], llm.engine.block_size)[0])
 
     reference = AutoModelForCausalLM.from_pretrained(checkpoints[arch], dtype=torch.bfloat16).eval()
     with torch.no_grad():

@@ -17,7 +17,8 @@ def test_verify_and_dump_every_stage(checkpoints, tmp_path):
     engine = llmc.build(
         checkpoints["gptj"], tmp_path / "engine", max_seq_len=64, verify_passes=True, dump_graphs=tmp_path / "graphs", log=lambda _: None
     )
-    records = EngineConfig.load(engine).passes
+    config = EngineConfig.load(engine)
+    records = config.passes + config.ranks[0]["passes"]
     assert [r["pass"] for r in records] == list(PIPELINE)
     assert all(r["verify_max_abs_diff"] < 1e-5 for r in records)
     dumps = sorted(p.name for p in (tmp_path / "graphs").iterdir())

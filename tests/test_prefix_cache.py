@@ -54,7 +54,7 @@ def reference(plain, prompts):
 def test_requests_one_after_another_share_the_prefix(engine, prompts, reference):
     llm = LLM(engine)
     assert alone(llm, prompts) == reference
-    blocks = llm.engine.scheduler.block_manager
+    blocks = llm.engine.block_manager
     # The first request misses; the next three each share the prefix's three full blocks; the last misses.
     assert blocks.prefix_cache_hits == 3 * 3 * BS
     assert blocks.prefix_cache_queries == sum(len(p) for p in prompts)
@@ -65,7 +65,7 @@ def test_requests_in_one_batch_share_the_prefix(engine, prompts, reference):
     llm = LLM(engine)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference
     # The first prompt's prefill is chunked (32 tokens a step), so the others find its first blocks.
-    assert llm.engine.scheduler.block_manager.prefix_cache_hits > 0
+    assert llm.engine.block_manager.prefix_cache_hits > 0
     assert [o.token_ids for o in llm.generate(prompts + prompts, GREEDY)] == reference + reference
 
 
@@ -76,7 +76,7 @@ def test_a_prompt_entirely_in_the_cache(engine, plain, length, prompts):
     llm = LLM(engine)
     assert alone(llm, [prompt, prompt]) == expected * 2
     # Its last token is computed again for its logits: with whole blocks, that takes the last block.
-    assert llm.engine.scheduler.block_manager.prefix_cache_hits == (length - 1) // BS * BS
+    assert llm.engine.block_manager.prefix_cache_hits == (length - 1) // BS * BS
 
 
 def test_preemption_with_a_small_cache_and_shared_prefixes(engine, plain, prompts):
@@ -84,8 +84,8 @@ def test_preemption_with_a_small_cache_and_shared_prefixes(engine, plain, prompt
     expected = alone(plain, prompts, params)
     llm = LLM(engine, kv_cache_tokens=128)  # 8 blocks: preemptions, even with the prefix shared
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
-    blocks = llm.engine.scheduler.block_manager
-    assert llm.engine.scheduler.num_preemptions > 0 and blocks.prefix_cache_hits > 0
+    blocks = llm.engine.block_manager
+    assert llm.engine.schedulers[0].num_preemptions > 0 and blocks.prefix_cache_hits > 0
     assert len(blocks.free_blocks) == blocks.num_blocks and blocks.ref_counts == [0] * blocks.num_blocks
 
 
@@ -193,5 +193,5 @@ def test_prefix_cache_with_sliding_window(checkpoints, tmp_path):
     shared = [prefix + random_tokens(n, seed=50 + n) for n in (3, 9, 1)]
     cached = LLM(engine)
     got = [cached.generate([p], GREEDY)[0].token_ids for p in shared]
-    assert cached.engine.scheduler.block_manager.prefix_cache_hits > 0
+    assert cached.engine.block_manager.prefix_cache_hits > 0
     assert got == alone(uncached(engine), shared)

@@ -39,9 +39,9 @@ def test_batched_equals_alone(engine, prompts, alone):
 def test_preemption_recomputes_and_gives_the_same_tokens(engine, prompts, alone):
     llm = LLM(engine, kv_cache_tokens=64)  # one full-length request at a time
     outputs = llm.generate(prompts, GREEDY)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.schedulers[0].num_preemptions > 0
     assert [o.token_ids for o in outputs] == alone
-    assert len(llm.engine.scheduler.block_manager.free_blocks) == llm.engine.scheduler.block_manager.num_blocks
+    assert len(llm.engine.block_manager.free_blocks) == llm.engine.block_manager.num_blocks
 
 
 def test_kv_cache_smaller_than_one_request_is_refused(engine):
@@ -107,9 +107,9 @@ def test_staggered_arrivals_equal_alone(engine, prompts, alone):
 
 def test_chunked_prefill_equals_unchunked(engine, prompts, alone):
     llm = LLM(engine)
-    llm.engine.scheduler.max_batch_tokens = 4096  # every prompt in one piece
+    llm.engine.schedulers[0].max_batch_tokens = 4096  # every prompt in one piece
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
-    llm.engine.scheduler.max_batch_tokens = 3  # a few tokens a step
+    llm.engine.schedulers[0].max_batch_tokens = 3  # a few tokens a step
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
 
 
@@ -117,6 +117,6 @@ def test_kv_cache_memory_in_gib(engine):
     llm = LLM(engine, kv_cache_memory=0.001)
     kv = llm.engine.config.kv_cache
     bytes_per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4
-    assert llm.engine.scheduler.block_manager.num_blocks == -(-(int(0.001 * 2**30) // bytes_per_token) // 16)
+    assert llm.engine.block_manager.num_blocks == -(-(int(0.001 * 2**30) // bytes_per_token) // 16)
     with pytest.raises(ValueError, match=r"cannot hold one request of max_seq_len=64 \(.* GiB\)"):
         LLM(engine, kv_cache_memory=1e-6)

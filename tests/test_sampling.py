@@ -91,7 +91,7 @@ def test_stream_yields_each_token_and_the_same_text(llm):
 
 
 def test_stream_closed_early_frees_the_request(llm):
-    blocks = llm.engine.scheduler.block_manager
+    blocks = llm.engine.block_manager
     for i, out in enumerate(llm.stream("def fib(n):", SamplingParams(max_tokens=50, temperature=0))):
         if i == 2:
             break

@@ -215,10 +215,10 @@ def test_engine_failure_gives_503_not_a_hang(engine):
     """If a step fails (here: injected), waiting clients get an error and /health reports it."""
     llm = AsyncLLM(LLMEngine(engine))
 
-    def broken(batch):
+    def broken(inputs):
         raise RuntimeError("injected failure")
 
-    llm.engine.runner.run = broken
+    llm.engine.executor.submit = broken
     server = Server(build_app(llm, "tiny-llama"))
     try:
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "def", "max_tokens": 4}, timeout=30)

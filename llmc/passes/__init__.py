@@ -8,8 +8,16 @@ and recompiles after each pass, so passes do not.
 from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
-from llmc.passes import attention, canonicalize, fuse_gated_activation, fuse_rms_norm, linear, merge_linears  # noqa: E402,F401
+from llmc.passes import (  # noqa: E402,F401
+    attention, canonicalize, fuse_gated_activation, fuse_rms_norm, linear, merge_linears, pipeline_parallel, tensor_parallel,
+)
 
-PIPELINE = ("canonicalize", "attention", "fuse_rms_norm", "fuse_gated_activation", "linear", "merge_linears")
+PIPELINE = (
+    # The whole model:
+    "canonicalize", "attention", "fuse_rms_norm", "fuse_gated_activation", "linear",
+    # Each rank's part of it, from here on (the build runs these once per rank):
+    "pipeline_parallel", "tensor_parallel", "merge_linears",
+)
+FIRST_RANK_PASS = PIPELINE.index("pipeline_parallel")
 
-__all__ = ["PASSES", "PIPELINE", "BuildContext", "register_pass", "run_passes"]
+__all__ = ["FIRST_RANK_PASS", "PASSES", "PIPELINE", "BuildContext", "register_pass", "run_passes"]

@@ -13,11 +13,15 @@ import torch.fx as fx
 Record = dict[str, Any]
 Pass = Callable[[fx.GraphModule, "BuildContext"], tuple[fx.GraphModule, Record]]
 PASSES: dict[str, Pass] = {}
+# Passes that turn the model into one rank's part of it: their output is not the model's logits.
+SHARDING_PASSES: set[str] = set()
 
 
-def register_pass(name: str) -> Callable[[Pass], Pass]:
+def register_pass(name: str, *, sharding: bool = False) -> Callable[[Pass], Pass]:
     def register(fn: Pass) -> Pass:
         PASSES[name] = fn
+        if sharding:
+            SHARDING_PASSES.add(name)
         return fn
 
     return register
@@ -33,8 +37,25 @@ class BuildContext:
     max_batch_tokens: int
     max_num_seqs: int
     block_size: int = 16
-    # Filled by the attention pass: the KV cache the program expects.
+    # Filled by the attention pass (and narrowed by the sharding passes): the KV cache the program expects.
     kv_cache: dict[str, int] = field(default_factory=dict)
+    # The mapping, and which rank of it this graph is being built for (the sharding passes' input).
+    tp_size: int = 1
+    pp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    pp_layers: list[int] | None = None  # layers per pipeline stage; None balances them by parameters
+    # Filled by the pipeline pass: [{"name", "shape" (-1: the token dim), "dtype"}] a stage receives / sends.
+    pp_inputs: list[dict[str, Any]] = field(default_factory=list)
+    pp_outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
 
 
 class PassError(RuntimeError):
@@ -59,8 +80,13 @@ def example_step(gm: fx.GraphModule, ctx: BuildContext, num_tokens: int = 7) -> 
         kv = ctx.kv_cache
         shape = (kv["num_layers"], 2, blocks, ctx.block_size, kv["num_kv_heads"], kv["head_dim"])
         inputs["kv_cache"] = torch.zeros(shape, dtype=ctx.dtype)
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    return {name: inputs[name] for name in names}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:  # values a pipeline stage receives: their traced shape, at num_tokens
+        if node.target not in inputs:
+            val = node.meta["val"]
+            shape = [d if isinstance(d, int) else num_tokens for d in val.shape]
+            inputs[node.target] = torch.randn(shape, generator=g).to(val.dtype)
+    return {n.target: inputs[n.target] for n in placeholders}
 
 
 def _run(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -85,15 +111,21 @@ def run_passes(
     verify: bool = False,
     dump_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
+    first_stage: int = 1,
 ) -> tuple[fx.GraphModule, list[Record]]:
-    """Run `pipeline` over `gm`; returns the final module and one record per pass."""
+    """Run `pipeline` over `gm`; returns the final module and one record per pass.
+
+    Stages are numbered from `first_stage` in the dumps (a pipeline run in parts continues the count).
+    """
     if dump_dir is not None:
         dump_dir = Path(dump_dir)
         dump_dir.mkdir(parents=True, exist_ok=True)
-        (dump_dir / "00-traced.txt").write_text(gm.print_readable(print_output=False))
+        if first_stage == 1:
+            (dump_dir / "00-traced.txt").write_text(gm.print_readable(print_output=False))
     records: list[Record] = []
-    for i, name in enumerate(pipeline, start=1):
-        before = _run(gm, example_step(gm, ctx)) if verify else None
+    for i, name in enumerate(pipeline, start=first_stage):
+        check = verify and not (name in SHARDING_PASSES and ctx.world_size > 1)
+        before = _run(gm, example_step(gm, ctx)) if check else None
         start = time.perf_counter()
         gm, record = PASSES[name](gm, ctx)
         gm.graph.eliminate_dead_code()
@@ -101,7 +133,7 @@ def run_passes(
         _drop_unused_weights(gm)
         gm.recompile()
         record = {"pass": name, **record, "seconds": round(time.perf_counter() - start, 4)}
-        if verify:
+        if check:
             after = _run(gm, example_step(gm, ctx))
             err = (after.float() - before.float()).abs().max().item()
             tol = 1e-4 if ctx.dtype == torch.float32 else 5e-2 * max(1.0, before.float().abs().max().item())

@@ -77,6 +77,7 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _loop(self) -> None:
         try:

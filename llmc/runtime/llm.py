@@ -13,12 +13,23 @@ from llmc.runtime.sampling_params import SamplingParams
 class LLM:
     """An engine, loaded and ready to generate.
 
-    Options (device, kv_cache_tokens, kv_cache_memory, max_num_seqs) are `LLMEngine`'s.
+    Options (device, kv_cache_tokens, kv_cache_memory, max_num_seqs, rank_timeout) are `LLMEngine`'s.
+    An engine of several ranks starts one process per rank; `shutdown()` (or leaving a `with LLM(...)`
+    block, or the program's exit) stops them.
     """
 
     def __init__(self, engine: str | os.PathLike, **options):
         self.engine = LLMEngine(engine, **options)
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,

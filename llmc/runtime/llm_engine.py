@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import torch
 
-from llmc.backends import get_backend
-from llmc.engine import EngineConfig, EngineError, verify_files
+from llmc.engine import EngineConfig, verify_files
 from llmc.runtime.block_manager import BlockManager
-from llmc.runtime.model_runner import ModelRunner
+from llmc.runtime.executor import LocalExecutor, MultiprocExecutor
+from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.outputs import RequestOutput, RequestState
 from llmc.runtime.sampler import sample
 from llmc.runtime.sampling_params import SamplingParams
@@ -24,10 +25,15 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 class LLMEngine:
-    """An engine directory, loaded: tokenizer, program, KV cache, scheduler.
+    """An engine directory, loaded: tokenizer, ranks (each with its program and KV cache), schedulers.
 
-    The paged KV cache holds `kv_cache_tokens` tokens, or as many as fit in `kv_cache_memory` GiB;
-    by default room for max_num_seqs full-length requests within 1 GiB, and never less than one.
+    The paged KV cache holds `kv_cache_tokens` tokens, or as many as fit in `kv_cache_memory` GiB
+    (per rank); by default room for max_num_seqs full-length requests within 1 GiB, and never less
+    than one. An engine of several ranks runs one process per rank; a rank that dies, or returns
+    nothing for `rank_timeout` seconds, stops them all with an error.
+
+    With pipeline parallelism, requests are spread over pp schedulers (vLLM's virtual engines) that
+    share the KV blocks; each keeps one step in flight, so every stage works on some step at once.
     """
 
     def __init__(
@@ -39,24 +45,25 @@ class LLMEngine:
         kv_cache_memory: float | None = None,
         max_num_seqs: int | None = None,
         enable_prefix_caching: bool = True,
+        rank_timeout: float = 60.0,
     ):
         if kv_cache_tokens is not None and kv_cache_memory is not None:
             raise ValueError("give the KV cache size as kv_cache_tokens or as kv_cache_memory, not both")
         self.engine_dir = Path(engine)
         self.config = config = EngineConfig.load(self.engine_dir)
         verify_files(self.engine_dir, config)
-        if config.world_size != 1:
-            raise EngineError(f"{engine} has {config.world_size} ranks; this runtime runs single-rank engines")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir / "tokenizer")
         self.device = torch.device(device)
-        program = get_backend(config.backend).load_rank(self.engine_dir / "rank0", self.device)
 
-        limits, kv = config.limits, config.kv_cache
+        limits = config.limits
         self.max_seq_len = limits["max_seq_len"]
-        block_size = kv["block_size"]
-        bytes_per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * getattr(torch, config.dtype).itemsize
+        self.block_size = block_size = config.kv_cache["block_size"]
+        itemsize = getattr(torch, config.dtype).itemsize
+        bytes_per_token = max(
+            2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * itemsize for kv in (r["kv_cache"] for r in config.ranks)
+        )
         max_num_seqs = max_num_seqs or limits["max_num_seqs"]
         if kv_cache_memory is not None:
             kv_cache_tokens = int(kv_cache_memory * (1 << 30)) // bytes_per_token
@@ -70,12 +77,20 @@ class LLMEngine:
                 "give it more memory, or build the engine with a smaller --max-seq-len"
             )
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.runner = ModelRunner(program, config, num_blocks, self.device)
-        self.scheduler = Scheduler(
-            BlockManager(num_blocks, block_size, enable_prefix_caching), limits["max_batch_tokens"], max_num_seqs
-        )
+        if config.world_size == 1:
+            self.executor = LocalExecutor(self.engine_dir, config, num_blocks, self.device)
+        else:
+            if self.device.type != "cpu":
+                raise ValueError(f"{engine} has {config.world_size} ranks; this runtime runs them on CPU (gloo)")
+            self.executor = MultiprocExecutor(self.engine_dir, config, num_blocks, rank_timeout)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.schedulers = [
+            Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs) for _ in range(config.mapping["pp"])
+        ]
+        self.in_flight: deque[tuple[Scheduler, list, list]] = deque()  # (scheduler, batch, sampled) in submission order
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
+        self.scheduler_of: dict[str, Scheduler] = {}
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Prompt text or token ids -> checked token ids (raises ValueError naming the problem)."""
@@ -103,37 +118,56 @@ class LLMEngine:
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in flight")
         self.requests[seq.request_id] = RequestState(seq, self.tokenizer, prompt)
-        self.scheduler.add(seq)
+        scheduler = min(self.schedulers, key=lambda s: len(s.waiting) + len(s.running))
+        self.scheduler_of[seq.request_id] = scheduler
+        scheduler.add(seq)
         return seq.request_id
 
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.scheduler.abort(state.seq)
+            self.scheduler_of.pop(request_id).abort(state.seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """One in-flight batching step; returns an output for every request that got a new token."""
-        batch = self.scheduler.schedule()
-        if not batch:
+        """One in-flight batching step; returns an output for every request that got a new token.
+
+        Every scheduler without a step in flight submits one; then the oldest step's logits are sampled.
+        """
+        busy = {id(s) for s, _, _ in self.in_flight}
+        for scheduler in self.schedulers:
+            if id(scheduler) not in busy and scheduler.has_unfinished():
+                batch = scheduler.schedule()
+                if batch:
+                    inputs, sampled = prepare_inputs(batch, self.block_size)
+                    self.executor.submit(inputs)
+                    self.in_flight.append((scheduler, batch, sampled))
+        if not self.in_flight:
             raise RuntimeError("the scheduler could not make progress (KV cache too small for any request)")
-        logits, sampled = self.runner.run(batch)
+        scheduler, batch, sampled = self.in_flight.popleft()
+        logits = self.executor.result()[: len(sampled)]
         for seq, n in batch:
             seq.num_computed_tokens += n
-        tokens, logprobs = sample(logits, sampled)
+        live = [i for i, seq in enumerate(sampled) if seq.request_id in self.requests]  # not aborted meanwhile
+        tokens, logprobs = sample(logits[live], [sampled[i] for i in live])
         outputs = []
-        for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
+        for seq, token, token_logprobs in zip([sampled[i] for i in live], tokens, logprobs):
             state = self.requests[seq.request_id]
             seq.token_ids.append(token)
             delta = state.append(token, token_logprobs)
             reason = self._finish_reason(seq, token, state)
             if reason:
-                self.scheduler.finish(seq, reason)
+                scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
+                del self.scheduler_of[seq.request_id]
             outputs.append(state.output(delta))
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the engine's rank processes (if any); the engine cannot step afterwards."""
+        self.executor.shutdown()
 
     def _finish_reason(self, seq: Sequence, token: int, state: RequestState) -> str | None:
         p = seq.params

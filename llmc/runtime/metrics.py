@@ -27,10 +27,10 @@ class ServerMetrics:
         self.tpot = Histogram("llmc_time_per_output_token_seconds", "Time per output token after the first", buckets=buckets, registry=r)
 
     def render(self) -> bytes:
-        scheduler = self.llm.engine.scheduler
-        blocks = scheduler.block_manager
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
+        engine = self.llm.engine
+        blocks = engine.block_manager
+        self.running.set(sum(len(s.running) for s in engine.schedulers))
+        self.waiting.set(sum(len(s.waiting) for s in engine.schedulers))
         self.kv_usage.set(blocks.usage)
         queries = getattr(blocks, "prefix_cache_queries", 0)
         self.prefix_hit_rate.set(getattr(blocks, "prefix_cache_hits", 0) / queries if queries else 0.0)

@@ -1,64 +1,63 @@
-"""Runs one scheduler step: packs the scheduled work into DESIGN.md's flat step inputs and calls the program."""
+"""The step, both sides: the scheduler's work packed into DESIGN.md's flat step inputs (`prepare_inputs`,
+on the driver), and one rank's program run on them with its KV cache (`ModelRunner`, on each rank)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmc.engine import EngineConfig
 from llmc.runtime.sequence import Sequence
 
+Batch = list[tuple[Sequence, int]]
+
+
+def prepare_inputs(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], list[Sequence]]:
+    """Step inputs (arrays, cheap to send to ranks), and the sequences whose next token this step yields."""
+    input_ids, positions, slots, seq_lens, starts, logits_indices = [], [], [], [], [0], []
+    sampled = []
+    for seq, n in batch:
+        first = seq.num_computed_tokens
+        input_ids += seq.token_ids[first : first + n]
+        positions += range(first, first + n)
+        slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(first, first + n)]
+        seq_lens.append(first + n)
+        starts.append(starts[-1] + n)
+        if first + n == len(seq):  # its last token is computed: it gets a new one
+            logits_indices.append(starts[-1] - 1)
+            sampled.append(seq)
+    width = max(len(seq.block_table) for seq, _ in batch)
+    block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+    inputs = {
+        "input_ids": np.array([input_ids], dtype=np.int64),
+        "position_ids": np.array([positions], dtype=np.int64),
+        # A step of prompt chunks only still needs one row of logits to trace through; it is dropped.
+        "logits_indices": np.array(logits_indices or [0], dtype=np.int64),
+        "slot_mapping": np.array(slots, dtype=np.int64),
+        "block_tables": np.array(block_tables, dtype=np.int32),
+        "seq_lens": np.array(seq_lens, dtype=np.int32),
+        "query_start_loc": np.array(starts, dtype=np.int32),
+    }
+    return inputs, sampled
+
 
 class ModelRunner:
-    def __init__(self, program: torch.nn.Module, config: EngineConfig, num_blocks: int, device: torch.device):
+    """One rank's program and its slice of the paged KV cache (its layers, its KV heads)."""
+
+    def __init__(self, program: torch.fx.GraphModule, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
         self.program = program
-        self.config = config
         self.device = device
-        kv = config.kv_cache
-        self.block_size = kv["block_size"]
+        kv = config.ranks[rank]["kv_cache"]
         self.kv_cache = torch.zeros(
-            (kv["num_layers"], 2, num_blocks, self.block_size, kv["num_kv_heads"], kv["head_dim"]),
+            (kv["num_layers"], 2, num_blocks, config.kv_cache["block_size"], kv["num_kv_heads"], kv["head_dim"]),
             dtype=getattr(torch, config.dtype),
             device=device,
         )
-
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[dict[str, torch.Tensor], list[Sequence]]:
-        """Step inputs, and the sequences whose next token this step yields (their last token is computed)."""
-        input_ids, positions, slots, seq_lens, starts, logits_indices = [], [], [], [], [0], []
-        sampled = []
-        bs = self.block_size
-        for seq, n in batch:
-            first = seq.num_computed_tokens
-            input_ids += seq.token_ids[first : first + n]
-            positions += range(first, first + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(first, first + n)]
-            seq_lens.append(first + n)
-            starts.append(starts[-1] + n)
-            if first + n == len(seq):
-                logits_indices.append(starts[-1] - 1)
-                sampled.append(seq)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-
-        def tensor(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        inputs = {
-            "input_ids": tensor([input_ids]),
-            "position_ids": tensor([positions]),
-            # A step of prompt chunks only still needs one row of logits to trace through; it is dropped.
-            "logits_indices": tensor(logits_indices or [0]),
-            "kv_cache": self.kv_cache,
-            "slot_mapping": tensor(slots),
-            "block_tables": tensor(block_tables, torch.int32),
-            "seq_lens": tensor(seq_lens, torch.int32),
-            "query_start_loc": tensor(starts, torch.int32),
-        }
-        return {name: inputs[name] for name in self.config.inputs}, sampled
+        self.input_names = [n.target for n in program.graph.nodes if n.op == "placeholder"]
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Logits [len(sampled), vocab] on the CPU, and the sequences they belong to."""
-        inputs, sampled = self.prepare(batch)
-        out = self.program(**inputs)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        return logits[0, : len(sampled)].float().cpu(), sampled
+    def run(self, inputs: dict[str, np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The program's outputs: logits [1, S, vocab] on the last pipeline stage, else what it sends on."""
+        values = {**inputs, "kv_cache": self.kv_cache}
+        out = self.program(**{name: torch.as_tensor(values[name], device=self.device) for name in self.input_names})
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)

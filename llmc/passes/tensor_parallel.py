@@ -1,0 +1,272 @@
+"""Tensor parallel (Megatron-LM's scheme): keep tensor-parallel rank `ctx.tp_rank`'s slice of every layer.
+
+Roles come from the graph, not from parameter names:
+- a linear whose input is computed from an attention or from other linears (without a norm
+  between) is *row parallel*: it keeps its slice of input features, and an all-reduce follows it
+  (then its bias, once);
+- the linears those inputs come from, and those that feed an attention's query, key or value, are
+  *column parallel*: they keep their slice of output features, whole heads at a time, section by
+  section where one linear computes several tensors that a split separates (GPT-2's fused QKV);
+  key/value heads are replicated when tp exceeds their number;
+- the LM head (any other linear as wide as the vocabulary) and the token embedding are *vocab
+  parallel*: each rank holds ceil(vocab/tp) rows; logits are all-gathered, embeddings all-reduced;
+- any other linear is replicated.
+Reshapes between column and row linears that spell out a sharded size (`view(x, [-1, 4096])`) are
+rewritten for the rank's size while the graph runs once on example inputs, which checks the result.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
+from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
+
+aten = torch.ops.aten
+llmc = torch.ops.llmc
+LINEAR, ATTENTION = llmc.linear.default, llmc.paged_attention.default
+NORMS = (llmc.rms_norm.default, llmc.add_rms_norm.default, aten.layer_norm.default)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
+    """Linears and attentions that `node` is (or is computed from), looking back no further than those."""
+    found, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target in (LINEAR, ATTENTION):
+            found.add(n)
+        elif not (stop_at_norms and n.target in NORMS):
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _depends_on(node: fx.Node, name: str) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder" and n.target == name:
+            return True
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes if a not in seen)
+    return False
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
+    """(section sizes, head size) of a column linear's output features.
+
+    Sections are the parts a split along the features cuts them into before heads are formed;
+    the head size is the last dim of the reshape that first splits features into heads (1: none).
+    """
+    sections, stack = None, [linear]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.target in SPLITS:
+                dim = u.args[2] if len(u.args) > 2 else 0
+                if dim % len(_shape(n)) == len(_shape(n)) - 1:
+                    size = u.args[1]
+                    sections = list(size) if isinstance(size, (list, tuple)) else [size] * (_shape(n)[-1] // size)
+                    stack.append(u)
+            elif u.target == operator.getitem:
+                stack.append(u)
+            elif u.target in VIEWS:
+                before, after = _shape(u.args[0]), _shape(u)
+                if len(after) == len(before) + 1 and after[-2] * after[-1] == before[-1]:
+                    return sections or [features], int(after[-1])
+                stack.append(u)
+    return sections or [features], 1
+
+
+class _Plan:
+    """Row indices of each sharded weight, and what to check about the tp degree."""
+
+    def __init__(self, tp: int, rank: int):
+        self.tp, self.rank = tp, rank
+        self.rows: dict[str, torch.Tensor] = {}  # weight name -> output rows (column/vocab) kept
+        self.cols: dict[str, slice] = {}  # weight name -> input columns (row) kept
+        self.problems: list[str] = []
+        self.divisors: list[tuple[int, int | None]] = []  # (units that must split, or replicate when tp is a multiple)
+
+    def heads(self, sections: list[int], unit: int, query_heads: int) -> torch.Tensor:
+        rows, offset = [], 0
+        for size in sections:
+            heads = size // unit
+            kv = unit > 1 and heads < query_heads  # key/value heads of grouped-query attention may replicate
+            self.divisors.append((heads, heads if kv else None))
+            if heads % self.tp == 0:
+                per = heads // self.tp
+                first, count = self.rank * per, per
+            elif kv and self.tp % heads == 0:
+                first, count = self.rank // (self.tp // heads), 1
+            else:
+                first, count = 0, 0
+                what = "attention heads" if unit > 1 else "features"
+                self.problems.append(f"tp={self.tp} does not divide the {heads} {what} of a projection")
+            rows.append(torch.arange(offset + first * unit, offset + (first + count) * unit))
+            offset += size
+        return torch.cat(rows)
+
+    def valid_tp(self) -> list[int]:
+        limit = max(n for n, _ in self.divisors)
+        return [t for t in range(1, limit + 1) if all(n % t == 0 or (r and t % r == 0) for n, r in self.divisors)]
+
+
+def _set_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    gm.get_submodule(owner).register_buffer(attr, value.contiguous())
+
+
+@register_pass("tensor_parallel", sharding=True)
+def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
+    if ctx.tp_size == 1:
+        return gm, {}
+    graph, tp, rank = gm.graph, ctx.tp_size, ctx.tp_rank
+    vocab = ctx.hf_config.get_text_config().vocab_size
+    attentions = [n for n in graph.nodes if n.target == ATTENTION]
+    linears = [n for n in graph.nodes if n.target == LINEAR]
+    rows = [n for n in linears if _cone(n.args[0], stop_at_norms=True)]
+    attention_columns = {lin: att for att in attentions for arg in att.args[:3] for lin in _cone(arg, False) if lin.target == LINEAR}
+    mlp_columns = {lin for row in rows for lin in _cone(row.args[0], True) if lin.target == LINEAR} - set(attention_columns)
+    others = [n for n in linears if n not in rows and n not in attention_columns and n not in mlp_columns]
+    vocab_linears = [n for n in others if gm.get_buffer(n.args[1].target).shape[0] == vocab]
+    embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and _depends_on(n.args[1], "input_ids")]
+    plan = _Plan(tp, rank)
+
+    for lin in linears:
+        if lin in attention_columns:
+            sections, unit = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            query_heads = _shape(attention_columns[lin].args[0])[1]
+            plan.rows[lin.args[1].target] = plan.heads(sections, unit, query_heads)
+        elif lin in mlp_columns:
+            plan.rows[lin.args[1].target] = plan.heads([gm.get_buffer(lin.args[1].target).shape[0]], 1, 0)
+        elif lin in rows:
+            features = gm.get_buffer(lin.args[1].target).shape[1]
+            plan.divisors.append((features, None))
+            plan.cols[lin.args[1].target] = slice(rank * features // tp, (rank + 1) * features // tp)
+            if features % tp:
+                plan.problems.append(f"tp={tp} does not divide the {features} input features of a projection")
+    if plan.problems:
+        raise PassError(f"{plan.problems[0]}; tp can be {', '.join(map(str, plan.valid_tp()))} for this model")
+    per_rank = -(-vocab // tp)
+    vocab_rows = torch.arange(rank * per_rank, (rank + 1) * per_rank)  # past the vocabulary: zero rows
+
+    sharded: set[str] = set()
+
+    def shard(name: str, index: torch.Tensor | slice, dim: int) -> None:
+        if name in sharded:
+            return  # a tied weight: the embedding and the LM head share one shard
+        sharded.add(name)
+        w = gm.get_buffer(name)
+        if isinstance(index, slice):
+            _set_buffer(gm, name, w[:, index] if dim == 1 else w[index])
+            return
+        padded = torch.zeros((len(index), *w.shape[1:]), dtype=w.dtype)
+        inside = index < w.shape[0]
+        padded[inside] = w[index[inside]]
+        _set_buffer(gm, name, padded)
+
+    def insert_after(node: fx.Node, target, *args) -> fx.Node:
+        with graph.inserting_after(node):
+            new = graph.call_function(target, (node, *args))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        return new
+
+    for lin in linears:
+        w, bias = lin.args[1].target, lin.args[2]
+        if w in plan.rows:
+            shard(w, plan.rows[w], 0)
+            if bias is not None:
+                shard(bias.target, plan.rows[w], 0)
+        elif w in plan.cols:
+            shard(w, plan.cols[w], 1)
+            lin.update_arg(2, None)
+            reduced = insert_after(lin, llmc.all_reduce.default)
+            if bias is not None:
+                insert_after(reduced, aten.add.Tensor, bias)
+        elif lin in vocab_linears:
+            shard(w, vocab_rows, 0)
+            if bias is not None:
+                shard(bias.target, vocab_rows, 0)
+            insert_after(lin, llmc.all_gather.default, vocab)
+    for emb in embeddings:
+        shard(emb.args[0].target, vocab_rows, 0)
+        emb.target, emb.args = llmc.vocab_embedding.default, (emb.args[0], emb.args[1], rank * per_rank)
+        insert_after(emb, llmc.all_reduce.default)
+
+    kv_heads = ctx.kv_cache["num_kv_heads"]
+    ctx.kv_cache = {**ctx.kv_cache, "num_kv_heads": kv_heads // tp if kv_heads % tp == 0 else 1}
+    _fit_reshapes(gm, ctx)
+    return gm, {
+        "column_parallel": len(attention_columns) + len(mlp_columns),
+        "row_parallel": len(rows),
+        "vocab_parallel": len(vocab_linears) + len(embeddings),
+        "replicated": len(others) - len(vocab_linears),
+        "kv_heads_per_rank": ctx.kv_cache["num_kv_heads"],
+    }
+
+
+def _sharded_dim(full: tuple, local: torch.Size) -> tuple[int, int] | None:
+    """(dim, factor) where a rank's tensor is 1/factor of the traced one; None if it is whole."""
+    for i, (f, l) in enumerate(zip(full, local)):
+        if isinstance(f, int) and f != l:
+            return i, f // l
+    return None
+
+
+class _ReshapeFitter(fx.Interpreter):
+    """Runs the rank's graph; before each reshape or split of a sharded tensor, divides the size it names."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.sharded: list[fx.Node] = []  # nodes whose traced shape is no longer the rank's
+
+    def run_node(self, n: fx.Node):
+        if (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
+            found = _sharded_dim(_shape(n.args[0]), self.env[n.args[0]].shape)
+            if found is not None:
+                dim, factor = found
+                if n.target in VIEWS:
+                    _fit_view(n, factor)
+                elif (n.args[2] if len(n.args) > 2 else 0) % len(_shape(n.args[0])) == dim:
+                    size = n.args[1]
+                    n.update_arg(1, [s // factor for s in size] if isinstance(size, (list, tuple)) else size // factor)
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            raise PassError(f"tensor_parallel: {n.format_node()} fails on the rank's shapes: {e}") from e
+        if isinstance(out, torch.Tensor) and isinstance(n.meta.get("val"), torch.Tensor):
+            if _sharded_dim(_shape(n), out.shape) is not None:
+                self.sharded.append(n)
+        return out
+
+
+def _fit_view(n: fx.Node, factor: int) -> None:
+    shape, full = list(n.args[1]), _shape(n)
+    if any(s == -1 and isinstance(f, int) for s, f in zip(shape, full)):
+        return  # an inferred feature dim takes the rank's size by itself
+    for i, (s, f) in enumerate(zip(shape, full)):
+        if isinstance(s, int) and isinstance(f, int) and s > 1 and s % factor == 0:
+            shape[i] = s // factor
+            n.update_arg(1, shape)
+            return
+
+
+def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
+    gm.recompile()
+    fitter = _ReshapeFitter(gm)
+    with torch.no_grad():
+        fitter.run(*example_step(gm, ctx).values())
+    for n in fitter.sharded:
+        del n.meta["val"]  # the traced shape is the whole model's

@@ -1,0 +1,141 @@
+"""Executors run steps on an engine's ranks: in this process (one rank), or in one process per rank.
+
+Both take a step's inputs with `submit` and hand back logits in submission order with `result`, so
+the engine can keep several steps in flight (one per pipeline stage) and stages work at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from multiprocessing import connection
+from pathlib import Path
+
+import multiprocessing as mp
+import numpy as np
+import torch
+
+from llmc.backends import get_backend
+from llmc.engine import EngineConfig
+from llmc.runtime.model_runner import ModelRunner
+
+
+class RankError(RuntimeError):
+    """A rank died, hung, or failed; every rank has been stopped."""
+
+
+class LocalExecutor:
+    """A single-rank engine, run in this process on `device`."""
+
+    def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, device: torch.device):
+        program = get_backend(config.backend).load_rank(engine_dir / "rank0", device)
+        self.runner = ModelRunner(program, config, 0, num_blocks, device)
+        self._results: deque[torch.Tensor] = deque()
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> None:
+        self._results.append(self.runner.run(inputs)[0][0])
+
+    def result(self) -> torch.Tensor:
+        return self._results.popleft().float().cpu()
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        self.submit(inputs)
+        return self.result()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiprocExecutor:
+    """A tp x pp engine on this machine: one process per rank, started here and stopped with the engine.
+
+    If a rank dies or sends nothing for `rank_timeout` seconds, `result` stops every rank and
+    raises RankError naming what happened.
+    """
+
+    def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, rank_timeout: float, load_timeout: float = 600):
+        from llmc.runtime.worker import run_local_rank
+
+        self.rank_timeout = rank_timeout
+        world = config.world_size
+        tp, pp = config.mapping["tp"], config.mapping["pp"]
+        self.output_rank = (pp - 1) * tp  # the last stage's tensor-parallel rank 0
+        # forkserver: ranks fork from a process that has imported torch once, not each its own.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["llmc.runtime.worker"])
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // world)
+        self.procs, self.conns = [], []
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=run_local_rank,
+                args=(rank, str(engine_dir), num_blocks, init_method, rank_timeout, threads, child),
+                name=f"llmc-rank{rank}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        self.in_flight = 0
+        for rank, conn in enumerate(self.conns):
+            self._receive(rank, load_timeout, "load the engine")
+
+    def _receive(self, rank: int, timeout: float, doing: str):
+        conn = self.conns[rank]
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = connection.wait([conn] + [p.sentinel for p in self.procs], timeout=max(0.0, deadline - time.monotonic()))
+            if conn in ready:
+                try:
+                    return conn.recv()
+                except EOFError:
+                    pass  # it died: reported below
+            dead = [f"rank {i} (pid {p.pid}) exited with code {p.exitcode}" for i, p in enumerate(self.procs) if not p.is_alive()]
+            if dead or not ready:
+                self.shutdown()
+                why = "; ".join(dead) if dead else f"rank {rank} did not {doing} within {timeout:g} s (hung?)"
+                raise RankError(f"{why}; all ranks were stopped (their errors are above, on stderr)")
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> None:
+        if not self.procs:
+            raise RankError("the engine's ranks were stopped after an earlier failure; load the engine again")
+        for conn in self.conns:
+            conn.send(inputs)
+        self.in_flight += 1
+
+    def result(self) -> torch.Tensor:
+        logits = self._receive(self.output_rank, self.rank_timeout, "return a step")
+        self.in_flight -= 1
+        return torch.from_numpy(logits)
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        self.submit(inputs)
+        return self.result()
+
+    def shutdown(self) -> None:
+        """Stop every rank: ask, then terminate, then kill; no process is left behind."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
