@@ -50,10 +50,8 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
     """Save a random tiny `arch` model with the tokenizer; EOS is off so every request runs to max_tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {**TINY_CONFIGS[arch], **overrides}
-    config = AutoConfig.for_model(
-        kwargs.pop("model_type"), vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs
-    )
+    kwargs = {"vocab_size": VOCAB, **TINY_CONFIGS[arch], **overrides}
+    config = AutoConfig.for_model(kwargs.pop("model_type"), bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None

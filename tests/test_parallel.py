@@ -1,0 +1,140 @@
+"""Tensor and pipeline parallel engines: the same tokens and logprobs as one rank, each rank holding
+its share of the weights, real gloo processes, and failures that stop every rank in bounded time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import llmc
+from llmc import LLM, SamplingParams
+from llmc.engine import EngineConfig
+from llmc.passes.manager import PassError
+from llmc.runtime.executor import RankError
+
+from conftest import make_checkpoint
+
+# Eight query heads and two KV heads, so that tp 4 and 8 replicate KV heads. Qwen2's vocabulary
+# (325) does not divide by tp: its last vocab shard is padded.
+PARALLEL_CONFIGS = {
+    "llama": dict(num_attention_heads=8, num_key_value_heads=2),
+    "qwen2": dict(num_attention_heads=8, num_key_value_heads=2, vocab_size=325),
+    "gptj": dict(n_head=8, rotary_dim=4),
+    "gpt_neox": dict(num_attention_heads=8, num_hidden_layers=3),
+    "gpt2": dict(n_head=8),  # one fused QKV projection, split in sections
+}
+MAPPINGS = [(2, 1), (4, 1), (8, 1), (1, 2), (8, 2)]
+PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117)), [200, 7, 9, 300, 11]]
+PARAMS = SamplingParams(max_tokens=10, temperature=0, logprobs=4)
+LOGPROB_ATOL = 1e-4  # fp32; the sums of an all-reduce run in another order (measured: < 1e-6)
+
+
+@pytest.fixture(scope="module")
+def parallel_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return {arch: make_checkpoint(arch, root / arch, seed=1, **cfg) for arch, cfg in PARALLEL_CONFIGS.items()}
+
+
+@pytest.fixture(scope="module")
+def single_rank_outputs(parallel_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    outputs = {}
+    for arch, ckpt in parallel_checkpoints.items():
+        with LLM(llmc.build(ckpt, root / arch, max_seq_len=64, log=lambda _: None)) as llm:
+            outputs[arch] = llm.generate(PROMPTS, PARAMS)
+    return outputs
+
+
+def assert_same_outputs(expected, got):
+    for a, b in zip(expected, got):
+        assert b.token_ids == a.token_ids
+        for want, have in zip(a.logprobs, b.logprobs):
+            assert want.keys() == have.keys()
+            assert max(abs(want[t] - have[t]) for t in want) <= LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("tp,pp", MAPPINGS, ids=[f"tp{tp}-pp{pp}" for tp, pp in MAPPINGS])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gptj", "gpt_neox"])
+def test_parallel_engine_matches_single_rank(arch, tp, pp, parallel_checkpoints, single_rank_outputs, tmp_path):
+    engine = llmc.build(parallel_checkpoints[arch], tmp_path / "engine", max_seq_len=64, tp=tp, pp=pp, log=lambda _: None)
+    config = EngineConfig.load(engine)
+    assert config.mapping["tp"] == tp and config.mapping["pp"] == pp and len(config.ranks) == tp * pp
+    with LLM(engine, max_num_seqs=3) as llm:  # fewer seqs than prompts: requests join and leave mid-flight
+        assert_same_outputs(single_rank_outputs[arch], llm.generate(PROMPTS, PARAMS))
+
+
+def test_gpt2_fused_qkv_shards_by_section(parallel_checkpoints, single_rank_outputs, tmp_path):
+    engine = llmc.build(parallel_checkpoints["gpt2"], tmp_path / "engine", max_seq_len=64, tp=4, pp=2, log=lambda _: None)
+    with LLM(engine) as llm:
+        assert_same_outputs(single_rank_outputs["gpt2"], llm.generate(PROMPTS, PARAMS))
+
+
+def _parameters(path) -> dict[str, int]:
+    with safe_open(path, "pt") as f:
+        return {name: f.get_slice(name).get_shape() for name in f.keys()}
+
+
+def test_each_rank_holds_its_share_of_the_weights(parallel_checkpoints, tmp_path):
+    ckpt = parallel_checkpoints["gpt_neox"]  # untied, kv heads not replicated: every matrix divides
+    whole = llmc.build(ckpt, tmp_path / "whole", max_seq_len=64, log=lambda _: None)
+    total = sum(torch.Size(s).numel() for s in _parameters(whole / "rank0/weights.safetensors").values())
+    tp, pp = 4, 3
+    engine = llmc.build(ckpt, tmp_path / "sharded", max_seq_len=64, tp=tp, pp=pp, log=lambda _: None)
+    per_rank = []
+    for rank in range(tp * pp):
+        shapes = _parameters(engine / f"rank{rank}/weights.safetensors")
+        matrices = sum(torch.Size(s).numel() for s in shapes.values() if len(s) == 2)
+        # Replicated: norm weights and the biases added after an all-reduce (vectors; 5% of this tiny model).
+        vectors = sum(torch.Size(s).numel() for s in shapes.values() if len(s) == 1)
+        per_rank.append(matrices)
+        assert vectors < 0.1 * total / (tp * pp)
+    # Every matrix is split tp ways and lives on one stage; the stages are balanced by parameters.
+    assert sum(per_rank) <= total
+    assert max(per_rank) <= 1.4 * total / (tp * pp), per_rank
+
+
+def test_tp_that_does_not_divide_the_heads_names_the_values_that_do(parallel_checkpoints, tmp_path):
+    with pytest.raises(PassError, match=r"tp=3 does not divide the 8 attention heads.*tp can be 1, 2, 4, 8"):
+        llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, tp=3, log=lambda _: None)
+    with pytest.raises(PassError, match=r"pp=5 exceeds the model's 2 layers"):
+        llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, pp=5, log=lambda _: None)
+    with pytest.raises(PassError, match=r"pp_layers \[3, 0\] must give each of the 2 stages"):
+        llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, pp=2, pp_layers=[3, 0], log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_engine(parallel_checkpoints, tmp_path_factory):
+    return llmc.build(parallel_checkpoints["llama"], tmp_path_factory.mktemp("e") / "tp2pp2", max_seq_len=64, tp=2, pp=2,
+                      log=lambda _: None)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_failed_rank_stops_every_rank_with_an_error(fault, tp2_pp2_engine):
+    timeout = 4.0
+    llm = LLM(tp2_pp2_engine, rank_timeout=timeout)
+    pids = [p.pid for p in llm.engine.executor.procs]
+    stream = llm.stream(list(range(10, 20)), SamplingParams(max_tokens=50, temperature=0))
+    next(stream)
+    victim = pids[3]  # the last stage's second tensor-parallel rank
+    os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(RankError, match="rank 3" if fault == "kill" else "did not return a step within"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < timeout + 10
+    assert all(_gone(pid) for pid in pids)
+    with pytest.raises(RankError, match="stopped after an earlier failure"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
