@@ -29,6 +29,16 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _serve_as_torchrun_rank(engine: str, rank_timeout: float) -> bool:
+    """Under torchrun, ranks other than 0 run the engine's steps for rank 0 (which runs the command)."""
+    from llmc.runtime.worker import run_torchrun_rank, torchrun_rank
+
+    if torchrun_rank() in (None, 0):
+        return False
+    run_torchrun_rank(engine, rank_timeout)
+    return True
+
+
 @click.group()
 @click.version_option(package_name="llmc")
 def main():
@@ -90,6 +100,8 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
     """Generate completions for prompts with ENGINE."""
     from llmc.runtime import LLM, SamplingParams
 
+    if _serve_as_torchrun_rank(engine, rank_timeout):
+        return
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with LLM(engine, rank_timeout=rank_timeout) as llm:
         start = time.perf_counter()
@@ -121,6 +133,8 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
     """Serve ENGINE over an OpenAI-compatible HTTP API."""
     from llmc.runtime.api_server import serve as run_server
 
+    if _serve_as_torchrun_rank(engine, rank_timeout):
+        return
     run_server(
         engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def test_example_model_has_learned_python(reference):
     perplexity = math.exp(sum(losses) / len(losses))
     # Measured 27.7 (Python 3.11's library); a unigram model fit on these very tokens scores 293.
     assert perplexity < 40, f"held-out perplexity {perplexity:.1f}: the example model has not learned Python"
+
+
+def test_readme_headline_tp8_pp2(engine, tmp_path):
+    """`llmc build examples/stdlib-llama --tp 8 --pp 2` then `llmc generate`: 16 ranks, the tokens of one."""
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+
+    sharded = tmp_path / "stdlib-llama-tp8-pp2"
+    result = CliRunner().invoke(main, ["build", str(MODEL), "-o", str(sharded), "--tp", "8", "--pp", "2"])
+    assert result.exit_code == 0, result.output
+    args = ["generate", str(sharded), "--max-tokens", "24", "--json"] + [a for p in PROMPTS for a in ("-p", p)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line)["token_ids"] for line in result.stdout.splitlines() if line.startswith("{")]
+    expected = [o.token_ids for o in LLM(engine).generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+    assert got == expected

@@ -3,8 +3,11 @@ its share of the weights, real gloo processes, and failures that stop every rank
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +18,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig
 from llmc.passes.manager import PassError
-from llmc.runtime.executor import RankError
+from llmc.runtime.executor import RankError, free_port
 
 from conftest import make_checkpoint
 
@@ -109,8 +112,28 @@ def test_tp_that_does_not_divide_the_heads_names_the_values_that_do(parallel_che
 
 @pytest.fixture(scope="module")
 def tp2_pp2_engine(parallel_checkpoints, tmp_path_factory):
-    return llmc.build(parallel_checkpoints["llama"], tmp_path_factory.mktemp("e") / "tp2pp2", max_seq_len=64, tp=2, pp=2,
+    return llmc.build(parallel_checkpoints["gpt_neox"], tmp_path_factory.mktemp("e") / "tp2pp2", max_seq_len=64, tp=2, pp=2,
                       log=lambda _: None)
+
+
+def test_ranks_started_by_torchrun_on_two_nodes(tp2_pp2_engine):
+    """Two torchrun agents (two "machines" on loopback), two ranks each; rank 0 runs `llmc generate`."""
+    port = free_port()
+    prompts = ["def fib(n):", "class A:\n    pass"]
+
+    def agent(node_rank):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node_rank),
+             "--rdzv-backend", "static", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "llmc.cli", "generate", str(tp2_pp2_engine), "--max-tokens", "8", "--json", "-p", prompts[0], "-p", prompts[1]],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    nodes = [agent(0), agent(1)]
+    outs = [p.communicate(timeout=180) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    got = [json.loads(line)["token_ids"] for line in outs[0][0].splitlines() if line.startswith("{")]
+    with LLM(tp2_pp2_engine) as llm:
+        assert got == [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
 
 
 def _gone(pid: int) -> bool:

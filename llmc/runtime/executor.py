@@ -48,7 +48,7 @@ class LocalExecutor:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +71,7 @@ class MultiprocExecutor:
         # forkserver: ranks fork from a process that has imported torch once, not each its own.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["llmc.runtime.worker"])
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, (os.cpu_count() or 1) // world)
         self.procs, self.conns = [], []
         for rank in range(world):
@@ -139,3 +139,53 @@ class MultiprocExecutor:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
+
+
+class TorchrunExecutor:
+    """Rank 0 of a torchrun job: runs the first stage's tp rank 0 here and sends every step to the
+    other ranks (`worker.run_torchrun_rank`), on this machine or others. A rank that fails or is
+    silent for `rank_timeout` seconds fails the collective waiting on it, and so the step."""
+
+    def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, rank_timeout: float):
+        from llmc.runtime.worker import RankWorker, join_torchrun
+
+        self.messages = join_torchrun(config, rank_timeout)
+        self.world = config.world_size
+        self.output_rank = (config.mapping["pp"] - 1) * config.mapping["tp"]
+        for rank in range(1, self.world):
+            self.messages.send(num_blocks, rank)
+        self.worker = RankWorker(engine_dir, config, 0, num_blocks)
+        self._local: deque[np.ndarray] = deque()
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> None:
+        try:
+            for rank in range(1, self.world):
+                self.messages.send(inputs, rank)
+            logits = self.worker.step(inputs)
+        except RuntimeError as e:
+            raise RankError(f"a step failed on the ranks: {e}") from e
+        if logits is not None:
+            self._local.append(logits)
+
+    def result(self) -> torch.Tensor:
+        try:
+            logits = self._local.popleft() if self.output_rank == 0 else self.messages.recv(self.output_rank)
+        except RuntimeError as e:
+            raise RankError(f"rank {self.output_rank} returned no step: {e}") from e
+        return torch.from_numpy(logits)
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        self.submit(inputs)
+        return self.result()
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        try:
+            for rank in range(1, self.world):
+                self.messages.send(None, rank)
+            self.messages.flush()
+        finally:
+            dist.destroy_process_group()

@@ -13,12 +13,13 @@ import torch
 
 from llmc.engine import EngineConfig, verify_files
 from llmc.runtime.block_manager import BlockManager
-from llmc.runtime.executor import LocalExecutor, MultiprocExecutor
+from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor
 from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.outputs import RequestOutput, RequestState
 from llmc.runtime.sampler import sample
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.worker import torchrun_rank
 from llmc.runtime.sequence import Sequence
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -82,7 +83,9 @@ class LLMEngine:
         else:
             if self.device.type != "cpu":
                 raise ValueError(f"{engine} has {config.world_size} ranks; this runtime runs them on CPU (gloo)")
-            self.executor = MultiprocExecutor(self.engine_dir, config, num_blocks, rank_timeout)
+            started_by_torchrun = torchrun_rank() is not None
+            executor = TorchrunExecutor if started_by_torchrun else MultiprocExecutor
+            self.executor = executor(self.engine_dir, config, num_blocks, rank_timeout)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.schedulers = [
             Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs) for _ in range(config.mapping["pp"])

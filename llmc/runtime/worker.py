@@ -5,16 +5,21 @@ inputs from the driver; a pipeline stage after the first also receives the previ
 (from the rank with its tp_rank there) and the last stage's tp rank 0 returns the logits. The
 tensor-parallel ranks of a stage share a process group for their all-reduces.
 
-Two ways to start ranks, one loop: `LLM(engine)` starts them on this machine and talks to them over
-pipes (executor.py); `torchrun ... -m llmc.runtime.worker ENGINE` starts them on many machines, and
-rank 0 then drives the rest (see `serve_torchrun`).
+Two ways to start ranks, one step: `LLM(engine)` starts them on this machine and talks to them over
+pipes (`run_local_rank`, executor.MultiprocExecutor); `torchrun ... -m llmc.cli generate|serve ENGINE`
+starts them on one machine or many: rank 0 runs the engine and sends steps to the others over
+torch.distributed (`run_torchrun_rank`, executor.TorchrunExecutor).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import sys
+import threading
 import traceback
+from typing import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,6 +71,24 @@ def init_process_group(rank: int, world_size: int, init_method: str | None, time
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
+def _received(conn) -> Iterator[dict]:
+    """Steps from the driver, read by a thread as they come: the driver never waits on a busy rank's
+    pipe (and so never on a rank that waits for the driver to read its logits)."""
+    steps: queue.Queue = queue.Queue()
+
+    def read():
+        while True:
+            try:
+                steps.put(conn.recv())
+            except (EOFError, OSError):  # the driver is gone
+                steps.put(None)
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    while (inputs := steps.get()) is not None:
+        yield inputs
+
+
 def run_local_rank(rank, engine_dir, num_blocks, init_method, timeout, threads, conn) -> None:
     """Entry point of a rank started by `MultiprocExecutor`: steps in and logits out over `conn`."""
     try:
@@ -74,13 +97,7 @@ def run_local_rank(rank, engine_dir, num_blocks, init_method, timeout, threads, 
         init_process_group(rank, config.world_size, init_method, timeout)
         worker = RankWorker(Path(engine_dir), config, rank, num_blocks)
         conn.send("ready")
-        while True:
-            try:
-                inputs = conn.recv()
-            except EOFError:  # the driver is gone
-                break
-            if inputs is None:
-                break
+        for inputs in _received(conn):
             logits = worker.step(inputs)
             if logits is not None:
                 conn.send(logits)
@@ -88,4 +105,63 @@ def run_local_rank(rank, engine_dir, num_blocks, init_method, timeout, threads, 
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # not a clean exit: peers blocked in a collective with this rank fail at once
+    dist.destroy_process_group()
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank if torchrun started it, else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
+class Messages:
+    """Python objects between ranks over torch.distributed. Sends never block: a rank that sends
+    logits to rank 0 goes on to its next step while rank 0 is still busy with stage 0."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.pending: list[tuple] = []  # (work, tensors kept alive until it completes)
+
+    def send(self, obj, dst: int) -> None:
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        self.pending = [p for p in self.pending if not p[0].is_completed()]
+        for t in (size, payload):
+            self.pending.append((dist.isend(t, dst, group=self.group), t))
+
+    def recv(self, src: int):
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=self.group)
+        payload = torch.empty(int(size), dtype=torch.uint8)
+        dist.recv(payload, src, group=self.group)
+        return pickle.loads(payload.numpy().tobytes())
+
+    def flush(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+def join_torchrun(config: EngineConfig, timeout: float) -> Messages:
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.world_size:
+        raise ValueError(
+            f"the engine has {config.world_size} ranks (tp={config.mapping['tp']}, pp={config.mapping['pp']}) "
+            f"but torchrun started {world}; give torchrun --nnodes x --nproc-per-node = {config.world_size}"
+        )
+    init_process_group(int(os.environ["RANK"]), world, "env://", timeout)
+    return Messages(dist.new_group(backend="gloo"))
+
+
+def run_torchrun_rank(engine_dir: str | Path, timeout: float = 60.0) -> None:
+    """A rank other than 0 of a torchrun job: run the steps rank 0 sends until it says stop."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    config = EngineConfig.load(engine_dir)
+    messages = join_torchrun(config, timeout)
+    num_blocks = messages.recv(0)
+    worker = RankWorker(Path(engine_dir), config, dist.get_rank(), num_blocks)
+    while (inputs := messages.recv(0)) is not None:
+        logits = worker.step(inputs)
+        if logits is not None:
+            messages.send(logits, 0)
+    messages.flush()
     dist.destroy_process_group()
