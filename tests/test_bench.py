@@ -36,9 +36,18 @@ def test_bench_serve(engine):
     assert out["ratios"]["throughput_llmc_over_hf"] > 0
 
 
+def test_bench_parallel(checkpoints):
+    out = run_bench("parallel", checkpoints["llama"], "--mappings", "1x1,2x1,1x2", "--requests", 3, "--new-tokens", 3)
+    assert set(out["mappings"]) == {"tp1-pp1", "tp2-pp1", "tp1-pp2"}
+    assert all(r["tokens_per_s"] > 0 and r["build_seconds"] > 0 for r in out["mappings"].values())
+    # Each rank of a sharded engine holds a part of the weights (the tiny model's norms are replicated).
+    assert out["ratios"]["tp2-pp1"]["max_rank_weights_over_first"] < 0.7
+    assert out["ratios"]["tp1-pp1"]["throughput_over_hf"] > 0
+
+
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
-    assert result.exit_code == 1 and "available: latency, serve" in result.output
+    assert result.exit_code == 1 and "available: latency, parallel, serve" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):

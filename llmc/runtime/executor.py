@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import weakref
 from collections import deque
 from multiprocessing import connection
 from pathlib import Path
@@ -26,7 +27,24 @@ class RankError(RuntimeError):
     """A rank died, hung, or failed; every rank has been stopped."""
 
 
-class LocalExecutor:
+class Executor:
+    def submit(self, inputs: dict[str, np.ndarray]) -> None:
+        """Start a step."""
+        raise NotImplementedError
+
+    def result(self) -> torch.Tensor:
+        """The oldest unfinished step's logits [S, vocab], float32 on the CPU."""
+        raise NotImplementedError
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        self.submit(inputs)
+        return self.result()
+
+    def shutdown(self) -> None:
+        pass
+
+
+class LocalExecutor(Executor):
     """A single-rank engine, run in this process on `device`."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, device: torch.device):
@@ -40,13 +58,6 @@ class LocalExecutor:
     def result(self) -> torch.Tensor:
         return self._results.popleft().float().cpu()
 
-    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
-        self.submit(inputs)
-        return self.result()
-
-    def shutdown(self) -> None:
-        pass
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,7 +65,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class MultiprocExecutor:
+class MultiprocExecutor(Executor):
     """A tp x pp engine on this machine: one process per rank, started here and stopped with the engine.
 
     If a rank dies or sends nothing for `rank_timeout` seconds, `result` stops every rank and
@@ -86,8 +97,9 @@ class MultiprocExecutor:
             child.close()
             self.procs.append(proc)
             self.conns.append(parent)
-        self.in_flight = 0
-        for rank, conn in enumerate(self.conns):
+        # Also when the engine is garbage-collected without a shutdown.
+        self._stop = weakref.finalize(self, _stop_ranks, list(self.procs), list(self.conns))
+        for rank in range(world):
             self._receive(rank, load_timeout, "load the engine")
 
     def _receive(self, rank: int, timeout: float, doing: str):
@@ -108,40 +120,37 @@ class MultiprocExecutor:
 
     def submit(self, inputs: dict[str, np.ndarray]) -> None:
         if not self.procs:
-            raise RankError("the engine's ranks were stopped after an earlier failure; load the engine again")
+            raise RankError("the engine's ranks were stopped (shut down, or after a failure); load the engine again")
         for conn in self.conns:
             conn.send(inputs)
-        self.in_flight += 1
 
     def result(self) -> torch.Tensor:
-        logits = self._receive(self.output_rank, self.rank_timeout, "return a step")
-        self.in_flight -= 1
-        return torch.from_numpy(logits)
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
-        self.submit(inputs)
-        return self.result()
+        return torch.from_numpy(self._receive(self.output_rank, self.rank_timeout, "return a step"))
 
     def shutdown(self) -> None:
-        """Stop every rank: ask, then terminate, then kill; no process is left behind."""
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in self.conns:
-            conn.close()
+        self._stop()
         self.procs, self.conns = [], []
 
 
-class TorchrunExecutor:
+def _stop_ranks(procs, conns) -> None:
+    """Stop every rank: ask, then kill what is still running after 5 s; no process is left behind."""
+    for conn in conns:
+        try:
+            conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+    deadline = time.monotonic() + 5
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    for conn in conns:
+        conn.close()
+
+
+class TorchrunExecutor(Executor):
     """Rank 0 of a torchrun job: runs the first stage's tp rank 0 here and sends every step to the
     other ranks (`worker.run_torchrun_rank`), on this machine or others. A rank that fails or is
     silent for `rank_timeout` seconds fails the collective waiting on it, and so the step."""
@@ -173,10 +182,6 @@ class TorchrunExecutor:
         except RuntimeError as e:
             raise RankError(f"rank {self.output_rank} returned no step: {e}") from e
         return torch.from_numpy(logits)
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
-        self.submit(inputs)
-        return self.result()
 
     def shutdown(self) -> None:
         import torch.distributed as dist
