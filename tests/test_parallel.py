@@ -137,11 +137,12 @@ def test_ranks_started_by_torchrun_on_two_nodes(tp2_pp2_engine):
 
 
 def _gone(pid: int) -> bool:
+    """Exited (a zombie left to a parent that is itself gone counts: it runs nothing)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return True
-    return False
+    return state == "Z"
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
@@ -161,3 +162,53 @@ def test_a_failed_rank_stops_every_rank_with_an_error(fault, tp2_pp2_engine):
     assert all(_gone(pid) for pid in pids)
     with pytest.raises(RankError, match="ranks were stopped"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                ppid = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(stat))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def test_llmc_serve_starts_and_stops_the_ranks(tp2_pp2_engine):
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmc.cli", "serve", str(tp2_pp2_engine), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        ranks = _descendants(server.pid)
+        assert len(ranks) >= 5  # the forkserver and the four ranks
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"prompt": "def fib(n):", "max_tokens": 8, "temperature": 0}, timeout=60)
+        assert r.status_code == 200
+        with LLM(tp2_pp2_engine) as llm:
+            assert r.json()["choices"][0]["text"] == llm.generate("def fib(n):", SamplingParams(max_tokens=8, temperature=0))[0].text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(not _gone(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in ranks if not _gone(pid)] == []
