@@ -212,3 +212,12 @@ def test_llmc_serve_starts_and_stops_the_ranks(tp2_pp2_engine):
     while any(not _gone(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [pid for pid in ranks if not _gone(pid)] == []
+
+
+def test_verify_passes_checks_each_ranks_merges(parallel_checkpoints, tmp_path):
+    engine = llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, tp=2, pp=2, verify_passes=True,
+                        log=lambda _: None)
+    for rank in EngineConfig.load(engine).ranks:
+        merge = next(r for r in rank["passes"] if r["pass"] == "merge_linears")
+        assert merge["linears_merged"] > 0 and merge["verify_max_abs_diff"] < 1e-5
+        assert all("verify_max_abs_diff" not in r for r in rank["passes"] if r["pass"] != "merge_linears")
