@@ -53,10 +53,6 @@ class BuildContext:
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
 
-    @property
-    def rank(self) -> int:
-        return self.pp_rank * self.tp_size + self.tp_rank
-
 
 class PassError(RuntimeError):
     pass

@@ -42,10 +42,10 @@ def layer_starts(graph: fx.Graph) -> list[fx.Node]:
     """For each layer, the node it begins with: the norm (or else the value) its query projection reads."""
     starts = []
     for attention in (n for n in graph.nodes if n.target == ATTENTION):
-        x = _first_linear_before(attention.args[0]).args[0]
+        x = read = _first_linear_before(attention.args[0]).args[0]
         while x.target not in NORMS and x.target in STEP:
             x = x.args[0]
-        starts.append(x if x.target in NORMS else _first_linear_before(attention.args[0]).args[0])
+        starts.append(x if x.target in NORMS else read)
     return starts
 
 

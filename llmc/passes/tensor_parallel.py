@@ -24,6 +24,7 @@ import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
 from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
+from llmc.passes.pipeline_parallel import activations
 
 aten = torch.ops.aten
 llmc = torch.ops.llmc
@@ -46,17 +47,6 @@ def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
         elif not (stop_at_norms and n.target in NORMS):
             stack.extend(n.all_input_nodes)
     return found
-
-
-def _depends_on(node: fx.Node, name: str) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n.op == "placeholder" and n.target == name:
-            return True
-        seen.add(n)
-        stack.extend(a for a in n.all_input_nodes if a not in seen)
-    return False
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -141,7 +131,8 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     mlp_columns = {lin for row in rows for lin in _cone(row.args[0], True) if lin.target == LINEAR} - set(attention_columns)
     others = [n for n in linears if n not in rows and n not in attention_columns and n not in mlp_columns]
     vocab_linears = [n for n in others if gm.get_buffer(n.args[1].target).shape[0] == vocab]
-    embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and _depends_on(n.args[1], "input_ids")]
+    acts = activations(graph)
+    embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and n.args[1] in acts]  # token ids, not positions
     plan = _Plan(tp, rank)
 
     for lin in linears:

@@ -17,6 +17,7 @@ from pathlib import Path
 import multiprocessing as mp
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from llmc.backends import get_backend
 from llmc.engine import EngineConfig
@@ -184,8 +185,6 @@ class TorchrunExecutor(Executor):
         return torch.from_numpy(logits)
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             return
         try:

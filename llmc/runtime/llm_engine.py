@@ -139,9 +139,9 @@ class LLMEngine:
 
         Every scheduler without a step in flight submits one; then the oldest step's logits are sampled.
         """
-        busy = {id(s) for s, _, _ in self.in_flight}
+        busy = [s for s, _, _ in self.in_flight]
         for scheduler in self.schedulers:
-            if id(scheduler) not in busy and scheduler.has_unfinished():
+            if scheduler not in busy and scheduler.has_unfinished():
                 batch = scheduler.schedule()
                 if batch:
                     inputs, sampled = prepare_inputs(batch, self.block_size)
@@ -154,9 +154,10 @@ class LLMEngine:
         for seq, n in batch:
             seq.num_computed_tokens += n
         live = [i for i, seq in enumerate(sampled) if seq.request_id in self.requests]  # not aborted meanwhile
-        tokens, logprobs = sample(logits[live], [sampled[i] for i in live])
+        sampled = [sampled[i] for i in live]
+        tokens, logprobs = sample(logits[live], sampled)
         outputs = []
-        for seq, token, token_logprobs in zip([sampled[i] for i in live], tokens, logprobs):
+        for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
             state = self.requests[seq.request_id]
             seq.token_ids.append(token)
             delta = state.append(token, token_logprobs)

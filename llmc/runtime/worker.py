@@ -40,8 +40,8 @@ class RankWorker:
         self.pp_rank, self.tp_rank = divmod(rank, tp)
         self.is_last_stage = self.pp_rank == pp - 1
         # Every rank creates every group, in the same order (torch.distributed's rule).
-        groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)] if dist.is_initialized() else None
-        collectives.set_tensor_parallel_group(groups[self.pp_rank] if groups and tp > 1 else None)
+        groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+        collectives.set_tensor_parallel_group(groups[self.pp_rank] if tp > 1 else None)
         self.device = torch.device(device)
         program = get_backend(config.backend).load_rank(engine_dir / f"rank{rank}", self.device)
         self.runner = ModelRunner(program, config, rank, num_blocks, self.device)
@@ -154,7 +154,6 @@ def join_torchrun(config: EngineConfig, timeout: float) -> Messages:
 
 def run_torchrun_rank(engine_dir: str | Path, timeout: float = 60.0) -> None:
     """A rank other than 0 of a torchrun job: run the steps rank 0 sends until it says stop."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     config = EngineConfig.load(engine_dir)
     messages = join_torchrun(config, timeout)
     num_blocks = messages.recv(0)
