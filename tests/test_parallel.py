@@ -221,3 +221,17 @@ def test_verify_passes_checks_each_ranks_merges(parallel_checkpoints, tmp_path):
         merge = next(r for r in rank["passes"] if r["pass"] == "merge_linears")
         assert merge["linears_merged"] > 0 and merge["verify_max_abs_diff"] < 1e-5
         assert all("verify_max_abs_diff" not in r for r in rank["passes"] if r["pass"] != "merge_linears")
+
+
+def test_bad_pp_layers_and_a_torchrun_of_the_wrong_size_are_clear_errors(tp2_pp2_engine, monkeypatch):
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+    from llmc.runtime.worker import join_torchrun
+
+    result = CliRunner().invoke(main, ["build", "any-model", "-o", "x", "--pp", "2", "--pp-layers", "3,a"])
+    assert result.exit_code == 2 and "'3,a' is not a comma-separated list of layer counts" in result.output
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"the engine has 4 ranks \(tp=2, pp=2\) but torchrun started 3"):
+        join_torchrun(EngineConfig.load(tp2_pp2_engine), timeout=5)
