@@ -55,7 +55,8 @@ def main():
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (heads and MLP split across them).")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages (contiguous layer ranges).")
 @click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
+              help="torch (runs on CPU/GPU), onnx (ONNX Runtime) or tensorrt (serialized TensorRT engines).")
 @click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
 @click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
 @_clean_errors

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from llmc.backends import get_backend
+from llmc.backends import CONTIGUOUS_CACHE, get_backend
 from llmc.engine import CONFIG, EngineConfig, record_files
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
@@ -61,6 +61,9 @@ def build(
     max_seq_len = max_seq_len or min(limit, 4096)
     if not 2 <= max_seq_len <= limit:
         raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
+    if backend in CONTIGUOUS_CACHE:
+        block_size = max_seq_len  # one block per sequence: its contiguous cache row
+    writer.check_build(dtype, tp, max_seq_len, block_size)
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
@@ -84,13 +87,14 @@ def build(
                 dump_dir=None if dump_graphs is None else Path(dump_graphs) / (f"rank{rank}" if tp * pp > 1 else ""),
                 first_stage=FIRST_RANK_PASS + 1, log=lambda m: log(f"[llmc] rank {rank}: {m}"),
             )
-            writer.write_rank(rank_gm, staging / f"rank{rank}")
+            backend_record = writer.write_rank(rank_gm, staging / f"rank{rank}", rank_ctx)
             del rank_gm  # its shards: only one rank's are in memory at a time
             ranks.append({
                 "kv_cache": {k: rank_ctx.kv_cache[k] for k in ("num_layers", "num_kv_heads", "head_dim")},
                 "pp_inputs": rank_ctx.pp_inputs,
                 "pp_outputs": rank_ctx.pp_outputs,
                 "passes": rank_records,
+                **({"backend": backend_record} if backend_record else {}),
             })
             if tp * pp > 1:
                 log(f"[llmc] rank {rank + 1}/{tp * pp} written (tp rank {rank_ctx.tp_rank}, pipeline stage {rank_ctx.pp_rank})")

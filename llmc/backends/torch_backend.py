@@ -23,7 +23,11 @@ PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"
 
 
-def write_rank(gm: fx.GraphModule, rank_dir: Path) -> None:
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
+    """Every build the passes accept runs on the torch backend."""
+
+
+def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
     rank_dir.mkdir(parents=True, exist_ok=True)
     (rank_dir / PROGRAM).write_text(json.dumps(graph_to_json(gm.graph), indent=1) + "\n")
     weights = {name: t.contiguous() for name, t in gm.named_buffers(remove_duplicate=False)}
@@ -42,3 +46,9 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
     if missing:
         raise EngineError(f"{rank_dir / WEIGHTS} lacks weights the program reads: {sorted(missing)[:5]}")
     return fx.GraphModule(weights, graph)
+
+
+def make_runner(rank_dir: Path, config, rank: int, num_blocks: int, device: torch.device | str):
+    from llmc.runtime.model_runner import ModelRunner
+
+    return ModelRunner(load_rank(rank_dir, device), config, rank, num_blocks, torch.device(device))

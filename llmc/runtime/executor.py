@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from llmc.backends import get_backend
 from llmc.engine import EngineConfig
-from llmc.runtime.model_runner import ModelRunner
 
 
 class RankError(RuntimeError):
@@ -49,8 +48,7 @@ class LocalExecutor(Executor):
     """A single-rank engine, run in this process on `device`."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, device: torch.device):
-        program = get_backend(config.backend).load_rank(engine_dir / "rank0", device)
-        self.runner = ModelRunner(program, config, 0, num_blocks, device)
+        self.runner = get_backend(config.backend).make_runner(engine_dir / "rank0", config, 0, num_blocks, device)
         self._results: deque[torch.Tensor] = deque()
 
     def submit(self, inputs: dict[str, np.ndarray]) -> None:

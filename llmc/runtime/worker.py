@@ -30,7 +30,6 @@ import torch.distributed as dist
 from llmc.backends import get_backend
 from llmc.engine import EngineConfig
 from llmc.plugins import collectives
-from llmc.runtime.model_runner import ModelRunner
 
 
 class RankWorker:
@@ -43,8 +42,7 @@ class RankWorker:
         groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
         collectives.set_tensor_parallel_group(groups[self.pp_rank] if tp > 1 else None)
         self.device = torch.device(device)
-        program = get_backend(config.backend).load_rank(engine_dir / f"rank{rank}", self.device)
-        self.runner = ModelRunner(program, config, rank, num_blocks, self.device)
+        self.runner = get_backend(config.backend).make_runner(engine_dir / f"rank{rank}", config, rank, num_blocks, self.device)
         self.receives = config.ranks[rank]["pp_inputs"]
 
     def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -1,0 +1,145 @@
+"""The ONNX backend: each rank's program as an ONNX model (weights as external data), run by ONNX Runtime.
+
+The program is the step contract with one cache block per sequence (see onnx_export): engines are
+built with block_size = max_seq_len, so a sequence's block is its row of a contiguous cache. The
+runner splits a scheduler step into calls the program takes: each prefill chunk alone (ORT's
+GroupQueryAttention takes new tokens over an existing past only at batch 1), and the decodes
+together, one call per run of consecutive cache rows. The cache lives in one ORT buffer; each call
+binds its rows as past and present (the same memory), so a step copies no cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmc.engine import EngineConfig, EngineError
+
+MODEL = "model.onnx"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
+    """Raise ValueError for a build the ONNX form cannot express."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the ONNX backend builds float32 or float16 engines, not {dtype}; give --dtype float32 or float16")
+    if tp > 1:
+        raise ValueError(
+            "the ONNX backend cannot lower tensor parallelism (collectives have no ONNX op); "
+            "build with --tp 1, use --pp for several ranks, or use --backend torch"
+        )
+
+
+def write_rank(gm, rank_dir: Path, ctx) -> dict:
+    from llmc.backends.onnx_export import export_rank
+
+    outputs = [spec["name"] for spec in ctx.pp_outputs] or ["logits"]
+    return export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="onnxruntime", output_names=outputs)
+
+
+def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
+    return OnnxRunner(rank_dir, config, rank, num_blocks, torch.device(device))
+
+
+class OnnxRunner:
+    """One rank's ONNX program in an ORT session, and its cache: [layers, 2, rows, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineError("this engine runs on ONNX Runtime, which is not installed: pip install 'llmc[onnx]'") from None
+        if config.kv_cache["block_size"] != config.limits["max_seq_len"]:
+            raise EngineError(f"{rank_dir}: an ONNX engine needs block_size == max_seq_len (one row per sequence); rebuild it")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EngineError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider); pip install onnxruntime-gpu")
+            providers, self.ort_device = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+        elif device.type == "cpu":
+            providers, self.ort_device = ["CPUExecutionProvider"], "cpu"
+        else:
+            raise EngineError(f"the ONNX backend runs on cpu or cuda, not {device}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            self.session = ort.InferenceSession(str(rank_dir / MODEL), options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for bad models
+            raise EngineError(f"cannot load {rank_dir / MODEL}: {e}") from None
+        kv = config.ranks[rank]["kv_cache"]
+        self.dtype = DTYPES[config.dtype]
+        self.num_layers, self.num_rows = kv["num_layers"], num_blocks
+        self.row_shape = [kv["num_kv_heads"], config.limits["max_seq_len"], kv["head_dim"]]
+        # Zeroed: the standard form reads whole rows (masking what is not yet written).
+        self.cache = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros([self.num_layers, 2, num_blocks, *self.row_shape], dtype=self.dtype), self.ort_device, 0
+        )
+        self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs() if not o.name.startswith("present_")]
+        # Stage tensors ([1, T, ...]) are split between calls by token; logits by logits_indices.
+        self.token_inputs = [s["name"] for s in config.ranks[rank]["pp_inputs"]]
+
+    def _calls(self, lens: np.ndarray, rows: np.ndarray) -> list[list[int]]:
+        """The step's sequences grouped into calls: decodes by runs of consecutive rows, prefills alone."""
+        decodes = sorted((i for i in range(len(lens)) if lens[i] == 1), key=lambda i: rows[i])
+        calls: list[list[int]] = []
+        for i in decodes:
+            if calls and rows[calls[-1][-1]] + 1 == rows[i]:
+                calls[-1].append(i)
+            else:
+                calls.append([i])
+        return calls + [[i] for i in range(len(lens)) if lens[i] > 1]
+
+    def run(self, inputs: dict) -> tuple[torch.Tensor, ...]:
+        inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        starts = inputs["query_start_loc"].astype(np.int64)
+        lens = np.diff(starts)
+        context = inputs["seq_lens"].astype(np.int64)
+        rows = inputs["block_tables"][:, 0].astype(np.int64)
+        logits_at = inputs["logits_indices"]
+        num_tokens = inputs["input_ids"].shape[1]
+        owner = np.repeat(np.arange(len(lens)), lens)  # token -> its sequence
+        results: list[np.ndarray | None] = [None] * len(self.output_names)
+        for seqs in self._calls(lens, rows):
+            tokens = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in seqs])
+            local = np.full(num_tokens, -1)
+            local[tokens] = np.arange(len(tokens))
+            picked = np.nonzero(np.isin(owner[logits_at], seqs))[0]  # which of the step's logits rows are here
+            outs = self._call(inputs, seqs, tokens, local[logits_at[picked]] if len(picked) else np.array([0]), context, rows)
+            for j, (name, out) in enumerate(zip(self.output_names, outs)):
+                if results[j] is None:
+                    shape = list(out.shape)
+                    shape[1] = len(logits_at) if name == "logits" else num_tokens
+                    results[j] = np.zeros(shape, dtype=out.dtype)
+                if name == "logits":
+                    results[j][:, picked] = out[:, : len(picked)]
+                else:
+                    results[j][:, tokens] = out
+        return tuple(torch.from_numpy(r) for r in results)
+
+    def _call(self, inputs, seqs, tokens, logits_indices, context, rows) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        feeds = {
+            "input_ids": inputs["input_ids"][:, tokens],
+            "position_ids": inputs["position_ids"][:, tokens],
+            "logits_indices": logits_indices.astype(np.int64),
+            "seqlens_k": (context[seqs] - 1).astype(np.int32),
+            "total_sequence_length": np.array(context[seqs].max(), dtype=np.int32),
+            **{name: np.ascontiguousarray(inputs[name][:, tokens]) for name in self.token_inputs},
+        }
+        for name, value in feeds.items():
+            if name in self.input_names:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        shape = [len(seqs), *self.row_shape]
+        base = self.cache.data_ptr()
+        for layer in range(self.num_layers):
+            for kind, part in (("key", 0), ("value", 1)):
+                ptr = base + ((layer * 2 + part) * self.num_rows + int(rows[seqs[0]])) * self.row_bytes
+                binding.bind_input(f"past_{kind}_{layer}", self.ort_device, 0, self.dtype, shape, ptr)
+                binding.bind_output(f"present_{kind}_{layer}", self.ort_device, 0, self.dtype, shape, ptr)
+        self.session.run_with_iobinding(binding)
+        return [o.numpy() for o in binding.get_outputs()[: len(self.output_names)]]

@@ -1,0 +1,151 @@
+"""The TensorRT backend: each rank's program in the standard ONNX form (onnx_export), parsed and built
+into a serialized TensorRT engine, `rankN/rankN.engine`, beside the ONNX it was built from.
+
+The builder is `tensorrt` where it is installed, else `tensorrt_rtx` (which builds without a GPU).
+Optimization profiles cover the step shapes: 1..max_batch_tokens new tokens, 1..max_num_seqs
+sequences (cache rows) a call. Each rank's record holds the builder's package, version and target,
+so loading checks them first: an engine only runs on the TensorRT that built it, on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import torch
+
+from llmc.backends.onnx_backend import MODEL, check_build as check_onnx_build
+from llmc.engine import EngineConfig, EngineError
+
+BUILDERS = ("tensorrt", "tensorrt_rtx")
+
+
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
+    check_onnx_build(dtype, tp, max_seq_len, block_size)
+    builder()
+
+
+def builder():
+    """The TensorRT Python package to build with."""
+    for name in BUILDERS:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ValueError("the TensorRT backend needs `tensorrt` or `tensorrt_rtx`: pip install 'llmc[tensorrt]'")
+
+
+def engine_file(rank_dir: Path) -> Path:
+    return rank_dir / f"{rank_dir.name}.engine"
+
+
+def write_rank(gm, rank_dir: Path, ctx) -> dict:
+    from llmc.backends.onnx_export import export_rank
+
+    outputs = [spec["name"] for spec in ctx.pp_outputs] or ["logits"]
+    record = export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="standard", output_names=outputs)
+    record["tensorrt"] = build_engine(rank_dir / MODEL, engine_file(rank_dir), max_tokens=ctx.max_batch_tokens,
+                                      max_seqs=ctx.max_num_seqs)
+    return record
+
+
+def build_engine(onnx_path: Path, out: Path, *, max_tokens: int, max_seqs: int) -> dict:
+    """Parse `onnx_path`, build and serialize it to `out`; returns the build summary."""
+    trt = builder()
+    start = time.perf_counter()
+    logger = _Log(trt)
+    b = trt.Builder(logger)
+    network = b.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    config = b.create_builder_config()
+    profile = b.create_optimization_profile()
+    ranges = {"num_tokens": (1, min(16, max_tokens), max_tokens), "batch": (1, min(4, max_seqs), max_seqs),
+              "num_logits": (1, min(4, max_seqs), max_seqs)}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = list(tensor.shape)
+        if all(d >= 0 for d in dims):
+            continue
+        dynamic = _dynamic_dims(tensor.name, len(dims))
+        shapes = [[ranges[dynamic[axis]][k] if d < 0 else d for axis, d in enumerate(dims)] for k in range(3)]
+        profile.set_shape(tensor.name, *shapes)
+    config.add_optimization_profile(profile)
+    serialized = b.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build {onnx_path}: {'; '.join(logger.errors) or 'no error given'}")
+    out.write_bytes(bytes(serialized))
+    return {
+        "package": trt.__name__,
+        "version": trt.__version__,
+        "target": [str(config.get_compute_capability(i)) for i in range(getattr(config, "num_compute_capabilities", 0))]
+        or "builder default",
+        "layers": network.num_layers,
+        "inputs": network.num_inputs,
+        "outputs": network.num_outputs,
+        "engine_bytes": out.stat().st_size,
+        "seconds": round(time.perf_counter() - start, 2),
+        "warnings": len(logger.warnings),
+        "first_warnings": logger.warnings[:3],
+    }
+
+
+def _dynamic_dims(name: str, rank: int) -> dict[int, str]:
+    """Which named dim each dynamic axis of an input is (the names onnx_export gives them)."""
+    if name in ("input_ids", "position_ids"):
+        return {1: "num_tokens"}
+    if name == "logits_indices":
+        return {0: "num_logits"}
+    if name == "seqlens_k" or name.startswith("past_"):
+        return {0: "batch"}
+    return {1: "num_tokens"}  # a pipeline stage's [1, T, ...] input
+
+
+def _Log(trt):
+    class Log(trt.ILogger):
+        def __init__(self):
+            super().__init__()
+            self.errors, self.warnings = [], []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
+
+    return Log()
+
+
+def load_engine(rank_dir: Path, record: dict):
+    """The rank's deserialized engine; a clear EngineError where this machine cannot run it."""
+    built = record.get("tensorrt", {})
+    package, version = built.get("package"), built.get("version")
+    try:
+        trt = importlib.import_module(package)
+    except (ImportError, TypeError):
+        raise EngineError(f"{rank_dir} is a TensorRT engine built with {package} {version}, which is not installed here; "
+                          f"install that version or rebuild the engine here with --backend tensorrt") from None
+    if trt.__version__ != version:
+        raise EngineError(f"{rank_dir} was built with {package} {version} but this machine has {trt.__version__}; "
+                          "TensorRT engines load only on the version that built them: rebuild the engine here")
+    if not torch.cuda.is_available():
+        raise EngineError(f"{engine_file(rank_dir)} is a TensorRT engine (target {built.get('target')}): it runs only on an "
+                          "NVIDIA GPU, and this machine has none. Run it on a GPU machine, or build with --backend onnx "
+                          "(ONNX Runtime runs on CPU)")
+    logger = _Log(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_file(rank_dir).read_bytes())
+    if engine is None:
+        raise EngineError(f"TensorRT could not load {engine_file(rank_dir)} on this GPU (target {built.get('target')}): "
+                          f"{'; '.join(logger.errors) or 'no error given'}; rebuild the engine here")
+    return engine
+
+
+def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
+    load_engine(rank_dir, config.ranks[rank].get("backend", {}))
+    raise EngineError(
+        f"{engine_file(rank_dir)} loads, but llmc's runtime has no TensorRT step runner yet (no GPU was available to "
+        "develop one): run the engine with TensorRT directly, or build with --backend onnx"
+    )
