@@ -26,6 +26,7 @@ from pathlib import Path
 
 import onnx
 import onnxscript
+import onnxscript.optimizer
 import torch
 import torch.fx as fx
 from onnxscript import opset23 as op
@@ -34,6 +35,7 @@ import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
 from llmc.plugins import activations, collectives, linear, norms
 
 OPSET = 23
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 MODEL = "model.onnx"
 FORMS = ("onnxruntime", "standard")
 
@@ -110,7 +112,7 @@ def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_
     qb, kb, vb = to_batch(q, num_heads), to_batch(k, num_kv_heads), to_batch(v, num_kv_heads)
     new = op.Shape(qb, start=2, end=3)  # S
     # Positions of the new tokens: context length - S + [0, S), per sequence: [B, S].
-    first = op.Sub(op.Cast(op.Add(seqlens_k, op.Constant(value_int=1)), to=onnx.TensorProto.INT64), new)
+    first = op.Sub(op.Add(op.Cast(seqlens_k, to=onnx.TensorProto.INT64), op.Constant(value_int=1)), new)
     positions = op.Add(op.Unsqueeze(first, op.Constant(value_ints=[1])),
                        op.Range(op.Constant(value_int=0), op.Squeeze(new), op.Constant(value_int=1)))
     index = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), op.Shape(kb))
@@ -298,6 +300,7 @@ def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torc
                 output_names: list[str]) -> dict:
     """Write `gm` (a rank graph) as `path` (+ external weights at path.data); returns its record."""
     step, record = step_program(gm, max_seq_len, form)
+    step.eval()
     example, dims = _example_inputs(step, max_seq_len, dtype, record["num_kv_heads"], record["head_dim"])
     layers = record["num_layers"]
     output_names = output_names + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
@@ -307,9 +310,11 @@ def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torc
         program = torch.onnx.export(
             step, kwargs=example, dynamic_shapes=dims, input_names=list(example), output_names=output_names,
             opset_version=OPSET, custom_translation_table=translations, dynamo=True,
-            # The default optimizer would fold FP8 weights back into FP32 initializers.
+            # The default optimizer would fold FP8 weights back into FP32 initializers: folded below, but not them.
             optimize=False, verbose=False,
         )
+    onnxscript.optimizer.fold_constants(program.model, should_fold=lambda node: False if node.op_type in QDQ else None)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)
     model = onnx.load(str(path), load_external_data=False)
