@@ -195,6 +195,21 @@ def inspect(engine, as_json):
         click.echo(f"rank {rank}: {kv['num_layers']} layers, {kv['num_kv_heads']} kv heads; receives {len(info['pp_inputs'])}, sends {len(info['pp_outputs'])}")
         for record in info["passes"]:
             _echo_record(record)
+        if "backend" in info:
+            _echo_backend_record(info["backend"])
+
+
+def _echo_backend_record(record: dict) -> None:
+    """An ONNX or TensorRT rank: how llmc's ops were lowered, its ONNX op histogram, the TensorRT build."""
+    click.echo(f"  onnx               opset {record['opset']}, {record['form']} form; "
+               + ", ".join(f"{op} {how}" for op, how in record["lowered"].items()))
+    click.echo("  onnx ops           " + ", ".join(f"{op} {n}" for op, n in record["ops"].items()))
+    if "tensorrt" in record:
+        t = record["tensorrt"]
+        click.echo(f"  tensorrt           {t['package']} {t['version']}, target {t['target']}, {t['layers']} layers, "
+                   f"engine {t['engine_bytes'] / 1e6:.2f} MB, built in {t['seconds']} s, {t['warnings']} warnings")
+        for warning in t["first_warnings"]:
+            click.echo(f"    warning: {warning}")
 
 
 def _echo_record(record: dict) -> None:

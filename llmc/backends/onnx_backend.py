@@ -35,7 +35,7 @@ def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 
-    outputs = [spec["name"] for spec in ctx.pp_outputs] or ["logits"]
+    outputs = [f"stage_output_{i}" for i in range(len(ctx.pp_outputs))] or ["logits"]
     return export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="onnxruntime", output_names=outputs)
 
 

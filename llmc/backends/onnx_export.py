@@ -21,6 +21,7 @@ op's plain-torch reference traced by torch.onnx into standard ops (fallback).
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -180,6 +181,7 @@ LOWERINGS = {
         "llmc::fp8_linear": lower_fp8_linear,
     },
 }
+ATTENTION = {"onnxruntime": "native (com.microsoft::GroupQueryAttention)", "standard": "native (ScatterElements, masked Softmax)"}
 REFERENCES = {
     "llmc::linear": linear.linear,
     "llmc::rms_norm": norms.rms_norm,
@@ -205,7 +207,7 @@ def _op_name(node: fx.Node) -> str | None:
 def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.GraphModule, dict]:
     """The rank graph with paged attention replaced by llmc_onnx::attention over per-layer cache rows,
     and llmc ops without a lowering in `form` replaced by their references. Also returns how each
-    llmc op was lowered: {op: "native" | "reference"}."""
+    llmc op was lowered: {op: "native ..." | "fallback"} (fallback: its plain-torch reference, traced)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))  # a copy: the backend's rewrite leaves the rank graph as it is
     gm = fx.GraphModule(gm, graph)
@@ -239,6 +241,7 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
             presents += [graph.call_function(operator.getitem, (attn, i)) for i in (1, 2)]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+    lowered = {"llmc::paged_attention": ATTENTION[form]}
     for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
         if name in placeholders:
             if placeholders[name].users:
@@ -249,10 +252,9 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
     results = tuple(results) if isinstance(results, (tuple, list)) else (results,)
     output.args = (results + tuple(presents),)
 
-    lowered = {}
     for node in list(graph.nodes):
         name = _op_name(node)
-        if name is None or not name.startswith("llmc"):
+        if name is None or not name.startswith("llmc::"):
             continue
         if name in UNSUPPORTED:
             raise OnnxExportError(f"{name}: {UNSUPPORTED[name]}")
@@ -260,12 +262,12 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
             lowered[name] = "native"
         elif name in REFERENCES:
             node.target = REFERENCES[name]
-            lowered[name] = "reference"
+            lowered[name] = "fallback"
         else:
             raise OnnxExportError(f"{name} has no ONNX lowering and no plain-torch reference to fall back to")
     graph.lint()
     gm.recompile()
-    return gm, {"lowered": dict(sorted(lowered.items())), "num_kv_heads": num_kv_heads, "head_dim": head_dim, "num_layers": len(paged)}
+    return gm, {"lowered": lowered, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "num_layers": len(paged)}
 
 
 def _example_inputs(gm: fx.GraphModule, max_seq_len: int, dtype: torch.dtype, num_kv_heads: int, head_dim: int):
@@ -306,7 +308,9 @@ def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torc
     output_names = output_names + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     translations = {getattr(torch.ops.llmc_onnx if name.startswith("llmc_onnx") else torch.ops.llmc, name.split("::")[1]).default: fn
                     for name, fn in LOWERINGS[form].items() if name in record["lowered"] or name == "llmc_onnx::attention"}
-    with torch.no_grad():
+    record["lowered"] = dict(sorted(record["lowered"].items()))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # our dims, named once each
         program = torch.onnx.export(
             step, kwargs=example, dynamic_shapes=dims, input_names=list(example), output_names=output_names,
             opset_version=OPSET, custom_translation_table=translations, dynamo=True,

@@ -43,7 +43,7 @@ def engine_file(rank_dir: Path) -> Path:
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 
-    outputs = [spec["name"] for spec in ctx.pp_outputs] or ["logits"]
+    outputs = [f"stage_output_{i}" for i in range(len(ctx.pp_outputs))] or ["logits"]
     record = export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="standard", output_names=outputs)
     record["tensorrt"] = build_engine(rank_dir / MODEL, engine_file(rank_dir), max_tokens=ctx.max_batch_tokens,
                                       max_seqs=ctx.max_num_seqs)

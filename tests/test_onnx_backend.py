@@ -1,0 +1,194 @@
+"""ONNX engines: the torch backend's logits and tokens through ONNX Runtime, valid ONNX, FP8 kept as FP8."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import llmc
+from llmc import LLM, SamplingParams
+from llmc.backends import get_backend
+from llmc.cli import main
+from llmc.engine import EngineConfig
+from llmc.runtime.model_runner import prepare_inputs
+from llmc.runtime.sequence import Sequence
+
+ARCHS = ["llama", "qwen2", "gpt_neox"]
+PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117)), [200, 7, 9, 300, 11]]
+PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=4)
+MAX_SEQ_LEN = 64
+quiet = dict(log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints, tmp_path_factory):
+    """Per architecture: the ONNX engine, and a torch engine with the same cache blocks (one a sequence)."""
+    root = tmp_path_factory.mktemp("onnx_engines")
+    built = {}
+    for arch in ARCHS:
+        built[arch] = {
+            "onnx": llmc.build(checkpoints[arch], root / f"{arch}-onnx", max_seq_len=MAX_SEQ_LEN, backend="onnx", **quiet),
+            "torch": llmc.build(checkpoints[arch], root / f"{arch}-torch", max_seq_len=MAX_SEQ_LEN, block_size=MAX_SEQ_LEN, **quiet),
+        }
+    return built
+
+
+def _runner(engine, num_blocks=4):
+    config = EngineConfig.load(engine)
+    return get_backend(config.backend).make_runner(engine / "rank0", config, 0, num_blocks, torch.device("cpu"))
+
+
+def _steps():
+    """Three steps on cache rows 0-2: two prompts; their decodes with a third prompt's first chunk; all decodes
+    with the chunk's rest."""
+    a, b, c = (Sequence(p, PARAMS) for p in ([3, 1, 4, 1, 5], list(range(20, 31)), list(range(40, 53))))
+    for row, seq in enumerate((a, b, c)):
+        seq.block_table = [row]
+    plans = [[(a, 5), (b, 11)], [(a, 1), (b, 1), (c, 6)], [(b, 1), (a, 1), (c, 7)]]
+    for plan in plans:
+        inputs, sampled = prepare_inputs(plan, MAX_SEQ_LEN)
+        yield inputs
+        for seq, n in plan:
+            seq.num_computed_tokens += n
+            if seq in sampled:
+                seq.token_ids.append(7 + len(seq))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_logits_match_torch(arch, engines):
+    """Ragged steps (prefills, decodes beside a prefill chunk, decodes out of row order) give the torch logits."""
+    onnx_runner, torch_runner = _runner(engines[arch]["onnx"]), _runner(engines[arch]["torch"])
+    for inputs in _steps():
+        want, got = torch_runner.run(inputs)[0], onnx_runner.run(inputs)[0]
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_engine_generates_torch_tokens(arch, engines):
+    """Through the in-flight batching runtime: requests of different lengths join and leave mid-flight."""
+    with LLM(engines[arch]["torch"], max_num_seqs=3) as llm:
+        want = llm.generate(PROMPTS, PARAMS)
+    with LLM(engines[arch]["onnx"], max_num_seqs=3) as llm:
+        got = llm.generate(PROMPTS, PARAMS)
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_model_is_valid_onnx(arch, engines):
+    path = engines[arch]["onnx"] / "rank0" / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer if len(init.dims) == 2)
+    ops = EngineConfig.load(engines[arch]["onnx"]).ranks[0]["backend"]["ops"]
+    assert ops["com.microsoft::GroupQueryAttention"] == 2  # one per layer
+
+
+def test_onnx_pipeline_parallel_matches(checkpoints, engines, tmp_path):
+    engine = llmc.build(checkpoints["llama"], tmp_path / "pp2", max_seq_len=MAX_SEQ_LEN, backend="onnx", pp=2, **quiet)
+    with LLM(engines["llama"]["onnx"]) as llm:
+        want = llm.generate(PROMPTS, PARAMS)
+    with LLM(engine, max_num_seqs=3) as llm:
+        got = llm.generate(PROMPTS, PARAMS)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_onnx_tensor_parallel_is_a_clear_error(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="cannot lower tensor parallelism.*--tp 1"):
+        llmc.build(checkpoints["llama"], tmp_path / "tp2", backend="onnx", tp=2, **quiet)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        llmc.build(checkpoints["llama"], tmp_path / "bf16", backend="onnx", dtype="bfloat16", **quiet)
+
+
+def test_inspect_shows_onnx_ops(engines):
+    out = CliRunner().invoke(main, ["inspect", str(engines["llama"]["onnx"])]).output
+    assert "onnx ops" in out and "com.microsoft::GroupQueryAttention 2" in out
+    assert "llmc::paged_attention native (com.microsoft::GroupQueryAttention)" in out
+
+
+# FP8: llmc::fp8_linear is the quantization pass's op; registered here with its schema where this llmc lacks it.
+if not hasattr(torch.ops.llmc, "fp8_linear"):
+    torch.library.define(
+        "llmc::fp8_linear",
+        "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale=None, Tensor? bias=None) -> Tensor",
+    )
+
+    @torch.library.impl("llmc::fp8_linear", "CompositeExplicitAutograd")
+    def _fp8_linear(x, weight, weight_scale, input_scale=None, bias=None):
+        if input_scale is not None:
+            x = ((x / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)) * input_scale
+        w = (weight.to(torch.float32) * weight_scale[:, None]).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+    torch.library.register_fake("llmc::fp8_linear", lambda x, weight, *_, **__: x.new_empty((*x.shape[:-1], weight.shape[0])))
+
+
+def fp8_rank_graph(checkpoint):
+    """The tiny Llama's rank graph with every linear but the LM head as FP8 (per-channel weight scales;
+    static input scales on the MLP's down projections)."""
+    from llmc.frontend.checkpoint import Checkpoint
+    from llmc.frontend.export import trace
+    from llmc.passes import PIPELINE, BuildContext, run_passes
+
+    ckpt = Checkpoint(checkpoint)
+    ctx = BuildContext(ckpt.config, torch.float32, MAX_SEQ_LEN, 64, 4, MAX_SEQ_LEN)
+    gm, _ = run_passes(trace(ckpt, torch.float32, 64, 4), ctx, PIPELINE)
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target != torch.ops.llmc.linear.default or node.args[1].target == "lm_head.weight":
+            continue
+        weight = gm.get_buffer(node.args[1].target)
+        scale = weight.abs().amax(1).clamp(min=1e-8) / 448
+        name = f"fp8_{count}"
+        gm.register_buffer(f"{name}_w", (weight / scale[:, None]).to(torch.float8_e4m3fn))
+        gm.register_buffer(f"{name}_s", scale.float())
+        with gm.graph.inserting_before(node):
+            w, s = gm.graph.get_attr(f"{name}_w"), gm.graph.get_attr(f"{name}_s")
+            x_scale = None
+            if "down_proj" in node.args[1].target:
+                gm.register_buffer(f"{name}_x", torch.tensor(0.01))
+                x_scale = gm.graph.get_attr(f"{name}_x")
+        node.target, node.args = torch.ops.llmc.fp8_linear.default, (node.args[0], w, s, x_scale, node.args[2])
+        count += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, ctx
+
+
+def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
+    from llmc.backends.onnx_export import export_rank
+    from llmc.passes.manager import example_step
+
+    gm, ctx = fp8_rank_graph(checkpoints["llama"])
+    path = tmp_path / "model.onnx"
+    record = export_rank(gm, path, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32, form="onnxruntime", output_names=["logits"])
+    assert record["lowered"]["llmc::fp8_linear"] == "native"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    fp8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) == 2 * 4  # a layer's qkv (merged), o, gate_up (merged) and down projections
+    assert record["ops"]["DequantizeLinear"] >= len(fp8) and record["ops"]["QuantizeLinear"] == 2
+    # And it computes what the op computes: one prefill of 7 tokens.
+    step = example_step(gm, dataclasses.replace(ctx, block_size=MAX_SEQ_LEN))
+    with torch.no_grad():
+        want = gm(**step)[0]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    kv = ctx.kv_cache
+    feeds = {"input_ids": step["input_ids"].numpy(), "position_ids": step["position_ids"].numpy(),
+             "logits_indices": step["logits_indices"].numpy(), "seqlens_k": np.array([6], np.int32),
+             "total_sequence_length": np.array(7, np.int32)}
+    for i in range(kv["num_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}_{i}"] = np.zeros((1, kv["num_kv_heads"], MAX_SEQ_LEN, kv["head_dim"]), np.float32)
+    got = session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
+    assert np.abs(got - want.numpy()).max() <= 1e-4
