@@ -1,0 +1,90 @@
+"""TensorRT engines: built from the standard ONNX form (which, run on ONNX Runtime, gives the torch
+backend's tokens), with the builder's version and target recorded and checked on load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import llmc
+from llmc import LLM, SamplingParams
+from llmc.backends import tensorrt_backend
+from llmc.cli import main
+from llmc.engine import EngineError
+
+from test_onnx_backend import MAX_SEQ_LEN, PROMPTS, fp8_rank_graph
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0)
+quiet = dict(log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def trt_engine(checkpoints, tmp_path_factory):
+    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("trt") / "llama", max_seq_len=MAX_SEQ_LEN,
+                      backend="tensorrt", **quiet)
+
+
+def _trt():
+    return tensorrt_backend.builder()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tensorrt_engine_builds(dtype, checkpoints, trt_engine, tmp_path):
+    engine = trt_engine if dtype == "float32" else llmc.build(
+        checkpoints["llama"], tmp_path / dtype, max_seq_len=MAX_SEQ_LEN, dtype=dtype, backend="tensorrt", **quiet)
+    record = json.loads((engine / "config.json").read_text())["ranks"][0]["backend"]
+    built = record["tensorrt"]
+    assert built["package"] == _trt().__name__ and built["version"] == _trt().__version__
+    data = (engine / "rank0" / "rank0.engine").read_bytes()
+    assert len(data) == built["engine_bytes"] > 0
+    trt = _trt()
+    if torch.cuda.is_available():
+        assert trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(data) is not None
+    else:  # deserializing needs a GPU: llmc says so rather than failing inside TensorRT
+        with pytest.raises(EngineError, match="runs only on an NVIDIA GPU, and this machine has none"):
+            LLM(engine)
+
+
+def test_standard_onnx_form_matches_torch(checkpoints, trt_engine, tmp_path):
+    """The ONNX TensorRT builds from, run by ONNX Runtime (its ops are all standard), gives the torch tokens."""
+    with LLM(llmc.build(checkpoints["llama"], tmp_path / "torch", max_seq_len=MAX_SEQ_LEN, **quiet)) as llm:
+        want = llm.generate(PROMPTS, PARAMS)
+    as_onnx = shutil.copytree(trt_engine, tmp_path / "as-onnx")
+    config = json.loads((as_onnx / "config.json").read_text())
+    config["backend"] = "onnx"
+    (as_onnx / "config.json").write_text(json.dumps(config))
+    with LLM(as_onnx, max_num_seqs=3) as llm:
+        got = llm.generate(PROMPTS, PARAMS)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    ops = config["ranks"][0]["backend"]["ops"]
+    assert not [op for op in ops if "::" in op]  # no custom domain: TensorRT's parser takes it
+
+
+def test_engine_from_another_tensorrt_is_a_clear_error(trt_engine, tmp_path):
+    engine = shutil.copytree(trt_engine, tmp_path / "old")
+    config = json.loads((engine / "config.json").read_text())
+    config["ranks"][0]["backend"]["tensorrt"]["version"] = "0.9.0"
+    (engine / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError, match=r"built with tensorrt\w* 0\.9\.0 but this machine has .*rebuild the engine here"):
+        LLM(engine)
+
+
+def test_inspect_shows_tensorrt_build(trt_engine):
+    out = CliRunner().invoke(main, ["inspect", str(trt_engine)]).output
+    assert f"tensorrt           {_trt().__name__} {_trt().__version__}" in out and "layers" in out
+    assert "ScatterElements" in out
+
+
+def test_fp8_onnx_builds_in_tensorrt(checkpoints, tmp_path):
+    """FP8 Q/DQ in the standard form: the builder takes FLOAT8E4M3FN weights and activations."""
+    from llmc.backends.onnx_export import export_rank
+
+    gm, _ = fp8_rank_graph(checkpoints["llama"])
+    path = tmp_path / "model.onnx"
+    export_rank(gm, path, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32, form="standard", output_names=["logits"])
+    built = tensorrt_backend.build_engine(path, tmp_path / "rank0.engine", max_tokens=64, max_seqs=4)
+    assert built["engine_bytes"] > 0
