@@ -96,8 +96,8 @@ def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_lengt
         _flat_to_batch(q, batch, num_heads, head_dim), _flat_to_batch(k, batch, num_kv_heads, head_dim),
         _flat_to_batch(v, batch, num_kv_heads, head_dim), past_key, past_value, seqlens_k, total_sequence_length,
         num_heads=num_heads, kv_num_heads=num_kv_heads, scale=scale,
-        # ORT's window counts the keys before the query; llmc's (HF's) counts the query too.
-        local_window_size=sliding_window - 1 if sliding_window > 0 else -1,
+        # ORT's window, like llmc's (HF's), counts the query itself (checked on Mistral).
+        local_window_size=sliding_window if sliding_window > 0 else -1,
     )
     return _batch_to_flat(out, num_heads, head_dim), present_key, present_value
 
