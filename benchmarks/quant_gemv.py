@@ -105,8 +105,10 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rows", type=int, default=1, help="inputs per step (1: batch-1 decode)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if cpu_kernels.load() is None:
         raise SystemExit("the C++ kernels are unavailable (LLMC_DISABLE_KERNELS=1 or no compiler): nothing to measure")
     formats = args.formats.split(",")
