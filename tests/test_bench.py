@@ -45,9 +45,20 @@ def test_bench_parallel(checkpoints):
     assert out["ratios"]["tp1-pp1"]["throughput_over_hf"] > 0
 
 
+def test_bench_quant_gemv():
+    out = run_bench("quant_gemv", "--layers", 2, "--vocab", 512, "--repeats", 1)
+    formats = out["formats"]
+    assert set(formats) == {"fp32", "fp8", "nvfp4", "w8a8", "w4a4"}
+    # Packed weights: a byte per weight (+ a scale per row), or 9/16 of a byte.
+    assert formats["fp8"]["stack_mb"] < 0.27 * formats["fp32"]["stack_mb"]
+    assert formats["nvfp4"]["stack_mb"] < 0.15 * formats["fp32"]["stack_mb"]
+    assert all(c["gb_per_s"] > 0 for r in formats.values() for c in r["per_call"].values())
+    assert {"fp32+fp32_head", "nvfp4+nvfp4_head", "fp8+fp8_head"} <= set(out["tokens_per_s_linears"])
+
+
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
-    assert result.exit_code == 1 and "available: latency, parallel, serve" in result.output
+    assert result.exit_code == 1 and "available: latency, parallel, quant_gemv, serve" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):

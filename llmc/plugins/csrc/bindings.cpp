@@ -5,12 +5,22 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
                            at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
                            at::Tensor query_start_loc, double scale, int64_t sliding_window);
 at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
+at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
+                      c10::optional<at::Tensor> bias);
+at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
+                        c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias);
+at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale);
+at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("linear", &linear, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("fp8_linear", &fp8_linear);
+  m.def("nvfp4_linear", &nvfp4_linear);
+  m.def("fp8_dequantize", &fp8_dequantize);
+  m.def("nvfp4_dequantize", &nvfp4_dequantize);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
 }
