@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CONFIG = "config.json"
 
 
@@ -28,8 +28,8 @@ class EngineConfig:
     dtype: str
     backend: str
     vocab_size: int
-    # The model's KV cache: num_layers, num_kv_heads, head_dim, block_size.
-    kv_cache: dict[str, int]
+    # The model's KV cache: num_layers, num_kv_heads, head_dim, block_size, dtype.
+    kv_cache: dict[str, Any]
     # max_seq_len, max_batch_tokens, max_num_seqs.
     limits: dict[str, int]
     eos_token_ids: list[int]
@@ -39,6 +39,7 @@ class EngineConfig:
     # num_kv_heads, head_dim}, the tensors it receives from the previous pipeline stage and sends to
     # the next ([{name, shape (-1: the step's token count), dtype}]), and its passes' records.
     ranks: list[dict[str, Any]]
+    # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}}, or None.
     quantization: dict[str, Any] | None = None
     # relative path -> {"bytes": n, "sha256": hex}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -84,5 +84,7 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
         graph.erase_node(sdpa)
     if len(kv_heads) != 1:
         raise PassError(f"layers have different numbers of KV heads {sorted(kv_heads)}; one KV cache cannot hold them")
-    ctx.kv_cache = {"num_layers": len(sdpas), "num_kv_heads": kv_heads.pop(), "head_dim": head_dim}
+    ctx.kv_cache = {
+        "num_layers": len(sdpas), "num_kv_heads": kv_heads.pop(), "head_dim": head_dim, "dtype": str(ctx.dtype).removeprefix("torch.")
+    }
     return gm, {**ctx.kv_cache, "sliding_window": max(windows)}

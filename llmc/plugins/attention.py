@@ -7,6 +7,9 @@ the cache at `slot_mapping` (slot = block * block_size + offset), then lets each
 its sequence's context through the sequence's block table, causally (and within `sliding_window`
 tokens when that is positive).
 
+An FP8 KV cache (kv_cache of dtype float8_e4m3fn) stores k / k_scale and v / v_scale (per-layer
+scalars from calibration, saturating at 448) and multiplies them back on read.
+
 Layouts (those of the HF attention it replaces, so the graph around it is unchanged):
     q       [1, num_heads, T, head_dim]
     k, v    [1, num_kv_heads, T, head_dim]          (before any GQA expansion)
@@ -30,25 +33,32 @@ from llmc.plugins import cpu_kernels
 torch.library.define(
     "llmc::paged_attention",
     "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, int layer, Tensor slot_mapping, Tensor block_tables, "
-    "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> Tensor",
+    "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window, Tensor? k_scale=None, "
+    "Tensor? v_scale=None) -> Tensor",
 )
 
 
-def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window):
-    write_kv_cache(k, v, kv_cache, layer, slot_mapping)
-    return paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                    k_scale=None, v_scale=None):
+    write_kv_cache(k, v, kv_cache, layer, slot_mapping, k_scale, v_scale)
+    return paged_attention_reference(
+        q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window, k_scale, v_scale
+    )
 
 
-def paged_attention_cpu(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+def paged_attention_cpu(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                        k_scale=None, v_scale=None):
     kernels = cpu_kernels.load()
     # The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill go to
     # the reference, whose SDPA is a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama).
-    if kernels is None or q.shape[2] > 8 * seq_lens.numel():
-        return paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    if kernels is None or q.shape[2] > 8 * seq_lens.numel() or kv_cache.dtype == torch.float8_e4m3fn:
+        return paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
+                               sliding_window, k_scale, v_scale)
     return kernels.paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window)
 
 
-def paged_attention_fake(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+def paged_attention_fake(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                         k_scale=None, v_scale=None):
     return torch.empty_like(q)
 
 
@@ -57,14 +67,18 @@ torch.library.impl("llmc::paged_attention", "CPU", paged_attention_cpu)
 torch.library.register_fake("llmc::paged_attention", paged_attention_fake)
 
 
-def write_kv_cache(k, v, kv_cache, layer, slot_mapping) -> None:
+def write_kv_cache(k, v, kv_cache, layer, slot_mapping, k_scale=None, v_scale=None) -> None:
     _, _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     slots = num_blocks * block_size
-    kv_cache[layer, 0].view(slots, num_kv_heads, head_dim)[slot_mapping] = k[0].transpose(0, 1).to(kv_cache.dtype)
-    kv_cache[layer, 1].view(slots, num_kv_heads, head_dim)[slot_mapping] = v[0].transpose(0, 1).to(kv_cache.dtype)
+    for i, (x, x_scale) in enumerate(((k, k_scale), (v, v_scale))):
+        x = x[0].transpose(0, 1)
+        if x_scale is not None:  # FP8: torch's cast rounds to nearest even and saturates at 448
+            x = x.float() / x_scale
+        kv_cache[layer, i].view(slots, num_kv_heads, head_dim)[slot_mapping] = x.to(kv_cache.dtype)
 
 
-def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window):
+def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                              k_scale=None, v_scale=None):
     """Attention of each sequence's new tokens over its cached context, one sequence at a time."""
     block_size = kv_cache.shape[3]
     out = torch.empty_like(q)
@@ -75,6 +89,8 @@ def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_
         blocks = block_tables[i, :num_blocks]
         # [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context_len, d]
         kv = kv_cache[layer][:, blocks].flatten(1, 2)[:, :context_len].transpose(1, 2).to(q.dtype)
+        if k_scale is not None:
+            kv = kv * torch.stack([k_scale, v_scale]).to(q.dtype).view(2, 1, 1, 1)
         if context_len == end - start and sliding_window <= 0:  # a whole prompt: plain causal (SDPA's flash path)
             mask = None
         else:

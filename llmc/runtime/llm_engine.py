@@ -61,7 +61,7 @@ class LLMEngine:
         limits = config.limits
         self.max_seq_len = limits["max_seq_len"]
         self.block_size = block_size = config.kv_cache["block_size"]
-        itemsize = getattr(torch, config.dtype).itemsize
+        itemsize = getattr(torch, config.kv_cache["dtype"]).itemsize
         bytes_per_token = max(
             2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * itemsize for kv in (r["kv_cache"] for r in config.ranks)
         )

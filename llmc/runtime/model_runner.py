@@ -50,7 +50,7 @@ class ModelRunner:
         kv = config.ranks[rank]["kv_cache"]
         self.kv_cache = torch.zeros(
             (kv["num_layers"], 2, num_blocks, config.kv_cache["block_size"], kv["num_kv_heads"], kv["head_dim"]),
-            dtype=getattr(torch, config.dtype),
+            dtype=getattr(torch, config.kv_cache["dtype"]),
             device=device,
         )
         self.input_names = [n.target for n in program.graph.nodes if n.op == "placeholder"]
