@@ -1,4 +1,4 @@
-"""The `llmc` command: build | generate | serve | bench | inspect."""
+"""The `llmc` command: build | generate | serve | bench | eval | inspect."""
 
 from __future__ import annotations
 
@@ -57,10 +57,19 @@ def main():
 @click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
               help="torch (runs on CPU/GPU), onnx (ONNX Runtime) or tensorrt (serialized TensorRT engines).")
+@click.option("--quant", type=click.Choice(["fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]), default=None,
+              help="Quantize the linears: FP8 E4M3 or NVFP4 weights, and activations too unless weight-only.")
+@click.option("--kv-cache-dtype", type=click.Choice(["fp8"]), default=None, help="Store the KV cache as FP8 E4M3 (per-layer scales).")
+@click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text to calibrate activation scales on. [default: llmc's own corpus]")
+@click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration windows of 256 tokens.")
+@click.option("--exclude", multiple=True, default=("lm_head",), show_default=True,
+              help="Weight-name pattern (fnmatch) to keep unquantized; repeat for several. 'lm_head' is the logits projection.")
 @click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
 @click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
 @_clean_errors
-def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, tp, pp, pp_layers, backend, verify_passes, dump_graphs):
+def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, tp, pp, pp_layers, backend, quant,
+          kv_cache_dtype, calib_data, calib_samples, exclude, verify_passes, dump_graphs):
     """Compile MODEL (a Hugging Face directory or hub id) into an engine."""
     from llmc.compiler import build as build_engine
 
@@ -80,6 +89,11 @@ def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs,
         pp=pp,
         pp_layers=pp_layers,
         backend=backend,
+        quant=quant,
+        kv_cache_dtype=kv_cache_dtype,
+        calib_data=calib_data,
+        calib_samples=calib_samples,
+        exclude=exclude,
         verify_passes=verify_passes,
         dump_graphs=dump_graphs,
         log=lambda m: click.echo(m, err=True),
@@ -141,6 +155,19 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
         enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout,
     )
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")
+@click.option("--window", type=int, default=None, help="Tokens per scored window. [default: 512, at most the model's limit]")
+@click.option("--max-tokens", type=int, default=None, help="Score only the text's first N tokens.")
+@_clean_errors
+def eval_(model, text_file, window, max_tokens):
+    """Perplexity of MODEL (an engine, or a Hugging Face directory as the reference) on a text file; prints JSON."""
+    from llmc.evaluate import perplexity
+
+    click.echo(json.dumps(perplexity(model, text_file, window=window, max_tokens=max_tokens)))
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -15,9 +15,14 @@ import torch.fx as fx
 
 from llmc.backends import CONTIGUOUS_CACHE, get_backend
 from llmc.engine import CONFIG, EngineConfig, record_files
+from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
+from llmc.passes.quantize import QUANT_MODES, needs_calibration
+from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
+
+CALIBRATION_SEQ_LEN = 256  # tokens per calibration sample
 
 
 def build(
@@ -33,6 +38,11 @@ def build(
     pp: int = 1,
     pp_layers: list[int] | None = None,
     backend: str = "torch",
+    quant: str | None = None,
+    kv_cache_dtype: str | None = None,
+    calib_data: str | os.PathLike | None = None,
+    calib_samples: int = 64,
+    exclude: tuple[str, ...] = ("lm_head",),
     verify_passes: bool = False,
     dump_graphs: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
@@ -41,10 +51,18 @@ def build(
 
     With tp x pp > 1 the engine has one directory per rank, each with only that rank's weights; the
     whole model is in memory once, and each rank's shard while it is written.
+
+    `quant` (fp8, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
+    `exclude`; `kv_cache_dtype="fp8"` stores the KV cache in FP8. Activation scales come from running
+    the model on `calib_samples` windows of `calib_data` (a UTF-8 text file; llmc's own corpus by default).
     """
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quant is not None and quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("tp", tp), ("pp", pp)):
         if value < 1:
@@ -65,11 +83,19 @@ def build(
         block_size = max_seq_len  # one block per sequence: its contiguous cache row
     writer.check_build(dtype, tp, max_seq_len, block_size)
 
+    samples = []
+    if needs_calibration(quant) or kv_cache_dtype is not None:
+        from transformers import AutoTokenizer
+
+        seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
+        samples = calibration_samples(AutoTokenizer.from_pretrained(ckpt.path), calib_data, calib_samples, seq_len)
+
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
     ctx = BuildContext(
         ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp,
-        pp_layers=pp_layers,
+        pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
+        calibration_samples=samples,
     )
     gm, records = run_passes(
         gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=lambda m: log(f"[llmc] {m}")
@@ -112,6 +138,13 @@ def build(
             eos_token_ids=ckpt.eos_token_ids(),
             mapping={"tp": tp, "pp": pp, "pp_layers": [ranks[s * tp]["kv_cache"]["num_layers"] for s in range(pp)]},
             ranks=ranks,
+            quantization=None if quant is None and kv_cache_dtype is None else {
+                "mode": quant,
+                "kv_cache_dtype": kv_cache_dtype,
+                "exclude": list(exclude),
+                "calibration": {"source": str(calib_data or "llmc default corpus"), "samples": len(samples),
+                                "tokens": sum(map(len, samples))} if samples else None,
+            },
             passes=records,
             build={
                 "source": str(model),

@@ -9,14 +9,15 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
 from llmc.passes import (  # noqa: E402,F401
-    attention, canonicalize, fuse_gated_activation, fuse_rms_norm, linear, merge_linears, pipeline_parallel, tensor_parallel,
+    attention, calibrate, canonicalize, fuse_gated_activation, fuse_rms_norm, linear, merge_linears, pipeline_parallel,
+    quantize, quantize_kv_cache, tensor_parallel,
 )
 
 PIPELINE = (
     # The whole model:
-    "canonicalize", "attention", "fuse_rms_norm", "fuse_gated_activation", "linear",
+    "canonicalize", "attention", "fuse_rms_norm", "fuse_gated_activation", "linear", "calibrate", "quantize_kv_cache",
     # Each rank's part of it, from here on (the build runs these once per rank):
-    "pipeline_parallel", "tensor_parallel", "merge_linears",
+    "pipeline_parallel", "tensor_parallel", "merge_linears", "quantize",
 )
 FIRST_RANK_PASS = PIPELINE.index("pipeline_parallel")
 
