@@ -35,6 +35,16 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def make_prompts(vocab_size: int) -> dict:
+    """The workload: one and eight random 32-token prompts, and one of 512 tokens."""
+    g = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+
+    return {"one": [prompt(32)], "eight": [prompt(32) for _ in range(8)], "long": [prompt(512)]}
+
+
 def bench_llmc(engine: str, prompts: dict, new_tokens: int, repeats: int) -> dict:
     from llmc import LLM, SamplingParams
 
@@ -93,12 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmc.engine import EngineConfig
 
     config = EngineConfig.load(args.engine)
-    g = torch.Generator().manual_seed(0)
-
-    def prompt(n):
-        return torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
-
-    prompts = {"one": [prompt(32)], "eight": [prompt(32) for _ in range(8)], "long": [prompt(512)]}
+    prompts = make_prompts(config.vocab_size)
     result = {
         "workload": {"prompt_tokens": 32, "new_tokens": args.new_tokens, "prefill_tokens": 512,
                      "dtype": config.dtype, "threads": torch.get_num_threads()},
