@@ -64,7 +64,8 @@ def main():
               help="UTF-8 text to calibrate activation scales on. [default: llmc's own corpus]")
 @click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration windows of 256 tokens.")
 @click.option("--exclude", multiple=True, default=("lm_head",), show_default=True,
-              help="Weight-name pattern (fnmatch) to keep unquantized; repeat for several. 'lm_head' is the logits projection.")
+              help="Weight-name pattern (fnmatch) to keep unquantized; repeat for several. 'lm_head' is the logits "
+                   "projection; 'none' quantizes every linear.")
 @click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
 @click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
 @_clean_errors
@@ -93,7 +94,7 @@ def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs,
         kv_cache_dtype=kv_cache_dtype,
         calib_data=calib_data,
         calib_samples=calib_samples,
-        exclude=exclude,
+        exclude=() if exclude == ("none",) else exclude,
         verify_passes=verify_passes,
         dump_graphs=dump_graphs,
         log=lambda m: click.echo(m, err=True),

@@ -180,6 +180,22 @@ def test_bad_calibration_data_is_a_clear_error(quant_checkpoints, tmp_path, cont
     assert not out.exists()  # nothing half-built is left
 
 
+def test_exclude_patterns(quant_checkpoints, tmp_path):
+    """--exclude none quantizes the LM head too; patterns keep the weights they match."""
+    def kept(*exclude):
+        out = tmp_path / "-".join(exclude)
+        args = ["build", str(quant_checkpoints["llama"]), "-o", str(out), "--quant", "nvfp4-weight-only", "--max-seq-len", "64"]
+        result = CliRunner().invoke(main, args + [a for p in exclude for a in ("--exclude", p)])
+        assert result.exit_code == 0, result.output
+        record = next(r for r in EngineConfig.load(out).ranks[0]["passes"] if r["pass"] == "quantize")
+        return record["kept"], record["quantized"]
+
+    assert kept("none") == ([], 9)  # 2 layers x 4 linears (q/k/v and gate/up merged) + the LM head
+    assert kept("lm_head") == (["lm_head.weight"], 8)
+    names, _ = kept("*.mlp.*")
+    assert names and all(".mlp." in n for n in names)
+
+
 def test_missing_calibration_file_and_bad_eval_text(quant_checkpoints, tmp_path):
     result = CliRunner().invoke(main, ["build", str(quant_checkpoints["llama"]), "-o", str(tmp_path / "e"), "--quant", "nvfp4",
                                        "--calib-data", str(tmp_path / "missing.txt")])
