@@ -76,6 +76,24 @@ def test_cpu_kernel_matches_reference_on_a_mixed_step(dtype, tol):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+def test_fp8_kv_cache_kernel_matches_reference():
+    """An E4M3 cache with per-layer scales: the kernel writes the reference's bytes (saturating) and reads them back alike."""
+    g = torch.Generator().manual_seed(2)
+    cache = (torch.randn(3, 2, 10, BLOCK, KV_HEADS, DIM, generator=g) * 100).to(torch.float8_e4m3fn)
+    q = torch.randn(1, HEADS, 5, DIM, generator=g)
+    k, v = (torch.randn(1, KV_HEADS, 5, DIM, generator=g) for _ in range(2))
+    k[0, 0, 0, 0] = 1e4  # beyond 448 x k_scale: saturates
+    scales = torch.tensor(0.02), torch.tensor(0.015)
+    args = (2, torch.tensor([13, 20, 21, 22, 23]), torch.tensor([[8, 2, 3, 1], [5, 9, 0, 0]], dtype=torch.int32),
+            torch.tensor([14, 8], dtype=torch.int32), torch.tensor([0, 1, 5], dtype=torch.int32), 0.35, 0, *scales)
+    cache_ref = cache.clone()
+    expected = reference(q, k, v, cache_ref, *args)
+    got = kernel(q, k, v, cache, *args)
+    assert torch.equal(cache.view(torch.uint8), cache_ref.view(torch.uint8))
+    assert cache[2, 0].view(-1, KV_HEADS, DIM)[13, 0, 0].float() == 448
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_op_runs_the_kernel_on_cpu(monkeypatch):
     calls = []
     module = cpu_kernels.load()

@@ -51,10 +51,12 @@ def paged_attention_cpu(q, k, v, kv_cache, layer, slot_mapping, block_tables, se
     kernels = cpu_kernels.load()
     # The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill go to
     # the reference, whose SDPA is a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama).
-    if kernels is None or q.shape[2] > 8 * seq_lens.numel() or kv_cache.dtype == torch.float8_e4m3fn:
+    if kernels is None or q.shape[2] > 8 * seq_lens.numel():
         return paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
                                sliding_window, k_scale, v_scale)
-    return kernels.paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    return kernels.paged_attention(
+        q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window, k_scale, v_scale
+    )
 
 
 def paged_attention_fake(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
