@@ -116,52 +116,17 @@ def test_inspect_shows_onnx_ops(engines):
     assert "llmc::paged_attention native (com.microsoft::GroupQueryAttention)" in out
 
 
-# FP8: llmc::fp8_linear is the quantization pass's op; registered here with its schema where this llmc lacks it.
-if not hasattr(torch.ops.llmc, "fp8_linear"):
-    torch.library.define(
-        "llmc::fp8_linear",
-        "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale=None, Tensor? bias=None) -> Tensor",
-    )
-
-    @torch.library.impl("llmc::fp8_linear", "CompositeExplicitAutograd")
-    def _fp8_linear(x, weight, weight_scale, input_scale=None, bias=None):
-        if input_scale is not None:
-            x = ((x / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)) * input_scale
-        w = (weight.to(torch.float32) * weight_scale[:, None]).to(x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
-
-    torch.library.register_fake("llmc::fp8_linear", lambda x, weight, *_, **__: x.new_empty((*x.shape[:-1], weight.shape[0])))
-
-
 def fp8_rank_graph(checkpoint):
-    """The tiny Llama's rank graph with every linear but the LM head as FP8 (per-channel weight scales;
-    static input scales on the MLP's down projections)."""
+    """The tiny Llama's rank graph through the whole pipeline with --quant fp8: every linear but the LM head
+    and the embedding table in FP8, the linears' inputs with static scales (calibrated on one sample)."""
     from llmc.frontend.checkpoint import Checkpoint
     from llmc.frontend.export import trace
     from llmc.passes import PIPELINE, BuildContext, run_passes
 
     ckpt = Checkpoint(checkpoint)
-    ctx = BuildContext(ckpt.config, torch.float32, MAX_SEQ_LEN, 64, 4, MAX_SEQ_LEN)
+    ctx = BuildContext(ckpt.config, torch.float32, MAX_SEQ_LEN, 64, 4, MAX_SEQ_LEN, quant_mode="fp8",
+                       calibration_samples=[list(range(1, 40))])
     gm, _ = run_passes(trace(ckpt, torch.float32, 64, 4), ctx, PIPELINE)
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.target != torch.ops.llmc.linear.default or node.args[1].target == "lm_head.weight":
-            continue
-        weight = gm.get_buffer(node.args[1].target)
-        scale = weight.abs().amax(1).clamp(min=1e-8) / 448
-        name = f"fp8_{count}"
-        gm.register_buffer(f"{name}_w", (weight / scale[:, None]).to(torch.float8_e4m3fn))
-        gm.register_buffer(f"{name}_s", scale.float())
-        with gm.graph.inserting_before(node):
-            w, s = gm.graph.get_attr(f"{name}_w"), gm.graph.get_attr(f"{name}_s")
-            x_scale = None
-            if "down_proj" in node.args[1].target:
-                gm.register_buffer(f"{name}_x", torch.tensor(0.01))
-                x_scale = gm.graph.get_attr(f"{name}_x")
-        node.target, node.args = torch.ops.llmc.fp8_linear.default, (node.args[0], w, s, x_scale, node.args[2])
-        count += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
     return gm, ctx
 
 
@@ -176,8 +141,9 @@ def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     fp8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
-    assert len(fp8) == 2 * 4  # a layer's qkv (merged), o, gate_up (merged) and down projections
-    assert record["ops"]["DequantizeLinear"] >= len(fp8) and record["ops"]["QuantizeLinear"] == 2
+    # Per layer qkv (merged), o, gate_up (merged) and down projections, and the embedding table.
+    assert len(fp8) == 2 * 4 + 1
+    assert record["ops"]["DequantizeLinear"] >= len(fp8) and record["ops"]["QuantizeLinear"] == 2 * 4
     # And it computes what the op computes: one prefill of 7 tokens.
     step = example_step(gm, dataclasses.replace(ctx, block_size=MAX_SEQ_LEN))
     with torch.no_grad():
@@ -192,3 +158,23 @@ def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
             feeds[f"past_{kind}_{i}"] = np.zeros((1, kv["num_kv_heads"], MAX_SEQ_LEN, kv["head_dim"]), np.float32)
     got = session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
     assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def test_fp8_onnx_engine_generates_torch_tokens(checkpoints, tmp_path):
+    """`llmc build --backend onnx --quant fp8`: ONNX Runtime gives the torch backend's FP8 engine's tokens."""
+    options = dict(max_seq_len=MAX_SEQ_LEN, quant="fp8", calib_samples=2, **quiet)
+    onnx_engine = llmc.build(checkpoints["qwen2"], tmp_path / "onnx", backend="onnx", **options)
+    torch_engine = llmc.build(checkpoints["qwen2"], tmp_path / "torch", block_size=MAX_SEQ_LEN, **options)
+    expected, got = (LLM(e).generate(PROMPTS, PARAMS) for e in (torch_engine, onnx_engine))
+    for a, b in zip(expected, got):
+        assert b.token_ids == a.token_ids
+        for want, have in zip(a.logprobs, b.logprobs):
+            assert max(abs(want[t] - have[t]) for t in want) <= 1e-4
+
+
+def test_onnx_nvfp4_is_a_clear_error(checkpoints, tmp_path):
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, ["build", str(checkpoints["llama"]), "-o", str(out), "--backend", "onnx",
+                                       "--quant", "nvfp4-weight-only", "--max-seq-len", "64"])
+    assert result.exit_code != 0 and "no CPU kernels for FP4" in result.output and "--quant fp8" in result.output
+    assert not out.exists()

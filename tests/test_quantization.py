@@ -85,12 +85,15 @@ def test_quantized_engine_generates_and_kernels_match_reference(quant_engines, a
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_weight_only_equals_transformers_with_fp8_weights(quant_checkpoints, quant_engines, arch):
-    """The independent reference: HF's model with every linear weight but the LM head rounded through E4M3."""
+    """The independent reference: HF's model with every linear weight but the LM head, and the embedding
+    table, rounded through E4M3 (one scale per output channel, per row)."""
     model = AutoModelForCausalLM.from_pretrained(quant_checkpoints[arch], dtype=torch.float32).eval()
-    lm_head = model.get_output_embeddings()
+    lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if lm_head.weight is embedding.weight:  # tied: the engine keeps the LM head's table unquantized
+        lm_head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module is not lm_head:
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and module is not lm_head:
                 q, scale = quantize_fp8_weight(module.weight)
                 module.weight.copy_(dequantize_fp8(q, scale[:, None]))
     prompt = list(range(3, 40))
@@ -181,7 +184,7 @@ def test_bad_calibration_data_is_a_clear_error(quant_checkpoints, tmp_path, cont
 
 
 def test_exclude_patterns(quant_checkpoints, tmp_path):
-    """--exclude none quantizes the LM head too; patterns keep the weights they match."""
+    """--exclude none quantizes the LM head too; `embedding` keeps the token embedding; patterns keep the weights they match."""
     def kept(*exclude):
         out = tmp_path / "-".join(exclude)
         args = ["build", str(quant_checkpoints["llama"]), "-o", str(out), "--quant", "nvfp4-weight-only", "--max-seq-len", "64"]
@@ -190,8 +193,9 @@ def test_exclude_patterns(quant_checkpoints, tmp_path):
         record = next(r for r in EngineConfig.load(out).ranks[0]["passes"] if r["pass"] == "quantize")
         return record["kept"], record["quantized"]
 
-    assert kept("none") == ([], 9)  # 2 layers x 4 linears (q/k/v and gate/up merged) + the LM head
-    assert kept("lm_head") == (["lm_head.weight"], 8)
+    assert kept("none") == ([], 10)  # 2 layers x 4 linears (q/k/v and gate/up merged), the LM head, the embedding
+    assert kept("lm_head") == (["lm_head.weight"], 9)  # the tied table is kept for the LM head, packed for the embedding
+    assert kept("lm_head", "embedding") == (["lm_head.weight", "lm_head.weight"], 8)
     names, _ = kept("*.mlp.*")
     assert names and all(".mlp." in n for n in names)
 

@@ -165,6 +165,12 @@ def lower_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
+def lower_fp8_embedding(weight, weight_scale, ids, dtype):
+    """llmc::fp8_embedding: the FLOAT8E4M3FN table stays an initializer, dequantized per row (GatherND
+    takes no FP8), then the rows gathered."""
+    return op.Cast(op.Gather(op.DequantizeLinear(weight, weight_scale, axis=0), ids, axis=0), to=dtype)
+
+
 # llmc op -> its ONNX lowering, per form. Ops not listed (and present in a graph) fall back to their
 # plain-torch reference.
 LOWERINGS = {
@@ -174,11 +180,13 @@ LOWERINGS = {
         "llmc::rms_norm": lower_rms_norm,
         "llmc::add_rms_norm": lower_add_rms_norm,
         "llmc::fp8_linear": lower_fp8_linear,
+        "llmc::fp8_embedding": lower_fp8_embedding,
     },
     "standard": {
         "llmc_onnx::attention": attention_standard,
         "llmc::linear": lower_linear,
         "llmc::fp8_linear": lower_fp8_linear,
+        "llmc::fp8_embedding": lower_fp8_embedding,
     },
 }
 ATTENTION = {"onnxruntime": "native (com.microsoft::GroupQueryAttention)", "standard": "native (ScatterElements, masked Softmax)"}
@@ -193,11 +201,15 @@ REFERENCES = {
 UNSUPPORTED = {
     "llmc::all_reduce": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
     "llmc::all_gather": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
+    "llmc::nvfp4_linear": "ONNX Runtime has no CPU kernels for FP4 (FLOAT4E2M1); build with --quant fp8 or fp8-weight-only, "
+                          "or with --backend torch",
+    "llmc::nvfp4_embedding": "ONNX Runtime has no CPU kernels for FP4 (FLOAT4E2M1); build with --quant fp8 or fp8-weight-only, "
+                             "or with --backend torch",
 }
 
 
-class OnnxExportError(RuntimeError):
-    pass
+class OnnxExportError(ValueError):
+    """A rank graph the ONNX form cannot express; the message names the op and what to build instead."""
 
 
 def _op_name(node: fx.Node) -> str | None:

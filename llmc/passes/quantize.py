@@ -8,11 +8,14 @@
                         calibrated global scale (amax / (6 x 448))
     nvfp4-weight-only   NVFP4 weights as above; the input stays in the build dtype
 
+The token embedding's table is stored in the same format (`llmc::fp8_embedding` /
+`llmc::nvfp4_embedding` dequantize the rows they gather); a tied LM head shares the packed table.
+
 It runs per rank, after sharding and merging, so scales are those of the weights each rank holds and
-a merged Q/K/V or gate/up weight shares one input scale. Linears whose weight name matches an
-`exclude` pattern (fnmatch) stay in the build dtype; the pattern `lm_head` also names the logits
-projection whatever its weight is called (tied embeddings). NVFP4 needs K divisible by 16: other
-linears stay in the build dtype and are listed in the record.
+a merged Q/K/V or gate/up weight shares one input scale. Weights whose name matches an `exclude`
+pattern (fnmatch) stay in the build dtype; the pattern `lm_head` also names the logits projection,
+and `embedding` the token embedding, whatever their weights are called. NVFP4 needs K divisible by
+16: other weights stay in the build dtype. The record lists every weight kept.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import fnmatch
 import torch
 import torch.fx as fx
 
-import llmc.plugins.quant_linear  # noqa: F401  (registers torch.ops.llmc.fp8_linear / nvfp4_linear)
+import llmc.plugins.quant_embedding  # noqa: F401  (registers the ops this pass inserts)
+import llmc.plugins.quant_linear  # noqa: F401
 from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.plugins.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, quantize_fp8_weight, quantize_nvfp4
 
 LINEAR = torch.ops.llmc.linear.default
+EMBEDDING = torch.ops.aten.embedding.default
 # mode -> (weight format, whether activations are quantized too)
 QUANT_MODES = {
     "fp8": ("fp8", True),
@@ -53,9 +58,8 @@ def _logits_projection(gm: fx.GraphModule) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.target == LINEAR else None
 
 
-def _excluded(node: fx.Node, patterns: tuple[str, ...], lm_head: fx.Node | None) -> bool:
-    name = node.args[1].target
-    return any(fnmatch.fnmatchcase(name, p) or (p == "lm_head" and node is lm_head) for p in patterns)
+def _excluded(name: str, patterns: tuple[str, ...], role: str | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or p == role for p in patterns)
 
 
 def _register(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -63,6 +67,29 @@ def _register(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Nod
     gm.get_submodule(owner).register_buffer(attr, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
+
+
+class _PackedWeights:
+    """Each weight quantized once (a tied LM head and embedding share the result), read by get_attr nodes."""
+
+    def __init__(self, gm: fx.GraphModule, fmt: str):
+        self.gm, self.fmt = gm, fmt
+        self.done: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> {packed tensor's name: tensor}
+
+    def __call__(self, name: str, before: fx.Node) -> tuple[fx.Node, ...]:
+        if name in self.done:
+            with self.gm.graph.inserting_before(before):
+                return tuple(self.gm.graph.get_attr(n) for n in self.done[name])
+        w = self.gm.get_buffer(name).float()
+        if self.fmt == "fp8":
+            parts = zip(("", "_scale"), quantize_fp8_weight(w))
+        else:
+            parts = zip(("", "_block_scale", "_global_scale"), quantize_nvfp4(w))
+        self.done[name] = {f"{name}_{self.fmt}{suffix}": value for suffix, value in parts}
+        return tuple(_register(self.gm, n, value, before) for n, value in self.done[name].items())
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for parts in self.done.values() for t in parts.values())
 
 
 @register_pass("quantize", lossy=True)
@@ -76,41 +103,39 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
     if quantize_inputs and not input_amax:
         raise PassError(f"--quant {ctx.quant_mode} quantizes activations and needs calibration: the build gave no samples")
     lm_head = _logits_projection(gm)
-    quantized, kept, bytes_before, bytes_after = 0, [], 0, 0
+    packed = _PackedWeights(gm, fmt)
+    quantized, kept, bytes_before = 0, [], 0
     for node in list(gm.graph.nodes):
-        if node.target != LINEAR or node.args[1].op != "get_attr":
+        is_linear = node.target == LINEAR and node.args[1].op == "get_attr"
+        if not (is_linear or (node.target == EMBEDDING and node.args[0].op == "get_attr")):
             continue
-        x, w_node, bias = node.args
-        name = w_node.target
-        w = gm.get_buffer(name)
-        if _excluded(node, ctx.quant_exclude, lm_head) or (fmt == "nvfp4" and w.shape[1] % NVFP4_BLOCK):
+        w_node = node.args[1] if is_linear else node.args[0]
+        name, w = w_node.target, gm.get_buffer(w_node.target)
+        role = "embedding" if not is_linear else "lm_head" if node is lm_head else None
+        if _excluded(name, ctx.quant_exclude, role) or (fmt == "nvfp4" and w.shape[1] % NVFP4_BLOCK):
             kept.append(name)
             continue
-        # Calibration saw the weights before merge_linears; a merged weight is named after its first part.
-        amax = input_amax.get(name.removesuffix("_merged"), 0.0) or 1.0
-        if fmt == "fp8":
-            q, scale = quantize_fp8_weight(w.float())
-            args = (_register(gm, name + "_fp8", q, node), _register(gm, name + "_fp8_scale", scale, node))
-            input_scale = torch.tensor(amax / E4M3_MAX, dtype=torch.float32)
-            target = torch.ops.llmc.fp8_linear.default
+        if name not in packed.done:
+            bytes_before += w.nbytes
+        weights = packed(name, node)
+        if not is_linear:
+            target = torch.ops.llmc.fp8_embedding.default if fmt == "fp8" else torch.ops.llmc.nvfp4_embedding.default
+            node.target, node.args, node.kwargs = target, (*weights, node.args[1], w.dtype), {}
         else:
-            packed, block_scale, global_scale = quantize_nvfp4(w.float())
-            args = (
-                _register(gm, name + "_nvfp4", packed, node),
-                _register(gm, name + "_nvfp4_block_scale", block_scale, node),
-                _register(gm, name + "_nvfp4_global_scale", global_scale, node),
-            )
-            input_scale = torch.tensor(amax / (E2M1_MAX * E4M3_MAX), dtype=torch.float32)
-            target = torch.ops.llmc.nvfp4_linear.default
-        input_scale = _register(gm, name + "_input_scale", input_scale, node) if quantize_inputs else None
-        node.target, node.args = target, (x, *args, input_scale, bias)
-        bytes_before += w.numel() * w.element_size()
-        bytes_after += sum(gm.get_buffer(a.target).nbytes for a in args)
+            x, _, bias = node.args
+            input_scale = None
+            if quantize_inputs:
+                # Calibration saw the weights before merge_linears; a merged weight is named after its first part.
+                amax = input_amax.get(name.removesuffix("_merged"), 0.0) or 1.0
+                scale = amax / E4M3_MAX if fmt == "fp8" else amax / (E2M1_MAX * E4M3_MAX)
+                input_scale = _register(gm, name + "_input_scale", torch.tensor(scale, dtype=torch.float32), node)
+            target = torch.ops.llmc.fp8_linear.default if fmt == "fp8" else torch.ops.llmc.nvfp4_linear.default
+            node.target, node.args = target, (x, *weights, input_scale, bias)
         quantized += 1
     return gm, {
         "mode": ctx.quant_mode,
         "quantized": quantized,
         "kept": kept,
         "weight_mb_before": round(bytes_before / 1e6, 3),
-        "weight_mb_after": round(bytes_after / 1e6, 3),
+        "weight_mb_after": round(packed.nbytes() / 1e6, 3),
     }
