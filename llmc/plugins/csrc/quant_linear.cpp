@@ -1,8 +1,9 @@
 // llmc::fp8_linear and llmc::nvfp4_linear for CPU: y = x dequant(W)^T + b with W kept packed.
-// Decode (few rows) is bound by reading W, so the kernels stream the packed bytes (1 or 9/16 byte
-// per weight) and decode them in registers inside the dot products: each thread takes a band of
-// W's rows, decodes every 32 weights once and applies them to all M inputs. Larger batches are
-// GEMMs: the Python side dequantizes W tile by tile (dequantize_* here) and calls torch.
+// Decode (few rows) reads all of W per step, so the kernels stream the packed bytes (1 or 9/16
+// byte per weight) and decode them in registers inside the dot products: each thread takes a band
+// of W's rows and decodes each row once per 8 inputs. (On the dev machine decoding, not memory,
+// is the limit: about 15 G weights/s per core for both formats.) Larger batches are GEMMs: the
+// Python side dequantizes W tile by tile (dequantize_* here) and calls torch.
 //
 // E4M3 -> fp32 without a table: an E4M3 byte shifted into an fp16's bit positions (sign 15,
 // exponent 13..10, mantissa 9..7) is the same number times 2^-8 (the biases are 7 and 15), also
@@ -134,7 +135,7 @@ void nvfp4_dot(const float* x, int64_t Kx, const uint8_t* w, const uint8_t* scal
   steps<128>(K, [&](int64_t k, auto tail) {  // 128 weights: 64 bytes, 8 block scales
     const __mmask64 bytes = first64((K - k) / 2);
     const __m512 s = e4m3x8(scales + k / kBlock, static_cast<__mmask16>(tail ? (1u << (K - k) / kBlock) - 1 : 0xFF));
-    for (int c = 0; c < 4 && (!tail || k + 32 * c < K); ++c) {
+    for (int c = 0; c < 4; ++c) {  // in the last step, what is past K reads as 0 (and x is padded)
       const __m512i b = _mm512_cvtepu8_epi32(load16<tail>(w + k / 2 + 16 * c, static_cast<__mmask16>(bytes >> (16 * c))));
       const __m512 sv = _mm512_permutexvar_ps(block_of_lane[c], s);
       __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads bits 0..3 only
