@@ -5,7 +5,7 @@ merged, gate_up merged, ffn 2048, vocab 32000); prints JSON.
 Formats: fp32 (llmc::linear), fp8 and nvfp4 weight-only, W8A8 and W4A4 (llmc::fp8_linear /
 llmc::nvfp4_linear with an input scale). Each layer has its own random weights, so a pass over the
 stack streams them from memory as a real decode step does (they do not fit in the caches).
-Reported per format: time of one pass over the layers' linears (through the op, and calling the
+Times are the best of --repeats runs. Reported per format: time of one pass over the layers' linears (through the op, and calling the
 kernel directly, which leaves out the dispatcher), per shape the time per call and the GB/s of
 weight bytes read (packed values and scales), and the LM head in fp32, fp8 and nvfp4. The
 `tokens_per_s_linears` lines are 1 / (layers + LM head): an upper bound for the whole model.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -49,14 +48,16 @@ def make(fmt: str, n: int, k: int, gen: torch.Generator):
     return ops.nvfp4_linear, kernels.nvfp4_linear, args, packed.numel() + block_scale.numel()
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` runs after a warm-up: on a shared machine the others measure the
+    neighbours (a 2-thread kernel waits for a preempted thread), not the kernel."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen) -> dict:
@@ -70,13 +71,13 @@ def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen) -> dict
                 (kernel if direct else op)(inputs[name], *args)
 
     result = {
-        "stack_ms": 1000 * median_seconds(lambda: run(layer_shapes, False), repeats),
-        "stack_kernels_only_ms": 1000 * median_seconds(lambda: run(layer_shapes, True), repeats),
+        "stack_ms": 1000 * best_seconds(lambda: run(layer_shapes, False), repeats),
+        "stack_kernels_only_ms": 1000 * best_seconds(lambda: run(layer_shapes, True), repeats),
         "stack_mb": sum(s[3] for entries in stack.values() for s in entries) / 1e6,
         "per_call": {},
     }
     for name in layer_shapes:
-        seconds = median_seconds(lambda: run([name], True), repeats) / layers
+        seconds = best_seconds(lambda: run([name], True), repeats) / layers
         nbytes = stack[name][0][3]
         result["per_call"][name] = {"us": 1e6 * seconds, "gb_per_s": nbytes / seconds / 1e9}
     if fmt in ("fp32", "fp8", "nvfp4"):  # the LM head (weight-only), run after the stack evicts it
@@ -90,7 +91,7 @@ def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen) -> dict
             return time.perf_counter() - start
 
         head()
-        seconds = statistics.median(head() for _ in range(repeats))
+        seconds = min(head() for _ in range(repeats))
         result["lm_head"] = {"ms": 1000 * seconds, "gb_per_s": nbytes / seconds / 1e9}
     return result
 

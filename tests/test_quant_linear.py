@@ -113,3 +113,15 @@ def test_engine_files_round_trip(tmp_path):
     for rows in (1, 20):
         x = torch.randn(rows, 32, generator=g)
         assert torch.equal(loaded(x), gm(x))
+
+
+def test_fake_tensors_give_shapes_and_dtypes():
+    """What torch.export and the passes' shape propagation see."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = torch.randn(N, 64)
+    fp8, nvfp4 = quantize_fp8_weight(w), quantize_nvfp4(w)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, 3, 64, dtype=torch.bfloat16)
+        for y in (torch.ops.llmc.fp8_linear(x, *fp8, None, None), torch.ops.llmc.nvfp4_linear(x, *nvfp4, None, None)):
+            assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16

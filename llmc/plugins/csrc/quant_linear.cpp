@@ -1,8 +1,9 @@
 // llmc::fp8_linear and llmc::nvfp4_linear for CPU: y = x dequant(W)^T + b with W kept packed.
-// Decode (few rows) is bound by reading W, so the kernels stream the packed bytes (1 or 9/16 byte
-// per weight) and decode them in registers inside the dot products: each thread takes a band of
-// W's rows, decodes every 32 weights once and applies them to all M inputs. Larger batches are
-// GEMMs: the Python side dequantizes W tile by tile (dequantize_* here) and calls torch.
+// Decode (few rows) reads all of W per step, so the kernels stream the packed bytes (1 or 9/16
+// byte per weight) and decode them in registers inside the dot products: each thread takes a band
+// of W's rows and decodes each row once per 8 inputs. (On the dev machine decoding, not memory,
+// is the limit: about 15 G weights/s per core for both formats.) Larger batches are GEMMs: the
+// Python side dequantizes W tile by tile (dequantize_* here) and calls torch.
 //
 // E4M3 -> fp32 without a table: an E4M3 byte shifted into an fp16's bit positions (sign 15,
 // exponent 13..10, mantissa 9..7) is the same number times 2^-8 (the biases are 7 and 15), also
@@ -90,11 +91,15 @@ inline __mmask64 first64(int64_t n) { return n >= 64 ? ~0ull : (1ull << n) - 1; 
 // ---- one weight row against MB inputs, into out[m * N] ----
 // A single row at a time keeps the weights one sequential stream for the hardware prefetcher
 // (software prefetching measured no faster), and A accumulators per input keep FMAs in flight.
+// The loops over inputs and vectors are unrolled by pragma: GCC does not unroll them all by itself
+// for 8 inputs, and then keeps the accumulators on the stack (half the speed).
 
 template <int MB, int A>
 inline void store(__m512 (&acc)[MB][A], int64_t N, float* out) {
+  #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
     __m512 sum = acc[m][0];
+    #pragma GCC unroll 16
     for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
     out[m * N] = _mm512_reduce_add_ps(sum);
   }
@@ -109,8 +114,11 @@ void fp8_dot(const float* x, int64_t Kx, const uint8_t* w, int64_t K, int64_t N,
   steps<64>(K, [&](int64_t k, auto tail) {
     const __mmask64 mask = first64(K - k);
     __m512 v[4];
+    #pragma GCC unroll 16
     for (int j = 0; j < 4; ++j) v[j] = e4m3x16(load16<tail>(w + k + 16 * j, static_cast<__mmask16>(mask >> (16 * j))));
+    #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
+      #pragma GCC unroll 16
       for (int j = 0; j < 4; ++j) acc[m][j % A] = _mm512_fmadd_ps(v[j], _mm512_loadu_ps(x + m * Kx + k + 16 * j), acc[m][j % A]);
   });
   store(acc, N, out);
@@ -134,7 +142,8 @@ void nvfp4_dot(const float* x, int64_t Kx, const uint8_t* w, const uint8_t* scal
   steps<128>(K, [&](int64_t k, auto tail) {  // 128 weights: 64 bytes, 8 block scales
     const __mmask64 bytes = first64((K - k) / 2);
     const __m512 s = e4m3x8(scales + k / kBlock, static_cast<__mmask16>(tail ? (1u << (K - k) / kBlock) - 1 : 0xFF));
-    for (int c = 0; c < 4 && (!tail || k + 32 * c < K); ++c) {
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) {  // in the last step, what is past K reads as 0 (and x is padded)
       const __m512i b = _mm512_cvtepu8_epi32(load16<tail>(w + k / 2 + 16 * c, static_cast<__mmask16>(bytes >> (16 * c))));
       const __m512 sv = _mm512_permutexvar_ps(block_of_lane[c], s);
       __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads bits 0..3 only
@@ -145,6 +154,7 @@ void nvfp4_dot(const float* x, int64_t Kx, const uint8_t* w, const uint8_t* scal
         acc[0][c % A] = _mm512_fmadd_ps(t, sv, acc[0][c % A]);
       } else {  // scale the weights once for all inputs
         lo = _mm512_mul_ps(lo, sv), hi = _mm512_mul_ps(hi, sv);
+        #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) {
           acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * Kx), acc[m][0]);
           acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * Kx + 16), acc[m][1]);
