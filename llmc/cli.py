@@ -1,4 +1,4 @@
-"""The `llmc` command: build | generate | serve | bench | inspect."""
+"""The `llmc` command: build | generate | serve | triton | bench | inspect."""
 
 from __future__ import annotations
 
@@ -140,6 +140,26 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
         enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout,
     )
+
+
+@main.command()
+@click.argument("engine", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
+@click.option("--name", default="llmc", show_default=True, help="Name of the model that holds the engine.")
+@click.option("--max-batch-size", type=int, default=None, help="Most requests in flight (and Triton's max_batch_size). [default: the engine's max_num_seqs]")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances of the pre- and postprocessing models.")
+@click.option("--copy-engine", is_flag=True, help="Copy the engine into the repository instead of referencing its path.")
+@_clean_errors
+def triton(engine, output_dir, name, max_batch_size, instances, copy_engine):
+    """Write a Triton Inference Server model repository that serves ENGINE.
+
+    Then: tritonserver --model-repository OUTPUT, and POST {"text_input": ..., "max_tokens": N} to
+    /v2/models/ensemble/generate (or generate_stream, or stream over gRPC).
+    """
+    from llmc.runtime.triton import write_repository
+
+    write_repository(engine, output_dir, name=name, max_batch_size=max_batch_size, instances=instances, copy_engine=copy_engine)
+    click.echo(f"[llmc] model repository written to {output_dir} (models: ensemble, preprocessing, {name}, postprocessing)", err=True)
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
