@@ -14,9 +14,6 @@ Outputs: `text_output` (llmc's incremental detokenization), `output_ids`, `finis
 
 from __future__ import annotations
 
-import multiprocessing
-import shutil
-import sys
 import uuid
 
 import numpy as np
@@ -33,9 +30,6 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class LLMCModel:
     def initialize(self, args):
         self.name = args["model_name"]
-        if not sys.executable.endswith(("python", "python3")) and shutil.which("python3"):
-            # In the stub, sys.executable is the stub; an engine's rank processes need the interpreter.
-            multiprocessing.set_executable(shutil.which("python3"))
         engine = LLMEngine(model_path(args, "engine_dir"), max_num_seqs=int(parameter(args, "max_num_seqs")))
         self.llm = AsyncLLM(engine)
         labels = {"model": self.name}
