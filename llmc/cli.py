@@ -149,17 +149,32 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
 @click.option("--max-batch-size", type=int, default=None, help="Most requests in flight (and Triton's max_batch_size). [default: the engine's max_num_seqs]")
 @click.option("--instances", type=int, default=1, show_default=True, help="Instances of the pre- and postprocessing models.")
 @click.option("--copy-engine", is_flag=True, help="Copy the engine into the repository instead of referencing its path.")
+@click.option("--serve", is_flag=True, help="Then serve it on loopback with the Triton server of the nvidia-pytriton wheel, until Ctrl-C.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="With --serve.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="With --serve.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="With --serve.")
 @_clean_errors
-def triton(engine, output_dir, name, max_batch_size, instances, copy_engine):
+def triton(engine, output_dir, name, max_batch_size, instances, copy_engine, serve, http_port, grpc_port, metrics_port):
     """Write a Triton Inference Server model repository that serves ENGINE.
 
-    Then: tritonserver --model-repository OUTPUT, and POST {"text_input": ..., "max_tokens": N} to
-    /v2/models/ensemble/generate (or generate_stream, or stream over gRPC).
+    Then: tritonserver --model-repository OUTPUT (or --serve), and POST {"text_input": ..., "max_tokens": N}
+    to /v2/models/ensemble/generate (or generate_stream, or stream over gRPC).
     """
-    from llmc.runtime.triton import write_repository
+    from llmc.runtime.triton import TritonServer, TritonServerError, write_repository
 
     write_repository(engine, output_dir, name=name, max_batch_size=max_batch_size, instances=instances, copy_engine=copy_engine)
     click.echo(f"[llmc] model repository written to {output_dir} (models: ensemble, preprocessing, {name}, postprocessing)", err=True)
+    if not serve:
+        return
+    try:
+        with TritonServer(output_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as server:
+            click.echo(f"[llmc] Triton ready in {server.load_seconds:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                       f"metrics {server.metrics_url}; Ctrl-C stops it", err=True)
+            server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    except TritonServerError as e:
+        raise click.ClickException(str(e)) from None
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -7,6 +7,6 @@ generated model.py imports it, so it runs in the server's Python wherever llmc i
 """
 
 from llmc.runtime.triton.repository import write_repository
-from llmc.runtime.triton.server import TritonServer
+from llmc.runtime.triton.server import TritonServer, TritonServerError
 
-__all__ = ["write_repository", "TritonServer"]
+__all__ = ["write_repository", "TritonServer", "TritonServerError"]

@@ -24,14 +24,20 @@ from pathlib import Path
 from llmc.runtime.executor import free_port
 
 
+class TritonServerError(RuntimeError):
+    pass
+
+
 class TritonServer:
     """`with TritonServer(repository) as server:` serves it at server.http_url / server.grpc_url."""
 
-    def __init__(self, repository: str | os.PathLike, *, ready_timeout: float = 300.0, env: dict | None = None, log_verbose: int = 0):
+    def __init__(self, repository: str | os.PathLike, *, http_port: int | None = None, grpc_port: int | None = None,
+                 metrics_port: int | None = None, ready_timeout: float = 300.0, env: dict | None = None, log_verbose: int = 0):
+        """Ports left out are free ones picked now."""
         self.repository = Path(repository).resolve()
         self.ready_timeout = ready_timeout
         self.env, self.log_verbose = env, log_verbose
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = (p or free_port() for p in (http_port, grpc_port, metrics_port))
         self.process: subprocess.Popen | None = None
         self._home: tempfile.TemporaryDirectory | None = None
         self.load_seconds: float | None = None
@@ -52,7 +58,7 @@ class TritonServer:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = bundle / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.exists():
-            raise RuntimeError(f"nvidia-pytriton has no Triton Python backend stub for Python {version}")
+            raise TritonServerError(f"nvidia-pytriton has no Triton Python backend stub for Python {version}")
         shutil.copy2(stub, backends / "python")
         env = dict(os.environ, **(self.env or {}))
         libs = [sysconfig.get_config_var("LIBDIR"), str(bundle.parent / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH", "")]
@@ -80,7 +86,7 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with status {self.process.returncode}:\n{self.log[-4000:]}")
+                raise TritonServerError(f"tritonserver exited with status {self.process.returncode}:\n{self.log[-4000:]}")
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                     if r.status == 200:
@@ -88,7 +94,7 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"tritonserver was not ready within {self.ready_timeout} s:\n{self.log[-4000:]}")
+        raise TritonServerError(f"tritonserver was not ready within {self.ready_timeout} s:\n{self.log[-4000:]}")
 
     def stop(self) -> None:
         """Shut the server down (models finalize, engines stop their ranks), then end its process group."""
@@ -122,5 +128,5 @@ class TritonServer:
 def _bundle() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the Triton server comes from the nvidia-pytriton wheel: pip install 'llmc[triton]'")
+        raise TritonServerError("the Triton server comes from the nvidia-pytriton wheel: pip install 'llmc[triton]'")
     return Path(list(spec.submodule_search_locations)[0])
