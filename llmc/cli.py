@@ -166,6 +166,9 @@ def triton(engine, output_dir, name, max_batch_size, instances, copy_engine, ser
     click.echo(f"[llmc] model repository written to {output_dir} (models: ensemble, preprocessing, {name}, postprocessing)", err=True)
     if not serve:
         return
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server as Ctrl-C does
     try:
         with TritonServer(output_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as server:
             click.echo(f"[llmc] Triton ready in {server.load_seconds:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
