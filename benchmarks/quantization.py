@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--exclude", default="lm_head", help="comma-separated weights kept unquantized, as `llmc build --exclude` ('none': none)")
     parser.add_argument("--latency", action="store_true", help="also measure decode and prefill speed (llmc bench latency's method)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -51,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     latency = runpy.run_path(str(Path(__file__).with_name("latency.py"))) if args.latency else None
-    result = {"model": args.model, "text": args.text, "window": args.window, "dtype": args.dtype,
+    result = {"model": args.model, "text": args.text, "window": args.window, "dtype": args.dtype, "exclude": args.exclude,
               "hf": perplexity(args.model, args.text, window=args.window, max_tokens=args.max_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"[bench] {name}", file=sys.stderr, flush=True)
+            exclude = () if args.exclude == "none" else tuple(args.exclude.split(","))
             engine = llmc.build(args.model, Path(tmp) / name.replace(" ", ""), dtype=args.dtype, calib_samples=args.calib_samples,
-                                log=lambda _: None, **CONFIGS[name])
+                                exclude=exclude, log=lambda _: None, **CONFIGS[name])
             row = {**perplexity(engine, args.text, window=args.window, max_tokens=args.max_tokens), "engine_mb": engine_bytes(engine) / 1e6}
             if latency:
                 prompts = latency["make_prompts"](llmc.engine.EngineConfig.load(engine).vocab_size)

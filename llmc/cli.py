@@ -1,4 +1,4 @@
-"""The `llmc` command: build | generate | serve | bench | eval | inspect."""
+"""The `llmc` command: build | generate | serve | triton | bench | eval | inspect."""
 
 from __future__ import annotations
 
@@ -169,6 +169,43 @@ def eval_(model, text_file, window, max_tokens):
     from llmc.evaluate import perplexity
 
     click.echo(json.dumps(perplexity(model, text_file, window=window, max_tokens=max_tokens)))
+
+@main.command()
+@click.argument("engine", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
+@click.option("--name", default="llmc", show_default=True, help="Name of the model that holds the engine.")
+@click.option("--max-batch-size", type=int, default=None, help="Most requests in flight (and Triton's max_batch_size). [default: the engine's max_num_seqs]")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances of the pre- and postprocessing models.")
+@click.option("--copy-engine", is_flag=True, help="Copy the engine into the repository instead of referencing its path.")
+@click.option("--serve", is_flag=True, help="Then serve it on loopback with the Triton server of the nvidia-pytriton wheel, until Ctrl-C.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="With --serve.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="With --serve.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="With --serve.")
+@_clean_errors
+def triton(engine, output_dir, name, max_batch_size, instances, copy_engine, serve, http_port, grpc_port, metrics_port):
+    """Write a Triton Inference Server model repository that serves ENGINE.
+
+    Then: tritonserver --model-repository OUTPUT (or --serve), and POST {"text_input": ..., "max_tokens": N}
+    to /v2/models/ensemble/generate (or generate_stream, or stream over gRPC).
+    """
+    from llmc.runtime.triton import TritonServer, TritonServerError, write_repository
+
+    write_repository(engine, output_dir, name=name, max_batch_size=max_batch_size, instances=instances, copy_engine=copy_engine)
+    click.echo(f"[llmc] model repository written to {output_dir} (models: ensemble, preprocessing, {name}, postprocessing)", err=True)
+    if not serve:
+        return
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server as Ctrl-C does
+    try:
+        with TritonServer(output_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as server:
+            click.echo(f"[llmc] Triton ready in {server.load_seconds:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                       f"metrics {server.metrics_url}; Ctrl-C stops it", err=True)
+            server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    except TritonServerError as e:
+        raise click.ClickException(str(e)) from None
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -70,3 +70,10 @@ def test_bench_serve_from_a_trace_file(engine, tmp_path):
     )
     out = run_bench("serve", engine, "--trace", trace, "--no-hf")
     assert out["llmc"]["requests"] == 3 and out["llmc"]["output_tokens"] == 15 and "hf" not in out
+
+
+def test_bench_triton(engine):
+    pytest.importorskip("pytriton", reason="needs the triton extra: pip install -e '.[triton]'")
+    out = run_bench("triton", engine, "--requests", 4, "--new-tokens", 4, "--rounds", 1)
+    assert out["same_text"] and out["triton"]["output_tokens"] == out["llmc_serve"]["output_tokens"] == 16
+    assert out["triton"]["load_seconds"] > 0 and out["throughput_triton_over_llmc_serve"] > 0

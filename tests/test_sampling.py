@@ -63,6 +63,19 @@ def test_greedy_with_repetition_penalty_matches_transformers_generate(llm, check
     assert ours != llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].token_ids
 
 
+def test_bad_words_match_transformers_generate(llm, checkpoints):
+    """Banned token sequences (one token, and two tokens whose first is allowed) as HF's bad_words_ids."""
+    prompt = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist()
+    base = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].token_ids
+    bad = [[base[2]], [base[5], base[6]]]
+    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, bad_words_ids=bad))[0].token_ids
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, bad_words_ids=bad)
+    assert ours == theirs[0, 10:].tolist() and ours != base
+    assert base[2] not in ours
+
+
 def test_stop_strings_and_stop_token_ids(llm):
     base = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0))[0]
     stop = base.text[5:8]
@@ -98,7 +111,7 @@ def test_stream_closed_early_frees_the_request(llm):
     assert not llm.engine.has_unfinished_requests() and blocks.usage == 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(min_p=1.5), dict(repetition_penalty=0), dict(presence_penalty=3), dict(logprobs=50), dict(stop=[""])])
+@pytest.mark.parametrize("kwargs", [dict(min_p=1.5), dict(repetition_penalty=0), dict(presence_penalty=3), dict(logprobs=50), dict(stop=[""]), dict(bad_words_ids=[[]])])
 def test_more_invalid_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

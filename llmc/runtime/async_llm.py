@@ -2,7 +2,8 @@
 
 The engine's step loop runs on its own thread, so model compute never blocks the event loop.
 Clients hand requests over through a thread-safe queue and receive their outputs on an asyncio
-queue each; a client that goes away aborts its request, which frees its KV blocks.
+queue each; a client that goes away aborts its request, which frees its KV blocks. Callers that are
+not asyncio (Triton's Python backend) use `add_request` with a callback and `abort` directly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import queue
 import threading
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from llmc.runtime.llm_engine import LLMEngine
 from llmc.runtime.outputs import RequestOutput
@@ -29,7 +30,9 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._inbox: queue.Queue = queue.Queue()  # ("add", id, ids, params, prompt, sink) | ("abort", id)
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, Callable] = {}
+        self.num_steps = 0  # in-flight batching at a glance: steps taken, and requests they advanced in all
+        self.num_step_requests = 0
         self._wake = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
@@ -54,10 +57,27 @@ class AsyncLLM:
         text = prompt if isinstance(prompt, str) else None
         return self._outputs(request_id or uuid.uuid4().hex, token_ids, params, text)
 
+    def add_request(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
+        on_output: Callable[[RequestOutput | BaseException], None],
+    ) -> None:
+        """Queue a request (token ids from `engine.tokenize`), from any thread.
+
+        `on_output` is called on the engine's thread with each output (the last one finished), or once
+        with an exception that ends the request: ValueError if the engine refused it, else the engine's error.
+        """
+        self._inbox.put(("add", request_id, token_ids, params, prompt, on_output))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request, from any thread; its callback is not called again."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
     async def _outputs(self, request_id, token_ids, params, prompt) -> AsyncIterator[RequestOutput]:
         sink: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", request_id, token_ids, params, prompt, (asyncio.get_running_loop(), sink)))
-        self._wake.set()
+        loop = asyncio.get_running_loop()
+        self.add_request(request_id, token_ids, params, prompt, lambda item: loop.call_soon_threadsafe(sink.put_nowait, item))
         finished = False
         try:
             while not finished:
@@ -70,8 +90,7 @@ class AsyncLLM:
                 yield out
         finally:
             if not finished:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+                self.abort(request_id)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -87,7 +106,10 @@ class AsyncLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                self.num_steps += 1
+                self.num_step_requests += len(outputs)
+                for out in outputs:
                     self._deliver(out.request_id, out, final=out.finished)
         except BaseException as e:  # the engine is unusable: tell every waiting client, then stop
             log.exception("engine step failed")
@@ -114,6 +136,12 @@ class AsyncLLM:
 
     def _deliver(self, request_id: str, item, final: bool) -> None:
         sink = self._sinks.pop(request_id, None) if final else self._sinks.get(request_id)
-        if sink is not None:
-            loop, q = sink
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        if sink is None:
+            return
+        try:
+            sink(item)
+        except Exception:  # one client's failing callback must not stop the engine for the others
+            log.exception("delivering an output of request %s failed; aborting it", request_id)
+            if not final:
+                self._sinks.pop(request_id, None)
+                self.engine.abort_request(request_id)

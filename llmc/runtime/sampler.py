@@ -1,4 +1,4 @@
-"""Next-token sampling: penalties, temperature, top-k, top-p, min-p; each request with its own generator."""
+"""Next-token sampling: penalties, bad words, temperature, top-k, top-p, min-p; each request with its own generator."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ def apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.numel()).float()
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
     return row
+
+
+def ban_bad_words(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """A banned token sequence's last token cannot follow the rest of it (HF's NoBadWordsLogitsProcessor)."""
+    ids = seq.token_ids
+    banned = [w[-1] for w in seq.params.bad_words_ids if len(w) == 1 or ids[-(len(w) - 1):] == w[:-1]]
+    return row.index_fill(0, torch.tensor(banned, dtype=torch.long), float("-inf")) if banned else row
 
 
 def filter_logits(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -51,8 +58,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.penalized or not p.greedy:  # else the batched argmax above stands
+        if p.penalized or p.bad_words_ids or not p.greedy:  # else the batched argmax above stands
             row = apply_penalties(logits[i], seq) if p.penalized else logits[i]
+            row = ban_bad_words(row, seq) if p.bad_words_ids else row
             if p.greedy:
                 tokens[i] = int(row.argmax())
             else:

@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never generated
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # return the chosen token's log-probability and this many of the top ones
@@ -28,6 +29,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words_ids = [list(w) for w in self.bad_words_ids or []]
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 for greedy), got {self.temperature!r}"),
@@ -40,6 +42,7 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) for t in self.stop_token_ids), f"stop_token_ids must be integers, got {self.stop_token_ids!r}"),
+            (all(w and all(isinstance(t, int) for t in w) for w in self.bad_words_ids), f"bad_words_ids must be non-empty lists of token ids, got {self.bad_words_ids!r}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
         ]
         for ok, message in checks:
