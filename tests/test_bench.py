@@ -58,7 +58,7 @@ def test_bench_quant_gemv():
 
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
-    assert result.exit_code == 1 and "available: latency, parallel, quant_gemv, serve" in result.output
+    assert result.exit_code == 1 and "available: latency, parallel, quant_gemv, quantization, serve, triton" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):

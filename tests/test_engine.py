@@ -32,7 +32,7 @@ def test_engine_layout(engine):
     assert {"rank0/program.json", "rank0/weights.safetensors", "tokenizer/tokenizer.json"} <= set(config.files)
     assert config.architecture == "LlamaForCausalLM" and config.mapping == {"tp": 1, "pp": 1, "pp_layers": [2]}
     assert [p["pass"] for p in config.passes + config.ranks[0]["passes"]] == list(PIPELINE)
-    assert config.kv_cache == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "block_size": 16}
+    assert config.kv_cache == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32", "block_size": 16}
     program = json.loads((engine / "rank0/program.json").read_text())
     targets = {n["target"] for n in program["nodes"]}
     assert "llmc.paged_attention.default" in targets
