@@ -246,7 +246,7 @@ def inspect(engine, as_json):
     click.echo(f"model       {config.architecture} ({config.model_type}), {config.dtype}, vocab {config.vocab_size}")
     click.echo(f"backend     {config.backend}, quantization {config.quantization or 'none'}")
     click.echo(f"mapping     tp={config.mapping['tp']} pp={config.mapping['pp']}, layers per stage {config.mapping['pp_layers']}")
-    click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, blocks of {kv['block_size']}")
+    click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, {kv['dtype']}, blocks of {kv['block_size']}")
     click.echo(f"limits      max_seq_len {limits['max_seq_len']}, max_batch_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_num_seqs']}")
     click.echo(f"built       in {config.build.get('seconds')} s from {config.build.get('source')} (torch {config.build.get('torch')})")
     click.echo("files")
