@@ -103,6 +103,20 @@ def test_fuse_rms_norm(arch, dtype, count, checkpoints, tmp_path):
     assert record["verify_max_abs_diff"] <= (1e-5 if dtype == "float32" else 5e-2)
 
 
+@pytest.mark.parametrize("arch, norms, fused", [("gpt2", 5, 5), ("gptj", 3, 2), ("gpt_neox", 5, 2), ("llama", 0, 0)])
+def test_fuse_layer_norm(arch, norms, fused, checkpoints):
+    """Residual add + LayerNorm become llmc::add_layer_norm: all of GPT-2's (the first adds the position
+    embedding); GPT-J's and GPT-NeoX's but the first layer's (no add before it) and, in NeoX's parallel
+    block, the second norm of the same sum."""
+    ckpt = Checkpoint(checkpoints[arch])
+    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
+    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
+    record = next(r for r in records if r["pass"] == "fuse_layer_norm")
+    assert (record["layer_norms"], record["with_residual_add"]) == (norms, fused)
+    assert record["verify_max_abs_diff"] <= 1e-5
+    assert sum(n.target == torch.ops.llmc.add_layer_norm.default for n in gm.graph.nodes) == fused
+
+
 def test_fuse_gated_activation(checkpoints):
     ckpt = Checkpoint(checkpoints["llama"])
     ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)

@@ -144,3 +144,15 @@ def test_add_rms_norm_kernel_matches_reference(dtype, tol):
     for got in (torch.ops.llmc.add_rms_norm(x, r, w, 1e-6), cpu_kernels.load().add_rms_norm(x, r, w, 1e-6)):
         assert torch.equal(got[1], total)
         torch.testing.assert_close(got[0], normed, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_add_layer_norm_kernel_matches_reference(dtype, tol):
+    from llmc.plugins.norms import add_layer_norm
+
+    g = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(1, 5, 48, generator=g).to(dtype) for _ in range(2))
+    w, b = torch.randn(48, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    (y, h), (y_ref, h_ref) = cpu_kernels.load().add_layer_norm(x, residual, w, b, 1e-5), add_layer_norm(x, residual, w, b, 1e-5)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)

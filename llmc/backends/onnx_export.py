@@ -194,6 +194,7 @@ REFERENCES = {
     "llmc::linear": linear.linear,
     "llmc::rms_norm": norms.rms_norm,
     "llmc::add_rms_norm": norms.add_rms_norm,
+    "llmc::add_layer_norm": norms.add_layer_norm,
     "llmc::gated_activation": activations.gated_activation,
     "llmc::vocab_embedding": collectives.vocab_embedding,
 }

@@ -69,11 +69,12 @@ def fuse_rms_norm(gm: fx.GraphModule, ctx: BuildContext):
         count += 1
     gm.graph.eliminate_dead_code()  # the unfused chains still read the adds
     norms = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.rms_norm.default]
-    added = sum(_fuse_residual_add(gm, norm) for norm in norms)
+    added = sum(fuse_residual_add(gm, norm, torch.ops.llmc.add_rms_norm.default, norm.args[1:]) for norm in norms)
     return gm, {"rms_norms": count, "with_residual_add": added}
 
 
-def _fuse_residual_add(gm: fx.GraphModule, norm: fx.Node) -> int:
+def fuse_residual_add(gm: fx.GraphModule, norm: fx.Node, fused_op, norm_args: tuple) -> int:
+    """norm(add(a, b), *norm_args) -> fused_op(a, b, *norm_args), which returns (normalised, a + b)."""
     add = norm.args[0]
     if add.target != aten.add.Tensor or add.kwargs or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
         return 0
@@ -81,7 +82,7 @@ def _fuse_residual_add(gm: fx.GraphModule, norm: fx.Node) -> int:
     if a.meta["val"].shape != b.meta["val"].shape or a.meta["val"].dtype != b.meta["val"].dtype:
         return 0
     with gm.graph.inserting_before(add.next):  # where the sum was: every user of either comes later
-        fused = gm.graph.call_function(torch.ops.llmc.add_rms_norm.default, (a, b, *norm.args[1:]))
+        fused = gm.graph.call_function(fused_op, (a, b, *norm_args))
         normed = gm.graph.call_function(operator.getitem, (fused, 0))
         total = gm.graph.call_function(operator.getitem, (fused, 1))
     normed.meta["val"], total.meta["val"] = norm.meta.get("val"), add.meta.get("val")

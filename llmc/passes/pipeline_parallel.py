@@ -22,7 +22,9 @@ from llmc.passes.manager import BuildContext, PassError, register_pass
 aten = torch.ops.aten
 ATTENTION = torch.ops.llmc.paged_attention.default
 LINEAR = torch.ops.llmc.linear.default
-NORMS = (torch.ops.llmc.rms_norm.default, torch.ops.llmc.add_rms_norm.default, aten.layer_norm.default)
+# The norms a layer can begin with (fused with the residual add or not).
+NORMS = (torch.ops.llmc.rms_norm.default, torch.ops.llmc.add_rms_norm.default, torch.ops.llmc.add_layer_norm.default,
+         aten.layer_norm.default)
 STEP = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, operator.getitem)
 
 

@@ -24,12 +24,11 @@ import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
 from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
-from llmc.passes.pipeline_parallel import activations
+from llmc.passes.pipeline_parallel import NORMS, activations
 
 aten = torch.ops.aten
 llmc = torch.ops.llmc
 LINEAR, ATTENTION = llmc.linear.default, llmc.paged_attention.default
-NORMS = (llmc.rms_norm.default, llmc.add_rms_norm.default, aten.layer_norm.default)
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 

@@ -1,7 +1,8 @@
 """llmc::rms_norm: HF's RMSNorm as one op: (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * w, computed in fp32;
-llmc::add_rms_norm: the residual add before it too, returning (normalised, x + residual).
+llmc::add_rms_norm: the residual add before it too, returning (normalised, x + residual);
+llmc::add_layer_norm: the same for LayerNorm with its bias (GPT-2, GPT-J, GPT-NeoX).
 
-The references are those torch ops; on CPU a C++ kernel does each (csrc/rms_norm.cpp).
+The references are those torch ops; on CPU a C++ kernel does each (csrc/rms_norm.cpp, csrc/layer_norm.cpp).
 """
 
 from __future__ import annotations
@@ -48,3 +49,25 @@ def add_rms_norm_cpu(x, residual, w, eps):
 torch.library.impl("llmc::add_rms_norm", "CompositeExplicitAutograd", add_rms_norm)
 torch.library.impl("llmc::add_rms_norm", "CPU", add_rms_norm_cpu)
 torch.library.register_fake("llmc::add_rms_norm", lambda x, residual, w, eps: (torch.empty_like(x), torch.empty_like(x)))
+
+
+torch.library.define(
+    "llmc::add_layer_norm", "(Tensor x, Tensor residual, Tensor w, Tensor b, float eps) -> (Tensor, Tensor)"
+)
+
+
+def add_layer_norm(x, residual, w, b, eps):
+    h = x + residual
+    return torch.nn.functional.layer_norm(h, (h.shape[-1],), w, b, eps), h
+
+
+def add_layer_norm_cpu(x, residual, w, b, eps):
+    kernels = cpu_kernels.load()
+    if kernels is None or not x.dtype == residual.dtype == w.dtype == b.dtype or x.shape != residual.shape:
+        return add_layer_norm(x, residual, w, b, eps)
+    return kernels.add_layer_norm(x, residual, w, b, eps)
+
+
+torch.library.impl("llmc::add_layer_norm", "CompositeExplicitAutograd", add_layer_norm)
+torch.library.impl("llmc::add_layer_norm", "CPU", add_layer_norm_cpu)
+torch.library.register_fake("llmc::add_layer_norm", lambda x, residual, w, b, eps: (torch.empty_like(x), torch.empty_like(x)))

@@ -14,6 +14,7 @@ at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale);
 at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(at::Tensor x, at::Tensor residual, at::Tensor w, at::Tensor b, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
@@ -27,4 +28,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nvfp4_dequantize", &nvfp4_dequantize);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
+  m.def("add_layer_norm", &add_layer_norm);
 }
