@@ -126,7 +126,10 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
             input_scale = None
             if quantize_inputs:
                 # Calibration saw the weights before merge_linears; a merged weight is named after its first part.
-                amax = input_amax.get(name.removesuffix("_merged"), 0.0) or 1.0
+                calibrated = name.removesuffix("_merged")
+                if calibrated not in input_amax:
+                    raise PassError(f"calibration saw no input of the linear over {calibrated}; it cannot have a static scale")
+                amax = input_amax[calibrated] or 1.0  # an input that was always zero: any scale works
                 scale = amax / E4M3_MAX if fmt == "fp8" else amax / (E2M1_MAX * E4M3_MAX)
                 input_scale = _register(gm, name + "_input_scale", torch.tensor(scale, dtype=torch.float32), node)
             target = torch.ops.llmc.fp8_linear.default if fmt == "fp8" else torch.ops.llmc.nvfp4_linear.default
