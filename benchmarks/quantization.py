@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     latency = runpy.run_path(str(Path(__file__).with_name("latency.py"))) if args.latency else None
     result = {"model": args.model, "text": args.text, "window": args.window, "dtype": args.dtype, "exclude": args.exclude,
               "hf": perplexity(args.model, args.text, window=args.window, max_tokens=args.max_tokens)}
+    exclude = () if args.exclude == "none" else tuple(args.exclude.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"[bench] {name}", file=sys.stderr, flush=True)
-            exclude = () if args.exclude == "none" else tuple(args.exclude.split(","))
             engine = llmc.build(args.model, Path(tmp) / name.replace(" ", ""), dtype=args.dtype, calib_samples=args.calib_samples,
                                 exclude=exclude, log=lambda _: None, **CONFIGS[name])
             row = {**perplexity(engine, args.text, window=args.window, max_tokens=args.max_tokens), "engine_mb": engine_bytes(engine) / 1e6}

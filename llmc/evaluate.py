@@ -19,6 +19,10 @@ import torch
 
 from llmc.engine import CONFIG
 from llmc.frontend.calibration import read_text
+from llmc.runtime.llm_engine import LLMEngine
+from llmc.runtime.model_runner import prepare_inputs
+from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sequence import Sequence
 
 DEFAULT_WINDOW = 512
 
@@ -56,18 +60,12 @@ def _nll(logits: torch.Tensor, targets: list[int]) -> float:
 
 class EngineScorer:
     def __init__(self, engine_dir, **options):
-        from llmc.runtime.llm_engine import LLMEngine
-
         self.engine = LLMEngine(engine_dir, **options)
         self.tokenizer = self.engine.tokenizer
         self.max_window = self.engine.max_seq_len
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """[len(ids) - 1, vocab]: the engine's prediction after each token but the last."""
-        from llmc.runtime.model_runner import prepare_inputs
-        from llmc.runtime.sampling_params import SamplingParams
-        from llmc.runtime.sequence import Sequence
-
         engine = self.engine
         seq = Sequence(ids, SamplingParams(max_tokens=1))
         # Nothing else runs: the window takes the cache's first blocks.

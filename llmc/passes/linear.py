@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.linear  # noqa: F401  (registers torch.ops.llmc.linear)
-from llmc.passes.manager import BuildContext, register_pass
+from llmc.passes.manager import BuildContext, register_pass, set_weight
 
 aten = torch.ops.aten
 llmc_linear = torch.ops.llmc.linear.default
@@ -27,8 +27,7 @@ def linear(gm: fx.GraphModule, ctx: BuildContext):
             linears += 1
         elif _is_plain_addmm(node):
             bias, x, w = node.args
-            owner, _, attr = w.target.rpartition(".")
-            gm.get_submodule(owner).register_buffer(attr, gm.get_buffer(w.target).t().contiguous())
+            set_weight(gm, w.target, gm.get_buffer(w.target).t().contiguous())
             node.target, node.args = llmc_linear, (x, w, bias)
             addmms += 1
     return gm, {"linears": linears, "addmms": addmms}

@@ -9,7 +9,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, register_pass
+from llmc.passes.manager import BuildContext, register_pass, set_weight
 
 LINEAR = torch.ops.llmc.linear.default
 
@@ -33,10 +33,9 @@ def merge_linears(gm: fx.GraphModule, ctx: BuildContext):
             continue
         biases = [gm.get_buffer(n.args[2].target) for n in linears] if has_bias else None
         name = _weight(linears[0]).target + "_merged"
-        owner, _, attr = name.rpartition(".")
-        gm.get_submodule(owner).register_buffer(attr, torch.cat(weights))
+        set_weight(gm, name, torch.cat(weights))
         if biases is not None:
-            gm.get_submodule(owner).register_buffer(attr + "_bias", torch.cat(biases))
+            set_weight(gm, name + "_bias", torch.cat(biases))
         with gm.graph.inserting_before(linears[0]):  # groups were collected in graph order
             w = gm.graph.get_attr(name)
             b = gm.graph.get_attr(name + "_bias") if biases is not None else None

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 import llmc.plugins.quant_embedding  # noqa: F401  (registers the ops this pass inserts)
 import llmc.plugins.quant_linear  # noqa: F401
-from llmc.passes.manager import BuildContext, PassError, register_pass
+from llmc.passes.manager import BuildContext, PassError, register_pass, set_weight
 from llmc.plugins.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, quantize_fp8_weight, quantize_nvfp4
 
 LINEAR = torch.ops.llmc.linear.default
@@ -63,8 +63,7 @@ def _excluded(name: str, patterns: tuple[str, ...], role: str | None) -> bool:
 
 
 def _register(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    owner, _, attr = name.rpartition(".")
-    gm.get_submodule(owner).register_buffer(attr, value)
+    set_weight(gm, name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, PassError, register_pass
+from llmc.passes.manager import BuildContext, PassError, register_pass, set_weight
 from llmc.plugins.quant_formats import E4M3_MAX
 
 ATTENTION = torch.ops.llmc.paged_attention.default
@@ -32,7 +32,7 @@ def quantize_kv_cache(gm: fx.GraphModule, ctx: BuildContext):
         for which, value in zip("kv", amax[layer]):
             name = f"kv_cache_{which}_scale_{layer}"
             scale = value / E4M3_MAX if value > 0 else 1.0  # a layer that never saw a nonzero K/V: any scale works
-            gm.register_buffer(name, torch.tensor(scale, dtype=torch.float32))
+            set_weight(gm, name, torch.tensor(scale, dtype=torch.float32))
             with gm.graph.inserting_before(node):
                 args.append(gm.graph.get_attr(name))
             scales.append(scale)

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
-from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
+from llmc.passes.manager import BuildContext, PassError, example_step, register_pass, set_weight
 from llmc.passes.pipeline_parallel import NORMS, activations
 
 aten = torch.ops.aten
@@ -112,11 +112,6 @@ class _Plan:
         return [t for t in range(1, limit + 1) if all(n % t == 0 or (r and t % r == 0) for n, r in self.divisors)]
 
 
-def _set_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    owner, _, attr = name.rpartition(".")
-    gm.get_submodule(owner).register_buffer(attr, value.contiguous())
-
-
 @register_pass("tensor_parallel", sharding=True)
 def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     if ctx.tp_size == 1:
@@ -160,12 +155,12 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
         sharded.add(name)
         w = gm.get_buffer(name)
         if isinstance(index, slice):
-            _set_buffer(gm, name, w[:, index] if dim == 1 else w[index])
+            set_weight(gm, name, (w[:, index] if dim == 1 else w[index]).contiguous())
             return
         padded = torch.zeros((len(index), *w.shape[1:]), dtype=w.dtype)
         inside = index < w.shape[0]
         padded[inside] = w[index[inside]]
-        _set_buffer(gm, name, padded)
+        set_weight(gm, name, padded.contiguous())
 
     def insert_after(node: fx.Node, target, *args) -> fx.Node:
         with graph.inserting_after(node):

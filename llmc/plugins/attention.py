@@ -85,14 +85,15 @@ def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_
     block_size = kv_cache.shape[3]
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
+    kv_scale = None if k_scale is None else torch.stack([k_scale, v_scale]).to(q.dtype).view(2, 1, 1, 1)
     for i, context_len in enumerate(seq_lens.tolist()):
         start, end = starts[i], starts[i + 1]
         num_blocks = -(-context_len // block_size)
         blocks = block_tables[i, :num_blocks]
         # [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context_len, d]
         kv = kv_cache[layer][:, blocks].flatten(1, 2)[:, :context_len].transpose(1, 2).to(q.dtype)
-        if k_scale is not None:
-            kv = kv * torch.stack([k_scale, v_scale]).to(q.dtype).view(2, 1, 1, 1)
+        if kv_scale is not None:
+            kv = kv * kv_scale
         if context_len == end - start and sliding_window <= 0:  # a whole prompt: plain causal (SDPA's flash path)
             mask = None
         else:
