@@ -2,7 +2,7 @@
 format, on the linear shapes of the 124.7M Llama (hidden 768, 12 layers, q 768 + k 256 + v 256
 merged, gate_up merged, ffn 2048, vocab 32000); prints JSON.
 
-Formats: fp32 (llmc::linear), fp8 and nvfp4 weight-only, W8A8 and W4A4 (llmc::fp8_linear /
+Formats: fp32 (llmc::prepacked_linear), fp8 and nvfp4 weight-only, W8A8 and W4A4 (llmc::fp8_linear /
 llmc::nvfp4_linear with an input scale). Each layer has its own random weights, so a pass over the
 stack streams them from memory as a real decode step does (they do not fit in the caches).
 Times are the best of --repeats runs. Reported per format: time of one pass over the layers' linears (through the op, and calling the
@@ -21,6 +21,7 @@ import torch
 
 import llmc.plugins  # noqa: F401  (the ops)
 from llmc.plugins import cpu_kernels
+from llmc.plugins.linear import prepack_weight
 from llmc.plugins.quant_formats import nvfp4_global_scale, quantize_fp8_weight, quantize_nvfp4
 
 FORMATS = ("fp32", "fp8", "nvfp4", "w8a8", "w4a4")
@@ -36,8 +37,8 @@ def make(fmt: str, n: int, k: int, gen: torch.Generator):
     """(op, kernel, args after x, bytes read per call) for one random [n, k] weight."""
     w = torch.randn(n, k, generator=gen) * 0.02
     ops, kernels = torch.ops.llmc, cpu_kernels.load()
-    if fmt == "fp32":
-        return ops.linear, kernels.linear, (w, None), w.numel() * 4
+    if fmt == "fp32":  # as the torch backend runs it: prepacked at load
+        return ops.prepacked_linear, kernels.prepacked_linear, (prepack_weight(w), None, n), w.numel() * 4
     if fmt in ("fp8", "w8a8"):
         q, scale = quantize_fp8_weight(w)
         input_scale = torch.tensor(4.0 / 448) if fmt == "w8a8" else None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
 from llmc.plugins.attention import paged_attention as reference
-from llmc.plugins.linear import KERNEL_MAX_ROWS
+from llmc.plugins.linear import prepack_linears, prepack_weight, prepacked_linear, unpack_weight
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
 
@@ -106,21 +107,64 @@ def test_op_runs_the_kernel_on_cpu(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 40])
+@pytest.mark.parametrize("in_features", [70, 71])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_torch(dtype, tol, rows, bias):
-    """llmc::linear on CPU: the kernel for a few rows (K not a multiple of 16 on purpose), torch beyond."""
+def test_prepacked_linear_matches_torch(dtype, tol, rows, in_features, bias):
+    """llmc::prepacked_linear on CPU: any rows (tiles of 8 and a tail), N not a multiple of the block
+    (33), K odd (bf16 pads it to pairs); the kernel against the reference and F.linear in fp32."""
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(1, rows, 70, generator=g).to(dtype)
-    w = torch.randn(33, 70, generator=g).to(dtype)
+    x = torch.randn(1, rows, in_features, generator=g).to(dtype)
+    w = torch.randn(33, in_features, generator=g).to(dtype)
     b = torch.randn(33, generator=g).to(dtype) if bias else None
+    packed = prepack_weight(w)
+    assert torch.equal(unpack_weight(packed, 33, in_features), w)
     expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    got = torch.ops.llmc.linear(x, w, b)
+    got = torch.ops.llmc.prepacked_linear(x, packed, b, 33)
     assert got.shape == (1, rows, 33) and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    if rows <= KERNEL_MAX_ROWS[dtype]:
-        torch.testing.assert_close(cpu_kernels.load().linear(x, w, b), got)
+    torch.testing.assert_close(got, prepacked_linear(x, packed, b, 33), rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_prepack_linears_rewrites_the_graph():
+    """Loading for CPU prepacks each linear's weight once: in place when only linears read it, as a copy
+    beside it when something else does too (a tied LM head); the program's outputs are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    root = torch.nn.Module()
+    root.register_buffer("shared", torch.randn(24, 24, generator=g))  # read by two linears
+    root.register_buffer("tied", torch.randn(40, 24, generator=g))  # a linear and an embedding read it
+    graph = fx.Graph()
+    x, ids = graph.placeholder("x"), graph.placeholder("ids")
+    shared, tied = graph.get_attr("shared"), graph.get_attr("tied")
+    h = graph.call_function(torch.ops.llmc.linear.default, (x, shared, None))
+    h = graph.call_function(torch.ops.llmc.linear.default, (graph.call_function(torch.ops.aten.relu.default, (h,)), shared, None))
+    logits = graph.call_function(torch.ops.llmc.linear.default, (h, tied, None))
+    graph.output((logits, graph.call_function(torch.ops.aten.embedding.default, (tied, ids))))
+    gm = fx.GraphModule(root, graph)
+    inputs = torch.randn(3, 24, generator=g), torch.tensor([1, 7])
+    expected = gm(*inputs)
+
+    assert prepack_linears(gm) == 3
+    assert gm.shared.shape == (2, 24, 16) and gm.tied.shape == (40, 24) and gm.tied_prepacked.shape == (3, 24, 16)
+    assert not any(n.target == torch.ops.llmc.linear.default for n in gm.graph.nodes)
+    for got, want in zip(gm(*inputs), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_rotary_embedding_kernel_matches_reference(dtype, tol):
+    """On the layouts the graph gives it: q as a transposed view [1, H, T, D], cos/sin [1, 1, T, D].
+    bf16 rounds after each op as the reference's torch ops do, so it is exact; fp32 may fuse a multiply-add."""
+    from llmc.plugins.rotary import rotary_embedding
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, 3, 16, generator=g).to(dtype).transpose(1, 2)
+    cos, sin = torch.randn(2, 1, 1, 5, 16, generator=g).to(dtype)
+    got = torch.ops.llmc.rotary_embedding(x, cos, sin)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(got, rotary_embedding(x, cos, sin), rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin), got)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -33,7 +33,7 @@ import torch.fx as fx
 from onnxscript import opset23 as op
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
-from llmc.plugins import activations, collectives, linear, norms
+from llmc.plugins import activations, collectives, norms, rotary
 
 OPSET = 23
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -191,12 +191,13 @@ LOWERINGS = {
 }
 ATTENTION = {"onnxruntime": "native (com.microsoft::GroupQueryAttention)", "standard": "native (ScatterElements, masked Softmax)"}
 REFERENCES = {
-    "llmc::linear": linear.linear,
+    "llmc::linear": torch.nn.functional.linear,
     "llmc::rms_norm": norms.rms_norm,
     "llmc::add_rms_norm": norms.add_rms_norm,
     "llmc::add_layer_norm": norms.add_layer_norm,
     "llmc::gated_activation": activations.gated_activation,
     "llmc::vocab_embedding": collectives.vocab_embedding,
+    "llmc::rotary_embedding": rotary.rotary_embedding,
 }
 # Ops with no ONNX form: a rank graph holding one cannot be exported.
 UNSUPPORTED = {

@@ -1,7 +1,8 @@
 """The torch backend: each rank's program as llmc.fx JSON, its weights as safetensors.
 
 Loading rebuilds the FX graph from allow-listed ops (no pickle, no code from the engine) and runs
-it eagerly on the target device, CPU or CUDA.
+it eagerly on the target device, CPU or CUDA. On CPU the linears' weights are prepacked for llmc's
+kernel as they load (llmc/plugins/linear.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins import cpu_kernels
+from llmc.plugins.linear import prepack_linears
 from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
 from llmc.engine import EngineError
 
@@ -40,12 +42,13 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
         weights = load_file(rank_dir / WEIGHTS, device=str(device))
     except (GraphFormatError, json.JSONDecodeError, SafetensorError) as e:
         raise EngineError(f"cannot load {rank_dir}: {e}") from None
-    if torch.device(device).type == "cpu":
-        cpu_kernels.load()  # compile (first use only) now, not in the middle of the first step
     missing = {n.target for n in graph.nodes if n.op == "get_attr"} - weights.keys()
     if missing:
         raise EngineError(f"{rank_dir / WEIGHTS} lacks weights the program reads: {sorted(missing)[:5]}")
-    return fx.GraphModule(weights, graph)
+    gm = fx.GraphModule(weights, graph)
+    if torch.device(device).type == "cpu" and cpu_kernels.load():  # compiled (first use only) now, not mid-step
+        prepack_linears(gm)
+    return gm
 
 
 def make_runner(rank_dir: Path, config, rank: int, num_blocks: int, device: torch.device | str):

@@ -5,7 +5,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
                            at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
                            at::Tensor query_start_loc, double scale, int64_t sliding_window,
                            c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
-at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
+at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t out_features);
 at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
                       c10::optional<at::Tensor> bias);
 at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
@@ -13,6 +13,7 @@ at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tens
 at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale);
 at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
+at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(at::Tensor x, at::Tensor residual, at::Tensor w, at::Tensor b, double eps);
 
@@ -21,12 +22,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_cache"), py::arg("layer"),
         py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
         py::arg("sliding_window"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
-  m.def("linear", &linear, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("prepacked_linear", &prepacked_linear);
   m.def("fp8_linear", &fp8_linear);
   m.def("nvfp4_linear", &nvfp4_linear);
   m.def("fp8_dequantize", &fp8_dequantize);
   m.def("nvfp4_dequantize", &nvfp4_dequantize);
   m.def("rms_norm", &rms_norm);
+  m.def("rotary_embedding", &rotary_embedding);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("add_layer_norm", &add_layer_norm);
 }

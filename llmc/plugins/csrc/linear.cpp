@@ -1,103 +1,178 @@
-// llmc::linear for CPU at small batch (decode): y = x W^T + b with x [M, K], W [N, K], M small.
-// Decode is bound by reading W; each thread streams a band of W's rows once and applies every row
-// to all M inputs while it is in L1, so the weights cross the memory bus once per step.
+// llmc::prepacked_linear for CPU: y = x W^T + b with W prepacked at load time into column blocks of
+// 16 output features (llmc/plugins/linear.py, `prepack_weight`):
+//   fp32: [N/16, K, 16]           block[k][j] = W[16 b + j][k]
+//   bf16: [N/16, K/2, 16, 2]      block[k/2][j][k%2] = W[16 b + j][k]   (the pairs AVX512-BF16 multiplies)
+// Each step of the inner loop loads 16 outputs' weights for one k (one cache line, read in order)
+// and applies them to up to 8 rows of x with broadcast FMAs into 8 x NB vector accumulators. No
+// horizontal sums, and a weight is read from memory once per step however many rows there are, so
+// the same kernel serves decode (bound by reading W) and prefill (bound by FMAs, about torch's GEMM).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <vector>
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 namespace {
 
-#ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift of the bits
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-#endif
+constexpr int64_t kBlock = 16;  // output features per block: one vector of fp32
+constexpr int kMaxRows = 8;     // rows of x per tile
 
-// out[m * N + r] = dot(x[m], w[r]) for MB inputs and NR weight rows at once: each 16 weights are
-// loaded once and used MB times, and NR rows stream side by side (more loads in flight).
-template <int MB, int NR, typename W>
-inline void dots(const float* x, int64_t K, const W* w, int64_t N, float* out) {
-  int64_t k = 0;
-  float acc_tail[MB][NR] = {};
+// Column blocks per tile: more blocks keep more loads in flight when there are few rows; with many
+// rows, fewer keep the accumulators in registers (rows x blocks <= 24 of the 32 vector registers).
+constexpr int blocks_for(int rows) { return rows <= 4 ? 4 : 3; }
+
 #ifdef __AVX512F__
-  __m512 acc[MB][NR];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = load16(w + r * K + k);
+// acc[m][b] += x[m] . block b, over all of K. `w` points at the first block, `stride` apart.
+template <int MB, int NB>
+inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t stride, __m512 (&acc)[MB][NB]) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_ps(w + b * stride + k * kBlock);
     for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) acc_tail[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int MB, int NB>
+inline void tile(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10::BFloat16* w, int64_t stride,
+                 __m512 (&acc)[MB][NB]) {
+  const int64_t pairs = K / 2;  // K is even: prepacking pads it
+  for (int64_t k2 = 0; k2 < pairs; ++k2) {
+    __m512i wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * stride + k2 * 2 * kBlock);
+    for (int m = 0; m < MB; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * ldx + 2 * k2, sizeof(pair));
+#ifdef __AVX512BF16__
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, (__m512bh)wv[b]);
+#else  // bf16 -> fp32 is a 16-bit shift: even k in the low halves, odd k in the high halves
+      const __m512 x0 = _mm512_set1_ps(static_cast<float>(x[m * ldx + 2 * k2]));
+      const __m512 x1 = _mm512_set1_ps(static_cast<float>(x[m * ldx + 2 * k2 + 1]));
+      for (int b = 0; b < NB; ++b) {
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(wv[b], 16));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(wv[b], _mm512_set1_epi32(0xFFFF0000)));
+        acc[m][b] = _mm512_fmadd_ps(x1, hi, _mm512_fmadd_ps(x0, lo, acc[m][b]));
+      }
 #endif
-  for (; k < K; ++k)
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < NR; ++r) acc_tail[m][r] += x[m * K + k] * static_cast<float>(w[r * K + k]);
+    }
+  }
+}
+
+// y[m][n0 : n0 + 16 NB] (clipped to N) = acc + bias.
+template <int MB, int NB>
+inline void store(__m512 (&acc)[MB][NB], const float* bias, float* y, int64_t ldy, int64_t n0, int64_t N) {
+  for (int b = 0; b < NB; ++b) {
+    const int64_t n = n0 + b * kBlock;
+    const __mmask16 mask = N - n >= kBlock ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[m][b], bv));
+  }
+}
+
+template <int MB, int NB, typename T>
+void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+                       int64_t N, int64_t n0) {
+  __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < NR; ++r) out[m * N + r] = acc_tail[m][r];
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  tile<MB, NB>(x, K, K, w, stride, acc);
+  store<MB, NB>(acc, bias, y, N, n0, N);
+}
+#else
+// Portable fallback: the same blocked layout, in scalar loops.
+template <int MB, int NB, typename T>
+void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+                       int64_t N, int64_t n0) {
+  const bool bf16 = std::is_same_v<T, c10::BFloat16>;
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b)
+      for (int64_t j = 0; j < kBlock && n0 + b * kBlock + j < N; ++j) {
+        const int64_t n = n0 + b * kBlock + j;
+        float acc = bias ? bias[n] : 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t at = bf16 ? (k / 2) * 2 * kBlock + j * 2 + k % 2 : k * kBlock + j;
+          acc += static_cast<float>(x[m * K + k]) * static_cast<float>(w[b * stride + at]);
+        }
+        y[m * N + n] = acc;
+      }
+}
+#endif
+
+// One tile of MB rows against nb (<= NB) column blocks: the last group of columns may be short.
+template <int MB, typename T>
+void tile_dispatch(int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y, int64_t N,
+                   int64_t n0) {
+  switch (nb) {
+    case 4: return rows_times_blocks<MB, 4>(x, K, w, stride, bias, y, N, n0);
+    case 3: return rows_times_blocks<MB, 3>(x, K, w, stride, bias, y, N, n0);
+    case 2: return rows_times_blocks<MB, 2>(x, K, w, stride, bias, y, N, n0);
+    default: return rows_times_blocks<MB, 1>(x, K, w, stride, bias, y, N, n0);
+  }
 }
 
-// Rows [n0, n1) of W against all M inputs, into y[m * N + n].
-template <typename W>
-inline void rows_times_inputs(const float* x, int64_t M, int64_t K, const W* w, int64_t N, int64_t n0, int64_t n1, float* y) {
-  int64_t n = n0;
-  // Row blocking pays when each weight is reused by several inputs; for one input (measured) the
-  // single-row loop streams bf16 weights faster (its conversions do not crowd the FMAs).
-  for (; M > 1 && n + 4 <= n1; n += 4) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dots<4, 4>(x + m * K, K, w + n * K, N, y + m * N + n);
-    for (; m < M; ++m) dots<1, 4>(x + m * K, K, w + n * K, N, y + m * N + n);
+template <typename T>
+void rows_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+                   int64_t N, int64_t n0) {
+  switch (mb) {
+    case 8: return tile_dispatch<8>(nb, x, K, w, stride, bias, y, N, n0);
+    case 7: return tile_dispatch<7>(nb, x, K, w, stride, bias, y, N, n0);
+    case 6: return tile_dispatch<6>(nb, x, K, w, stride, bias, y, N, n0);
+    case 5: return tile_dispatch<5>(nb, x, K, w, stride, bias, y, N, n0);
+    case 4: return tile_dispatch<4>(nb, x, K, w, stride, bias, y, N, n0);
+    case 3: return tile_dispatch<3>(nb, x, K, w, stride, bias, y, N, n0);
+    case 2: return tile_dispatch<2>(nb, x, K, w, stride, bias, y, N, n0);
+    default: return tile_dispatch<1>(nb, x, K, w, stride, bias, y, N, n0);
   }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) dots<1, 1>(x + m * K, K, w + n * K, N, y + m * N + n);
 }
 
-constexpr int64_t kMaxRows = 16;  // larger batches are GEMMs: torch's own kernels do those
-
-template <typename scalar_t>
-at::Tensor gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  const int64_t M = x2d.size(0), K = x2d.size(1), N = w.size(0);
-  auto xf = x2d.to(at::kFloat).contiguous();  // inputs are small; the weights stay as they are
-  auto y = at::empty({M, N}, x2d.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
-  float* yp = y.data_ptr<float>();
-  at::Tensor bf;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bf = bias->to(at::kFloat).contiguous();
-    bp = bf.data_ptr<float>();
-  }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    rows_times_inputs(xp, M, K, wp, N, n0, n1, yp);
-    if (bp)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] += bp[n];
+template <typename T>
+void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bias, float* y, int64_t N) {
+  const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
+  const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
+  const int64_t groups = (num_blocks + nb - 1) / nb;
+  // Threads split the columns: each streams its own contiguous part of W, once, for all rows.
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t first = g * nb;
+      const int blocks = static_cast<int>(std::min<int64_t>(nb, num_blocks - first));
+      for (int64_t m = 0; m < M; m += kMaxRows)
+        rows_dispatch(std::min<int64_t>(kMaxRows, M - m), blocks, x + m * K, K, w + first * stride, stride, bias,
+                      y + m * N, N, first * kBlock);
+    }
   });
-  return y.to(x2d.scalar_type());
 }
 
 }  // namespace
 
-at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "linear: weight must be a contiguous [N, K] matrix");
-  TORCH_CHECK(x.size(-1) == w.size(1), "linear: input features ", x.size(-1), " != weight's ", w.size(1));
-  auto x2d = x.reshape({-1, x.size(-1)});
-  TORCH_CHECK(x2d.size(0) <= kMaxRows, "linear: the CPU kernel takes at most ", kMaxRows, " rows");
-  at::Tensor y;
-  if (w.scalar_type() == at::kFloat) y = gemv<float>(x2d, w, bias);
-  else if (w.scalar_type() == at::kBFloat16) y = gemv<c10::BFloat16>(x2d, w, bias);
-  else TORCH_CHECK(false, "linear: weights of dtype ", w.scalar_type(), " have no CPU kernel");
+at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t out_features) {
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(w.scalar_type() == at::kFloat || bf16, "prepacked_linear: weights of dtype ", w.scalar_type(),
+              " have no CPU kernel");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == (bf16 ? 4 : 3) && w.size(2) == kBlock,
+              "prepacked_linear: weight is not in the prepacked layout");
+  const int64_t K = bf16 ? 2 * w.size(1) : w.size(1), N = out_features, M = x.numel() / x.size(-1);
+  TORCH_CHECK(x.size(-1) <= K && K - x.size(-1) < (bf16 ? 2 : 1), "prepacked_linear: input features ", x.size(-1),
+              " do not match the weight's ", K);
+  TORCH_CHECK(N <= w.size(0) * kBlock, "prepacked_linear: out_features ", N, " exceeds the weight's");
+  auto x2d = x.reshape({M, x.size(-1)}).to(w.scalar_type());
+  if (x2d.size(1) != K) x2d = at::constant_pad_nd(x2d, {0, K - x2d.size(1)});  // bf16 pairs: K padded to even
+  x2d = x2d.contiguous();
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (bf16)
+    blocked_gemm(x2d.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<float>(), N);
+  else
+    blocked_gemm(x2d.data_ptr<float>(), M, K, w.data_ptr<float>(), bp, y.data_ptr<float>(), N);
   auto shape = x.sizes().vec();
-  shape.back() = w.size(0);
-  return y.view(shape);
+  shape.back() = N;
+  return y.to(x.scalar_type()).view(shape);
 }
