@@ -65,19 +65,31 @@ inline void tile(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10::BFlo
   }
 }
 
+inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
+inline void store16(c10::BFloat16* y, __mmask16 mask, __m512 v) {  // rounded to nearest even, in the kernel:
+#ifdef __AVX512BF16__                                              // no fp32 copy of a prefill's output
+  _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  float f[kBlock];
+  _mm512_storeu_ps(f, v);
+  for (int j = 0; j < kBlock; ++j)
+    if (mask >> j & 1) y[j] = static_cast<c10::BFloat16>(f[j]);
+#endif
+}
+
 // y[m][n0 : n0 + 16 NB] (clipped to N) = acc + bias.
-template <int MB, int NB>
-inline void store(__m512 (&acc)[MB][NB], const float* bias, float* y, int64_t ldy, int64_t n0, int64_t N) {
+template <int MB, int NB, typename T>
+inline void store(__m512 (&acc)[MB][NB], const float* bias, T* y, int64_t ldy, int64_t n0, int64_t N) {
   for (int b = 0; b < NB; ++b) {
     const int64_t n = n0 + b * kBlock;
     const __mmask16 mask = N - n >= kBlock ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, _mm512_add_ps(acc[m][b], bv));
+    for (int m = 0; m < MB; ++m) store16(y + m * ldy + n, mask, _mm512_add_ps(acc[m][b], bv));
   }
 }
 
 template <int MB, int NB, typename T>
-void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y,
                        int64_t N, int64_t n0) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -88,7 +100,7 @@ void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const 
 #else
 // Portable fallback: the same blocked layout, in scalar loops.
 template <int MB, int NB, typename T>
-void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y,
                        int64_t N, int64_t n0) {
   const bool bf16 = std::is_same_v<T, c10::BFloat16>;
   for (int m = 0; m < MB; ++m)
@@ -100,14 +112,14 @@ void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const 
           const int64_t at = bf16 ? (k / 2) * 2 * kBlock + j * 2 + k % 2 : k * kBlock + j;
           acc += static_cast<float>(x[m * K + k]) * static_cast<float>(w[b * stride + at]);
         }
-        y[m * N + n] = acc;
+        y[m * N + n] = static_cast<T>(acc);
       }
 }
 #endif
 
 // One tile of MB rows against nb (<= NB) column blocks: the last group of columns may be short.
 template <int MB, typename T>
-void tile_dispatch(int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y, int64_t N,
+void tile_dispatch(int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y, int64_t N,
                    int64_t n0) {
   switch (nb) {
     case 4: return rows_times_blocks<MB, 4>(x, K, w, stride, bias, y, N, n0);
@@ -118,7 +130,7 @@ void tile_dispatch(int nb, const T* x, int64_t K, const T* w, int64_t stride, co
 }
 
 template <typename T>
-void rows_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, float* y,
+void rows_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y,
                    int64_t N, int64_t n0) {
   switch (mb) {
     case 8: return tile_dispatch<8>(nb, x, K, w, stride, bias, y, N, n0);
@@ -133,7 +145,7 @@ void rows_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_
 }
 
 template <typename T>
-void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bias, float* y, int64_t N) {
+void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bias, T* y, int64_t N) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
   const int64_t groups = (num_blocks + nb - 1) / nb;
@@ -167,9 +179,9 @@ at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto y = at::empty({M, N}, x2d.options());
   if (bf16)
-    blocked_gemm(x2d.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<float>(), N);
+    blocked_gemm(x2d.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<c10::BFloat16>(), N);
   else
     blocked_gemm(x2d.data_ptr<float>(), M, K, w.data_ptr<float>(), bp, y.data_ptr<float>(), N);
   auto shape = x.sizes().vec();
