@@ -127,6 +127,17 @@ def test_prepacked_linear_matches_torch(dtype, tol, rows, in_features, bias):
     torch.testing.assert_close(got, prepacked_linear(x, packed, b, 33), rtol=tol, atol=tol * expected.abs().max().item())
 
 
+def test_prepacked_linear_rejects_what_does_not_fit():
+    """A wrong input width or an unpacked weight is an error that names the mismatch, not a wrong answer."""
+    packed = prepack_weight(torch.randn(33, 70))
+    with pytest.raises(RuntimeError, match="input features 64 do not match the weight's 70"):
+        torch.ops.llmc.prepacked_linear(torch.randn(2, 64), packed, None, 33)
+    with pytest.raises(RuntimeError, match="not in the prepacked layout"):
+        torch.ops.llmc.prepacked_linear(torch.randn(2, 70), torch.randn(33, 70), None, 33)
+    with pytest.raises(RuntimeError, match="out_features 50 exceeds the weight's"):
+        torch.ops.llmc.prepacked_linear(torch.randn(2, 70), packed, None, 50)
+
+
 def test_prepack_linears_rewrites_the_graph():
     """Loading for CPU prepacks each linear's weight once: in place when only linears read it, as a copy
     beside it when something else does too (a tied LM head); the program's outputs are unchanged."""
