@@ -2,8 +2,8 @@
 format, on the linear shapes of the 124.7M Llama (hidden 768, 12 layers, q 768 + k 256 + v 256
 merged, gate_up merged, ffn 2048, vocab 32000); prints JSON.
 
-Formats: fp32 (llmc::prepacked_linear), fp8 and nvfp4 weight-only, W8A8 and W4A4 (llmc::fp8_linear /
-llmc::nvfp4_linear with an input scale). Each layer has its own random weights, so a pass over the
+Formats: fp32 (llmc::prepacked_linear), fp8 and nvfp4 weight-only, W8A8 and W4A4 (with an input scale),
+each prepacked as the torch backend loads it (llmc::fp8_prepacked_linear / llmc::nvfp4_prepacked_linear). Each layer has its own random weights, so a pass over the
 stack streams them from memory as a real decode step does (they do not fit in the caches).
 Times are the best of --repeats runs. Reported per format: time of one pass over the layers' linears (through the op, and calling the
 kernel directly, which leaves out the dispatcher), per shape the time per call and the GB/s of
@@ -23,6 +23,7 @@ import llmc.plugins  # noqa: F401  (the ops)
 from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_weight
 from llmc.plugins.quant_formats import nvfp4_global_scale, quantize_fp8_weight, quantize_nvfp4
+from llmc.plugins.quant_linear import prepack_quantized
 
 FORMATS = ("fp32", "fp8", "nvfp4", "w8a8", "w4a4")
 
@@ -42,11 +43,12 @@ def make(fmt: str, n: int, k: int, gen: torch.Generator):
     if fmt in ("fp8", "w8a8"):
         q, scale = quantize_fp8_weight(w)
         input_scale = torch.tensor(4.0 / 448) if fmt == "w8a8" else None
-        return ops.fp8_linear, kernels.fp8_linear, (q, scale, input_scale, None), q.numel() + 4 * n
+        args = (prepack_quantized(q), scale, input_scale, None, n)
+        return ops.fp8_prepacked_linear, kernels.fp8_prepacked_linear, args, q.numel() + 4 * n
     packed, block_scale, global_scale = quantize_nvfp4(w)
     input_global_scale = nvfp4_global_scale(torch.tensor(4.0)) if fmt == "w4a4" else None
-    args = (packed, block_scale, global_scale, input_global_scale, None)
-    return ops.nvfp4_linear, kernels.nvfp4_linear, args, packed.numel() + block_scale.numel()
+    args = (prepack_quantized(packed), prepack_quantized(block_scale), global_scale, input_global_scale, None, n)
+    return ops.nvfp4_prepacked_linear, kernels.nvfp4_prepacked_linear, args, packed.numel() + block_scale.numel()
 
 
 def best_seconds(fn, repeats: int) -> float:

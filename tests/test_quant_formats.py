@@ -10,6 +10,7 @@ import torch
 
 from llmc.plugins import cpu_kernels
 from llmc.plugins import quant_formats as qf
+from llmc.plugins.quant_linear import prepack_quantized
 
 
 def kernels():
@@ -38,9 +39,12 @@ def test_e4m3_decode_all_codes_matches_ml_dtypes():
     codes = e4m3_codes()
     expected = torch.from_numpy(codes.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32))
     assert torch.equal(qf.dequantize_fp8(codes.view(torch.float8_e4m3fn), torch.tensor(1.0)), expected)
-    # The kernel's decoder (E4M3 bits moved into an fp16's), subnormals included.
-    w = codes.view(torch.float8_e4m3fn)[None]
-    assert torch.equal(kernels().fp8_dequantize(w, torch.ones(1))[0], expected)
+    # The kernels' decoder (E4M3 bits moved into an fp16's), subnormals included: each code a weight [N, 1]
+    # times inputs of 1, in the decode path (1 row) and the prefill path (13 rows).
+    w = prepack_quantized(codes.view(torch.float8_e4m3fn)[:, None])
+    for rows in (1, 13):
+        got = kernels().fp8_prepacked_linear(torch.ones(rows, 1), w, torch.ones(len(codes)), None, None, len(codes))
+        assert torch.equal(got, expected.expand(rows, -1))
 
 
 def test_e4m3_encode_sweep_matches_ml_dtypes():
@@ -104,8 +108,12 @@ def test_nvfp4_error_bounded_per_block():
     # Half of E2M1's widest step (1 of 6) with the scale rounded to E4M3 (1/16): 0.18 of the block's amax.
     assert (err.abs().amax(-1) <= 0.18 * amax).all()
     assert err.norm() / w.norm() < 0.1
-    # The kernel dequantizes the same bits.
-    assert torch.equal(kernels().nvfp4_dequantize(packed, block_scale, global_scale), deq)
+    # The kernels dequantize the same bits: identity inputs read W's columns back. The prefill path dequantizes as
+    # the reference does; the decode path applies the block scale to the sum (a rounding apart).
+    eye = torch.eye(256)
+    args = prepack_quantized(packed), prepack_quantized(block_scale), global_scale, None, None, 64
+    assert torch.equal(kernels().nvfp4_prepacked_linear(eye, *args), deq.T)
+    torch.testing.assert_close(kernels().nvfp4_prepacked_linear(eye[:5], *args), deq.T[:5], rtol=2**-23, atol=0)
 
 
 def test_nvfp4_representable_values_round_trip_exactly():

@@ -1,5 +1,5 @@
-"""llmc.fp8_linear and llmc.nvfp4_linear: the CPU kernels and the tiled prefill path against the
-reference, the quantized layers against fp32 ones, and engines holding them on disk."""
+"""llmc.fp8_linear and llmc.nvfp4_linear: their prepacked forms' CPU kernels (decode and prefill paths)
+against the reference, the quantized layers against fp32 ones, and engines holding them on disk."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ import torch.nn.functional as F
 from llmc.backends import torch_backend
 from llmc.plugins import quant_linear
 from llmc.plugins.quant_formats import nvfp4_global_scale, quantize_fp8_weight, quantize_nvfp4
+from llmc.plugins.quant_linear import prepack_quantized
 
 torch.set_num_threads(2)
-N = 37  # not a multiple of the kernels' row tiles
+N = 37  # not a multiple of the kernels' groups of 64 outputs
 
 
 def layer(fmt: str, w: torch.Tensor, x: torch.Tensor):
-    """(op, reference, args after x) of w quantized to fmt; activation scales calibrated on x."""
+    """(reference, its args after x, prepacked op, its args after x but the bias) of w quantized to fmt;
+    activation scales calibrated on x."""
     if fmt in ("fp8", "w8a8"):
         q, scale = quantize_fp8_weight(w)
         input_scale = x.abs().max().float() / 448 if fmt == "w8a8" else None
-        return torch.ops.llmc.fp8_linear, quant_linear.fp8_linear, (q, scale, input_scale)
+        return (quant_linear.fp8_linear, (q, scale, input_scale),
+                torch.ops.llmc.fp8_prepacked_linear, (prepack_quantized(q), scale, input_scale))
     packed, block_scale, global_scale = quantize_nvfp4(w)
     input_global_scale = nvfp4_global_scale(x) if fmt == "w4a4" else None
-    return torch.ops.llmc.nvfp4_linear, quant_linear.nvfp4_linear, (packed, block_scale, global_scale, input_global_scale)
+    return (quant_linear.nvfp4_linear, (packed, block_scale, global_scale, input_global_scale),
+            torch.ops.llmc.nvfp4_prepacked_linear,
+            (prepack_quantized(packed), prepack_quantized(block_scale), global_scale, input_global_scale))
 
 
 def assert_matches(got, expected, rtol):
@@ -33,35 +38,53 @@ def assert_matches(got, expected, rtol):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "w8a8", "nvfp4", "w4a4"])
-@pytest.mark.parametrize("k", [48, 400])  # 3 blocks of 16 (all tail), then 3 x 128 + 1 block
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 15, 17])  # 17: the tiled GEMM path
-def test_cpu_op_matches_reference(fmt, k, rows):
+@pytest.mark.parametrize("k", [48, 400])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 40])  # tiles of 5 or 6 rows; above 12 the prefill path
+def test_prepacked_kernel_matches_reference(fmt, k, rows):
     g = torch.Generator().manual_seed(rows * k)
     w, x, bias = torch.randn(N, k, generator=g), torch.randn(rows, k, generator=g), torch.randn(N, generator=g)
-    op, reference, args = layer(fmt, w, x)
+    reference, args, op, packed = layer(fmt, w, x)
     for b in (None, bias):
-        assert_matches(op(x, *args, b), reference(x, *args, b), rtol=1e-5)
+        expected = reference(x, *args, b)
+        assert_matches(op(x, *packed, b, N), expected, rtol=1e-5)
+        assert_matches(getattr(quant_linear, op.__name__)(x, *packed, b, N), expected, rtol=1e-6)  # its reference
     x3 = x[None]  # any leading dimensions
-    assert_matches(op(x3, *args, bias), reference(x3, *args, bias), rtol=1e-5)
+    assert_matches(op(x3, *packed, bias, N), reference(x3, *args, bias), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 40])  # the decode and the prefill path
+def test_kernels_quantize_activations_bit_exactly(rows):
+    """Through an identity weight the kernels return their quantized inputs: W8A8's E4M3 and W4A4's NVFP4 equal
+    quant_formats' bit for bit, at ties, in E4M3's subnormal range, past 448, for -0."""
+    from llmc.plugins.quant_formats import fake_quantize_nvfp4_activation, quantize_fp8
+
+    k = 64
+    g = torch.Generator().manual_seed(rows)
+    grid = torch.tensor([0.0, -0.0, 2**-9 * 0.5, 2**-9 * 1.5, 2**-9 * 2.5, 2**-7 * 1.0625, 1.0625, 1.1875, -3.4375,
+                         448.0, 464.0, 500.0, -1e6, 2**-6, 2**-6 * 0.96875])
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-4, 3, k)
+    x[0, :len(grid)] = grid
+    scale = torch.tensor(1.0)
+    eye = torch.eye(k).to(torch.float8_e4m3fn)
+    got = torch.ops.llmc.fp8_prepacked_linear(x, prepack_quantized(eye), torch.ones(k), scale, None, k)
+    assert torch.equal(got, quantize_fp8(x, scale).float() * scale)
+
+    codes = torch.eye(k, dtype=torch.uint8) * 2  # E2M1 code 2 is 1.0; block scales and global scale 1
+    packed, block_scale = codes[:, 0::2] | codes[:, 1::2] << 4, torch.ones(k, k // 16).to(torch.float8_e4m3fn)
+    input_global_scale = nvfp4_global_scale(x)
+    got = torch.ops.llmc.nvfp4_prepacked_linear(x, prepack_quantized(packed), prepack_quantized(block_scale),
+                                                torch.tensor(1.0), input_global_scale, None, k)
+    assert torch.equal(got, fake_quantize_nvfp4_activation(x, input_global_scale))
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "w8a8", "nvfp4", "w4a4"])
 @pytest.mark.parametrize("rows", [1, 4, 20])
 def test_bf16_inputs(fmt, rows):
     g = torch.Generator().manual_seed(rows)
-    w, x = torch.randn(N, 64, generator=g), torch.randn(rows, 64, generator=g).bfloat16()
-    op, reference, args = layer(fmt, w, x)
+    w, x = torch.randn(130, 64, generator=g), torch.randn(rows, 64, generator=g).bfloat16()  # 3 groups, the last short
+    reference, args, op, packed = layer(fmt, w, x)
     # The reference multiplies in bf16, the kernel in fp32 and rounds the result: bf16's precision.
-    assert_matches(op(x, *args, None), reference(x, *args, None), rtol=2e-2)
-
-
-@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
-def test_prefill_tiles(fmt, monkeypatch):
-    monkeypatch.setattr(quant_linear, "TILE_ELEMENTS", 10 * 64)  # 10 rows a tile: 4 tiles, the last partial
-    g = torch.Generator().manual_seed(0)
-    w, x, bias = torch.randn(N, 64, generator=g), torch.randn(20, 64, generator=g), torch.randn(N, generator=g)
-    op, reference, args = layer(fmt, w, x)  # 20 rows: above the kernels' limit
-    assert_matches(op(x, *args, bias), reference(x, *args, bias), rtol=1e-5)
+    assert_matches(op(x, *packed, None, 130), reference(x, *args, None), rtol=2e-2)
 
 
 @pytest.mark.parametrize("fmt, tolerance", [("fp8", 0.035), ("w8a8", 0.05), ("nvfp4", 0.12), ("w4a4", 0.17)])
@@ -71,21 +94,26 @@ def test_quantized_layer_close_to_fp32(fmt, tolerance, rows):
     out over a dot product), NVFP4 about 1 bit per block-scaled value."""
     g = torch.Generator().manual_seed(7)
     w, x, bias = torch.randn(300, 512, generator=g) * 0.02, torch.randn(rows, 512, generator=g), torch.randn(300, generator=g)
-    op, _, args = layer(fmt, w, x)
+    _, _, op, packed = layer(fmt, w, x)
     expected = F.linear(x, w, bias)
-    error = (op(x, *args, bias) - expected).norm() / (expected - bias).norm()
+    error = (op(x, *packed, bias, 300) - expected).norm() / (expected - bias).norm()
     assert error < tolerance
 
 
-def test_kernel_rejects_bad_weights():
-    from llmc.plugins import cpu_kernels
-
-    kernels = cpu_kernels.load()
+def test_kernels_reject_what_does_not_fit():
+    kernels = torch.ops.llmc
     x = torch.randn(1, 32)
+    q, scale = quantize_fp8_weight(torch.randn(4, 32))
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
-        kernels.fp8_linear(x, torch.randn(4, 32), torch.ones(4), None, None)
-    with pytest.raises(RuntimeError, match="input features 32 != weight's 48"):
-        kernels.nvfp4_linear(x, *quantize_nvfp4(torch.randn(4, 48)), None, None)
+        kernels.fp8_prepacked_linear(x, prepack_quantized(q).float(), scale, None, None, 4)
+    with pytest.raises(RuntimeError, match="not in the prepacked layout"):
+        kernels.fp8_prepacked_linear(x, q, scale, None, None, 4)
+    with pytest.raises(RuntimeError, match="out_features 65"):
+        kernels.fp8_prepacked_linear(x, prepack_quantized(q), scale, None, None, 65)
+    packed, block_scale, global_scale = quantize_nvfp4(torch.randn(4, 48))
+    with pytest.raises(RuntimeError, match="input features 32 do not match the weight's 48"):
+        kernels.nvfp4_prepacked_linear(x, prepack_quantized(packed), prepack_quantized(block_scale), global_scale,
+                                       None, None, 4)
 
 
 def test_engine_files_round_trip(tmp_path):
@@ -107,12 +135,39 @@ def test_engine_files_round_trip(tmp_path):
     gm = fx.GraphModule(root, graph)
 
     torch_backend.write_rank(gm, tmp_path)
-    loaded = torch_backend.load_rank(tmp_path)
-    assert loaded.w1_0.dtype == torch.float8_e4m3fn and loaded.w2_0.dtype == torch.uint8
-    assert loaded.w2_1.dtype == torch.float8_e4m3fn
+    loaded = torch_backend.load_rank(tmp_path)  # prepacked for the CPU kernels as it loads
+    ops = [n.target for n in loaded.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.ops.llmc.fp8_prepacked_linear.default, torch.ops.llmc.nvfp4_prepacked_linear.default]
+    assert loaded.w1_0.dtype == torch.float8_e4m3fn and loaded.w1_0.shape == (1, 32, 64)
+    assert loaded.w2_0.dtype == torch.uint8 and loaded.w2_0.shape == (1, 24, 64)
+    assert loaded.w2_1.dtype == torch.float8_e4m3fn and loaded.w2_1.shape == (1, 3, 64)
     for rows in (1, 20):
         x = torch.randn(rows, 32, generator=g)
-        assert torch.equal(loaded(x), gm(x))
+        assert_matches(loaded(x), gm(x), rtol=1e-5)
+
+
+def test_prepacking_keeps_a_tied_table_for_the_embedding():
+    """An NVFP4 LM head tied to the embedding: the linear gets prepacked copies of the packed bytes and
+    block scales, the embedding keeps reading the [N, ...] table."""
+    from llmc.plugins.linear import prepack_linears
+
+    g = torch.Generator().manual_seed(4)
+    root = torch.nn.Module()
+    for i, t in enumerate(quantize_nvfp4(torch.randn(70, 32, generator=g))):
+        root.register_buffer(f"table_{i}", t)
+    graph = fx.Graph()
+    ids = graph.placeholder("ids")
+    table = [graph.get_attr(f"table_{i}") for i in range(3)]
+    h = graph.call_function(torch.ops.llmc.nvfp4_embedding.default, (*table, ids, torch.float32))
+    graph.output(graph.call_function(torch.ops.llmc.nvfp4_linear.default, (h, *table, None, None)))
+    gm = fx.GraphModule(root, graph)
+    ids = torch.tensor([[3, 69, 0]])
+    expected = gm(ids)
+
+    assert prepack_linears(gm) == 1
+    assert gm.table_0.shape == (70, 16) and gm.table_0_prepacked.shape == (2, 16, 64)
+    assert gm.table_1.shape == (70, 2) and gm.table_1_prepacked.shape == (2, 2, 64)
+    assert_matches(gm(ids), expected, rtol=1e-5)
 
 
 def test_fake_tensors_give_shapes_and_dtypes():
@@ -123,5 +178,6 @@ def test_fake_tensors_give_shapes_and_dtypes():
     fp8, nvfp4 = quantize_fp8_weight(w), quantize_nvfp4(w)
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(2, 3, 64, dtype=torch.bfloat16)
-        for y in (torch.ops.llmc.fp8_linear(x, *fp8, None, None), torch.ops.llmc.nvfp4_linear(x, *nvfp4, None, None)):
+        for y in (torch.ops.llmc.fp8_linear(x, *fp8, None, None), torch.ops.llmc.nvfp4_linear(x, *nvfp4, None, None),
+                  torch.ops.llmc.fp8_prepacked_linear(x, prepack_quantized(fp8[0]), fp8[1], None, None, N)):
             assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16

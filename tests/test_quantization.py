@@ -142,14 +142,22 @@ def test_pipeline_parallel_quantized_engine_equals_single_rank(quant_checkpoints
             assert max(abs(want[t] - have[t]) for t in want) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["fp8", "nvfp4"])
-def test_bfloat16_quantized_engine_kernels_match_reference(quant_checkpoints, tmp_path, monkeypatch, mode):
-    """bf16 activations through the quantized kernels and an FP8 cache: the reference ops' logits, to bf16's precision."""
-    engine = quiet_build(quant_checkpoints["qwen2"], tmp_path / "bf16", quant=mode, kv_cache_dtype="fp8", calib_samples=4,
-                         dtype="bfloat16")
+@pytest.mark.parametrize("mode, tolerance", [("fp8", 0.05), ("nvfp4", 0.15)])
+def test_bfloat16_quantized_engine_kernels_match_reference(quant_checkpoints, tmp_path, monkeypatch, mode, tolerance):
+    """bf16 activations through the quantized kernels and an FP8 cache: the reference ops' logits, to bf16's precision
+    as W8A8 and W4A4 amplify it. The kernels compute in fp32, the reference in bf16, and re-quantizing every linear's
+    input carries a rounding difference across a quantization step (an FP4 step is up to a third of a value): measured
+    2-4 % (fp8) and 9-10 % (nvfp4) of the largest logit. The kernels are no further than the reference from the logits
+    of the same model built in fp32."""
+    def build(name, **options):
+        return quiet_build(quant_checkpoints["qwen2"], tmp_path / name, quant=mode, kv_cache_dtype="fp8", calib_samples=4,
+                           **options)
+
+    engine, fp32 = build("bf16", dtype="bfloat16"), build("fp32")
     prompt = list(range(3, 40))
-    got, want = step_logits(engine, prompt), reference_logits(engine, prompt, monkeypatch)
-    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+    got, want, fp32_logits = step_logits(engine, prompt), reference_logits(engine, prompt, monkeypatch), step_logits(fp32, prompt)
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
+    assert (got - fp32_logits).abs().max() <= 1.25 * (want - fp32_logits).abs().max()
 
 
 def test_fp8_kv_cache(quant_checkpoints, tmp_path):

@@ -29,23 +29,34 @@ torch.library.register_fake("llmc::linear", lambda x, w, bias: x.new_empty((*x.s
 torch.library.define("llmc::prepacked_linear", "(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor")
 
 
-def prepack_weight(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> fp32 [N/16, K, 16] or bf16 [N/16, K/2, 16, 2] (N padded to 16, bf16's K to even, with zeros)."""
-    n, k = w.shape
-    w = F.pad(w, (0, k % 2 if w.dtype == torch.bfloat16 else 0, 0, -n % BLOCK))
-    blocks = w.view(-1, BLOCK, w.shape[1])  # [N/16, 16, K]
-    if w.dtype == torch.bfloat16:
-        return blocks.view(blocks.shape[0], BLOCK, -1, 2).permute(0, 2, 1, 3).contiguous()
-    return blocks.transpose(1, 2).contiguous()
+def column_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, K] -> [N/block, K, block], N padded with zero outputs: block[k][j] = w[block * b + j][k]."""
+    raw = w.view(torch.uint8) if w.element_size() == 1 else w  # torch pads no float8 tensor
+    raw = F.pad(raw, (0, 0, 0, -raw.shape[0] % block))
+    return raw.view(-1, block, raw.shape[1]).transpose(1, 2).contiguous().view(w.dtype)
+
+
+def from_column_blocks(w: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The inverse of column_blocks: [N, K]."""
+    return w.transpose(1, 2).flatten(0, 1)[:out_features]
+
+
+def prepack_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """[N, K] -> fp32 [N/16, K, 16] or bf16 [N/16, K/2, 16, 2] (N padded to 16, bf16's K to even, with zeros);
+    None for other dtypes (no kernel)."""
+    if w.dtype == torch.float32:
+        return column_blocks(w, BLOCK)
+    if w.dtype != torch.bfloat16:
+        return None
+    pairs = column_blocks(F.pad(w, (0, w.shape[1] % 2)), BLOCK)  # [N/16, K, 16]
+    return pairs.view(pairs.shape[0], -1, 2, BLOCK).transpose(2, 3).contiguous()
 
 
 def unpack_weight(w: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The inverse of prepack_weight: [N, K]."""
     if w.dim() == 4:  # bf16 pairs
-        w = w.permute(0, 2, 1, 3).flatten(2)
-    else:
-        w = w.transpose(1, 2)
-    return w.flatten(0, 1)[:out_features, :in_features]
+        w = w.transpose(2, 3).flatten(1, 2)
+    return from_column_blocks(w, out_features)[:, :in_features]
 
 
 def prepacked_linear(x, w, bias, out_features):
@@ -65,35 +76,55 @@ torch.library.register_fake(
     "llmc::prepacked_linear", lambda x, w, bias, out_features: x.new_empty((*x.shape[:-1], out_features))
 )
 
-PREPACKABLE = (torch.float32, torch.bfloat16)
+# op -> (the op it runs as with llmc's CPU kernels, {argument index of a weight [N, ...]: how to prepack it}).
+# The prepacked op takes the same arguments, those weights prepacked, and out_features (N) last.
+PREPACKED: dict = {}
+
+
+def register_prepacked(op, prepacked_op, packers: dict) -> None:
+    PREPACKED[op] = (prepacked_op, packers)
+
+
+register_prepacked(torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linear.default, {1: prepack_weight})
 
 
 def prepack_linears(gm: fx.GraphModule) -> int:
-    """Rewrite every llmc::linear on an fp32 or bf16 weight into llmc::prepacked_linear; returns how many.
+    """Rewrite every linear op of PREPACKED whose weights have a kernel into its prepacked op; returns how many.
 
-    A weight only linears read is replaced by its prepacked form; one that something else reads too
-    (an LM head tied to the embedding) gets a prepacked copy beside it.
+    A weight only such ops read, at the same argument, is replaced by its prepacked form; one that something else
+    reads too (an LM head tied to the embedding) gets a prepacked copy beside it.
     """
-    linear, prepacked = torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linear.default
-    done = {}  # weight name -> (get_attr of its prepacked form, out_features)
+    packed = {}  # (weight name, packer) -> (get_attr of its prepacked form, or None: no kernel; its rows)
+    count = 0
     for node in list(gm.graph.nodes):
-        w = node.args[1] if node.target == linear else None
-        if w is None or w.op != "get_attr":
+        if node.op != "call_function" or node.target not in PREPACKED:
             continue
-        if w.target not in done:
-            weight = gm.get_buffer(w.target)
-            if weight.dtype not in PREPACKABLE or weight.dim() != 2:
-                continue
-            owner, _, attr = w.target.rpartition(".")
-            if all(user.target == linear for user in w.users):
-                gm.get_submodule(owner).register_buffer(attr, prepack_weight(weight))
-                done[w.target] = w, weight.shape[0]
-            else:
-                gm.get_submodule(owner).register_buffer(attr + "_prepacked", prepack_weight(weight))
-                with gm.graph.inserting_after(w):
-                    done[w.target] = gm.graph.get_attr(w.target + "_prepacked"), weight.shape[0]
-        packed, out_features = done[w.target]
-        x, _, bias = node.args
-        node.target, node.args = prepacked, (x, packed, bias, out_features)
+        prepacked_op, packers = PREPACKED[node.target]
+        if any(node.args[i].op != "get_attr" for i in packers):
+            continue
+        for i, pack in packers.items():
+            if (node.args[i].target, pack) not in packed:
+                packed[node.args[i].target, pack] = _prepack(gm, node.args[i], i, pack)
+        new = {i: packed[node.args[i].target, pack] for i, pack in packers.items()}
+        if any(attr is None for attr, _ in new.values()):
+            continue
+        args = [new[i][0] if i in new else arg for i, arg in enumerate(node.args)]
+        node.target, node.args = prepacked_op, (*args, new[1][1])
+        count += 1
     gm.recompile()
-    return sum(node.target == prepacked for node in gm.graph.nodes)
+    return count
+
+
+def _prepack(gm: fx.GraphModule, weight: fx.Node, index: int, pack):
+    tensor = gm.get_buffer(weight.target)
+    prepacked = pack(tensor)
+    if prepacked is None:
+        return None, None
+    owner, _, attr = weight.target.rpartition(".")
+    if all(user.target in PREPACKED and PREPACKED[user.target][1].get(index) is pack and user.args[index] is weight
+           for user in weight.users):
+        gm.get_submodule(owner).register_buffer(attr, prepacked)
+        return weight, tensor.shape[0]
+    gm.get_submodule(owner).register_buffer(attr + "_prepacked", prepacked)
+    with gm.graph.inserting_after(weight):
+        return gm.graph.get_attr(weight.target + "_prepacked"), tensor.shape[0]

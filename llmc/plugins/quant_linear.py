@@ -8,9 +8,11 @@ x is quantized first (W8A8: E4M3 with that static per-tensor scale; W4A4: NVFP4 
 dynamic block scales and that global scale) and read back, so the output is what a quantized
 matmul gives up to fp32 rounding. The reference dequantizes and calls F.linear in x's dtype.
 
-On CPU, steps of a few rows (decode) run C++ kernels that decode the packed weights inside the
-dot products (csrc/quant_linear.cpp), so a step reads 1 or 9/16 byte per weight. Larger steps
-dequantize the weights a tile of output rows at a time and call torch's GEMM on each tile.
+On CPU the torch backend runs them as llmc::fp8_prepacked_linear and llmc::nvfp4_prepacked_linear
+(`prepack_linears` in plugins/linear.py): the packed bytes, and NVFP4's block scales, reordered once at
+load time into groups of 64 output features (`prepack_quantized`), which csrc/quant_linear.cpp streams
+and decodes inside the dot products, so a decode step reads 1 or 9/16 byte per weight. For prefill it
+decodes each group once into fp32 for all rows and runs the blocked GEMM of csrc/linear.cpp.
 """
 
 from __future__ import annotations
@@ -19,13 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
+from llmc.plugins.linear import column_blocks, from_column_blocks, register_prepacked
 from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4, fake_quantize_nvfp4_activation, quantize_fp8
 
-# Most rows the decode kernels take (their limit). On the dev machine (2 threads, a 4096 x 768
-# weight) they beat dequantized tiles + GEMM at every row count up to it: 1.8x at 16 rows.
-KERNEL_MAX_ROWS = 16
-# Weights dequantized per GEMM call in the prefill path: 2M fp32 values (8 MB) stay in cache.
-TILE_ELEMENTS = 1 << 21
+GROUP = 64  # output features per group of the prepacked layout: one cache line of E4M3 bytes per input feature
 
 torch.library.define(
     "llmc::fp8_linear", "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale, Tensor? bias) -> Tensor"
@@ -35,74 +34,75 @@ torch.library.define(
     "(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, Tensor? input_global_scale, "
     "Tensor? bias) -> Tensor",
 )
-
-
-def _fp8_input(x, input_scale):
-    return x if input_scale is None else dequantize_fp8(quantize_fp8(x, input_scale), input_scale, x.dtype)
-
-
-def _nvfp4_input(x, input_global_scale):
-    return x if input_global_scale is None else fake_quantize_nvfp4_activation(x, input_global_scale)
+torch.library.define(
+    "llmc::fp8_prepacked_linear",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale, Tensor? bias, int out_features) -> Tensor",
+)
+torch.library.define(
+    "llmc::nvfp4_prepacked_linear",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_global_scale, Tensor? input_global_scale, "
+    "Tensor? bias, int out_features) -> Tensor",
+)
 
 
 def fp8_linear(x, weight, weight_scale, input_scale, bias):
-    w = dequantize_fp8(weight, weight_scale[:, None], x.dtype)
-    return F.linear(_fp8_input(x, input_scale), w, bias)
+    if input_scale is not None:
+        x = dequantize_fp8(quantize_fp8(x, input_scale), input_scale, x.dtype)
+    return F.linear(x, dequantize_fp8(weight, weight_scale[:, None], x.dtype), bias)
 
 
 def nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias):
-    w = dequantize_nvfp4(weight, weight_scale, weight_global_scale, x.dtype)
-    return F.linear(_nvfp4_input(x, input_global_scale), w, bias)
+    if input_global_scale is not None:
+        x = fake_quantize_nvfp4_activation(x, input_global_scale)
+    return F.linear(x, dequantize_nvfp4(weight, weight_scale, weight_global_scale, x.dtype), bias)
 
 
-def _tiled(x, n, k, dequantize_rows, bias):
-    """F.linear(x, W, bias) with W's rows dequantized tile by tile (dequantize_rows(n0, n1) -> fp32)."""
-    out = x.new_empty((*x.shape[:-1], n))
-    tile = max(1, TILE_ELEMENTS // k)
-    for n0 in range(0, n, tile):
-        n1 = min(n, n0 + tile)
-        out[..., n0:n1] = F.linear(x, dequantize_rows(n0, n1).to(x.dtype), None if bias is None else bias[n0:n1])
-    return out
+def prepack_quantized(packed: torch.Tensor) -> torch.Tensor:
+    """Packed bytes (or block scales) [N, ...] -> [N/64, ..., 64], the extra outputs zero."""
+    return column_blocks(packed, GROUP)
 
 
-def _use_kernel(kernels, x, weight):
-    return kernels is not None and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS and weight.is_contiguous()
+def fp8_prepacked_linear(x, weight, weight_scale, input_scale, bias, out_features):
+    return fp8_linear(x, from_column_blocks(weight, out_features), weight_scale, input_scale, bias)
 
 
-def fp8_linear_cpu(x, weight, weight_scale, input_scale, bias):
+def nvfp4_prepacked_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias, out_features):
+    weight, weight_scale = from_column_blocks(weight, out_features), from_column_blocks(weight_scale, out_features)
+    return nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias)
+
+
+def fp8_prepacked_linear_cpu(*args):
     kernels = cpu_kernels.load()
-    if kernels is None:
-        return fp8_linear(x, weight, weight_scale, input_scale, bias)
-    if _use_kernel(kernels, x, weight):
-        return kernels.fp8_linear(x, weight, weight_scale, input_scale, bias)
-    x = _fp8_input(x, input_scale)
-    weight = weight.contiguous()
-    return _tiled(x, *weight.shape, lambda a, b: kernels.fp8_dequantize(weight[a:b], weight_scale[a:b]), bias)
+    return fp8_prepacked_linear(*args) if kernels is None else kernels.fp8_prepacked_linear(*args)
 
 
-def nvfp4_linear_cpu(x, weight, weight_scale, weight_global_scale, input_global_scale, bias):
+def nvfp4_prepacked_linear_cpu(*args):
     kernels = cpu_kernels.load()
-    if kernels is None:
-        return nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias)
-    if _use_kernel(kernels, x, weight) and weight_scale.is_contiguous():
-        return kernels.nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias)
-    x = _nvfp4_input(x, input_global_scale)
-    weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
-    return _tiled(x, weight.shape[0], 2 * weight.shape[1],
-                  lambda a, b: kernels.nvfp4_dequantize(weight[a:b], weight_scale[a:b], weight_global_scale), bias)
+    return nvfp4_prepacked_linear(*args) if kernels is None else kernels.nvfp4_prepacked_linear(*args)
 
 
-def fp8_linear_fake(x, weight, weight_scale, input_scale, bias):
+def linear_fake(x, weight, *args):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def nvfp4_linear_fake(x, weight, weight_scale, weight_global_scale, input_global_scale, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def prepacked_linear_fake(x, *args):
+    return x.new_empty((*x.shape[:-1], args[-1]))
 
 
-torch.library.impl("llmc::fp8_linear", "CompositeExplicitAutograd", fp8_linear)
-torch.library.impl("llmc::fp8_linear", "CPU", fp8_linear_cpu)
-torch.library.register_fake("llmc::fp8_linear", fp8_linear_fake)
-torch.library.impl("llmc::nvfp4_linear", "CompositeExplicitAutograd", nvfp4_linear)
-torch.library.impl("llmc::nvfp4_linear", "CPU", nvfp4_linear_cpu)
-torch.library.register_fake("llmc::nvfp4_linear", nvfp4_linear_fake)
+for name, reference, cpu, fake in [
+    ("fp8_linear", fp8_linear, None, linear_fake),
+    ("nvfp4_linear", nvfp4_linear, None, linear_fake),
+    ("fp8_prepacked_linear", fp8_prepacked_linear, fp8_prepacked_linear_cpu, prepacked_linear_fake),
+    ("nvfp4_prepacked_linear", nvfp4_prepacked_linear, nvfp4_prepacked_linear_cpu, prepacked_linear_fake),
+]:
+    torch.library.impl(f"llmc::{name}", "CompositeExplicitAutograd", reference)
+    if cpu is not None:
+        torch.library.impl(f"llmc::{name}", "CPU", cpu)
+    torch.library.register_fake(f"llmc::{name}", fake)
+
+register_prepacked(torch.ops.llmc.fp8_linear.default, torch.ops.llmc.fp8_prepacked_linear.default, {1: prepack_quantized})
+register_prepacked(
+    torch.ops.llmc.nvfp4_linear.default,
+    torch.ops.llmc.nvfp4_prepacked_linear.default,
+    {1: prepack_quantized, 2: prepack_quantized},
+)

@@ -6,12 +6,11 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
                            at::Tensor query_start_loc, double scale, int64_t sliding_window,
                            c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
 at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t out_features);
-at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
-                      c10::optional<at::Tensor> bias);
-at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
-                        c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias);
-at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale);
-at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale);
+at::Tensor fp8_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
+                                c10::optional<at::Tensor> bias, int64_t out_features);
+at::Tensor nvfp4_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
+                                  c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias,
+                                  int64_t out_features);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
@@ -23,10 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
         py::arg("sliding_window"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("prepacked_linear", &prepacked_linear);
-  m.def("fp8_linear", &fp8_linear);
-  m.def("nvfp4_linear", &nvfp4_linear);
-  m.def("fp8_dequantize", &fp8_dequantize);
-  m.def("nvfp4_dequantize", &nvfp4_dequantize);
+  m.def("fp8_prepacked_linear", &fp8_prepacked_linear);
+  m.def("nvfp4_prepacked_linear", &nvfp4_prepacked_linear);
   m.def("rms_norm", &rms_norm);
   m.def("rotary_embedding", &rotary_embedding);
   m.def("add_rms_norm", &add_rms_norm);

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include "blocked_gemm.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -144,24 +145,35 @@ void rows_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_
   }
 }
 
+// All M rows against `blocks` consecutive column blocks (w at the first, `stride` apart), into y[:, n0 : n0 + 16 blocks]
+// clipped to N. Serial: callers split the columns among threads.
+template <typename T>
+void gemm_columns(const T* x, int64_t M, int64_t K, const T* w, int64_t stride, int64_t blocks, const float* bias, T* y,
+                  int64_t N, int64_t n0) {
+  const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
+  for (int64_t b = 0; b < blocks; b += nb)
+    for (int64_t m = 0; m < M; m += kMaxRows)
+      rows_dispatch(std::min<int64_t>(kMaxRows, M - m), static_cast<int>(std::min<int64_t>(nb, blocks - b)), x + m * K, K,
+                    w + b * stride, stride, bias, y + m * N, N, n0 + b * kBlock);
+}
+
 template <typename T>
 void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bias, T* y, int64_t N) {
   const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
-  const int64_t groups = (num_blocks + nb - 1) / nb;
   // Threads split the columns: each streams its own contiguous part of W, once, for all rows.
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t first = g * nb;
-      const int blocks = static_cast<int>(std::min<int64_t>(nb, num_blocks - first));
-      for (int64_t m = 0; m < M; m += kMaxRows)
-        rows_dispatch(std::min<int64_t>(kMaxRows, M - m), blocks, x + m * K, K, w + first * stride, stride, bias,
-                      y + m * N, N, first * kBlock);
-    }
+  at::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
+    const int64_t first = g0 * nb, blocks = std::min(g1 * nb, num_blocks) - first;
+    gemm_columns(x, M, K, w + first * stride, stride, blocks, bias, y, N, first * kBlock);
   });
 }
 
 }  // namespace
+
+void blocked_gemm_columns(const float* x, int64_t M, int64_t K, const float* w, int64_t blocks, const float* bias,
+                          float* y, int64_t N, int64_t n0) {
+  gemm_columns(x, M, K, w, K * kBlock, blocks, bias, y, N, n0);
+}
 
 at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t out_features) {
   const bool bf16 = w.scalar_type() == at::kBFloat16;

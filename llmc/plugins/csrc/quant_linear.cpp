@@ -1,22 +1,26 @@
-// llmc::fp8_linear and llmc::nvfp4_linear for CPU: y = x dequant(W)^T + b with W kept packed.
-// Decode (few rows) reads all of W per step, so the kernels stream the packed bytes (1 or 9/16
-// byte per weight) and decode them in registers inside the dot products: each thread takes a band
-// of W's rows and decodes each row once per 8 inputs. (On the dev machine decoding, not memory,
-// is the limit: about 15 G weights/s per core for both formats.) Larger batches are GEMMs: the
-// Python side dequantizes W tile by tile (dequantize_* here) and calls torch.
+// llmc::fp8_prepacked_linear and llmc::nvfp4_prepacked_linear for CPU: y = x dequant(W)^T + b with W kept packed,
+// reordered at load time into column groups of 64 outputs (llmc/plugins/quant_linear.py, `prepack_quantized`):
+//   fp8 weight     [N/64, K, 64]     E4M3 bytes      group[k][j] = W[64 g + j][k]
+//   nvfp4 weight   [N/64, K/2, 64]   two E2M1 codes  group[p][j] = W[64 g + j][2p] | W[64 g + j][2p + 1] << 4
+//   nvfp4 scales   [N/64, K/16, 64]  E4M3            group[c][j] = scale of W[64 g + j][16 c : 16 c + 16]
+// A step of k reads one cache line: each thread streams its groups once, in order (the hardware prefetcher's best
+// case), decodes 16 outputs' weights into a vector and applies it to up to 6 rows with broadcast FMAs. No horizontal
+// sums. On the dev machine decoding, not memory, is the limit at one row: about 18 (E4M3) and 24 (E2M1) G weights/s
+// per core. Larger batches (prefill) decode each group once into an fp32 tile in linear.cpp's layout and run its
+// blocked GEMM over all rows.
 //
-// E4M3 -> fp32 without a table: an E4M3 byte shifted into an fp16's bit positions (sign 15,
-// exponent 13..10, mantissa 9..7) is the same number times 2^-8 (the biases are 7 and 15), also
-// for subnormals, and the CPU converts fp16 to fp32 exactly. The 2^8 goes into the row's scale.
-// E2M1 -> fp32: _mm512_permutexvar_ps looks up 16 nibbles in a 16-entry table at once.
+// E4M3 -> fp32 without a table: an E4M3 byte shifted into an fp16's bit positions (sign 15, exponent 13..10,
+// mantissa 9..7) is the same number times 2^-8 (the biases are 7 and 15), also for subnormals, and the CPU converts
+// fp16 to fp32 exactly. The 2^8 goes into the output's scale.
+// E2M1 -> fp32: _mm512_permutexvar_ps looks up 16 codes in a 16-entry table at once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 #include <immintrin.h>
+#include "blocked_gemm.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
 #error "quant_linear.cpp needs AVX-512 (F, BW, VL): build with -march=native on an AVX-512 CPU"
@@ -25,7 +29,10 @@
 namespace {
 
 constexpr float kE4M3Max = 448.0f, kE2M1Max = 6.0f, kFp16Bias = 256.0f;  // kFp16Bias: 2^(15 - 7)
-constexpr int64_t kBlock = 16, kMaxRows = 16;
+constexpr int64_t kGroup = 64, kVec = 16, kBlock = 16;  // outputs per group, per vector; NVFP4's block along K
+constexpr int kBlocks = kGroup / kVec;
+// Above this many rows a group is decoded once into fp32 for all of them (measured crossover on the dev machine).
+constexpr int64_t kDecodeMaxRows = 12;
 constexpr float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
 // ---- scalar formats, the same arithmetic as quant_formats.py (bit for bit) ----
@@ -34,296 +41,284 @@ inline float e4m3_round(float v) {  // saturating, round to nearest even
   return static_cast<float>(c10::Float8_e4m3fn(std::min(std::max(v, -kE4M3Max), kE4M3Max)));
 }
 
-inline uint8_t e2m1_code(float v) {  // quant_formats.fp4_e2m1_encode
-  const float a = std::fabs(v);
-  uint8_t c = (a > .25f) + (a >= .75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
-  return std::isnan(v) ? 8 : c | (std::signbit(v) << 3);
-}
-
-float e4m3_value(uint8_t b) { return static_cast<float>(c10::bit_cast<c10::Float8_e4m3fn>(b)); }
-
-// One block of 16 activations quantized to NVFP4 with the given global scale and read back
-// (quant_formats.fake_quantize_nvfp4_activation).
-void fake_quantize_block(const float* x, float global_scale, float* out) {
-  float amax = 0.f;
-  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float scale = e4m3_round(amax / kE2M1Max / global_scale) * global_scale;
-  const float divisor = scale > 0.f ? scale : 1.f;
-  for (int i = 0; i < kBlock; ++i) out[i] = kE2M1[e2m1_code(x[i] / divisor)] * scale;
-}
-
 // ---- vector decoding ----
 
-// 16 E4M3 bytes -> 16 floats, each 2^-8 times its value (256-bit integer steps measured faster
-// than 512-bit ones for 32 bytes at once).
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// 16 E4M3 bytes -> 16 floats, each 2^-8 times its value.
 inline __m512 e4m3x16(__m128i bytes) {
   // Sign-extending puts the sign in bit 15 (and in 14, cleared); the shift aligns exponent and mantissa.
   const __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
   return _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 
-// 16 bytes; in a row's last, partial step (Tail) only those under the mask, the others read as 0.
-template <bool Tail>
-inline __m128i load16(const uint8_t* p, __mmask16 mask) {
-  if constexpr (Tail) return _mm_maskz_loadu_epi8(mask, p);
-  else return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+inline __mmask16 lanes_below(int64_t n) { return static_cast<__mmask16>(n >= kVec ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1); }
+
+// ---- activations quantized and read back (W8A8, W4A4), 16 at a time, bit for bit as the scalar formats ----
+
+// e4m3_round of each lane: nearest even, saturating at 448; NaN stays NaN.
+inline __m512 e4m3_round16(__m512 v) {
+  const __m512 a = _mm512_min_ps(_mm512_abs_ps(v), _mm512_set1_ps(kE4M3Max));
+  // Normals: round fp32's mantissa to E4M3's 3 bits (nearest even: add half an ulp less one, plus the kept lsb).
+  __m512i bits = _mm512_castps_si512(a);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFFF), lsb));
+  const __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFF00000))));
+  // Subnormals (below 2^-6): multiples of 2^-9, which adding 2^14 (its ulp is 2^-9) rounds to.
+  const __m512 magic = _mm512_set1_ps(16384.f);
+  const __m512 subnormal = _mm512_sub_ps(_mm512_add_ps(a, magic), magic);
+  __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-6f), _CMP_LT_OQ), normal, subnormal);
+  r = _mm512_or_ps(r, _mm512_and_ps(v, _mm512_set1_ps(-0.f)));  // the sign, also of a zero
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, v);
 }
 
-// Runs step(k, tail) for k = 0, S, 2S, ... < K: whole steps with tail = false, a last partial one
-// with tail = true (std::true_type, so the step can pick masked loads at compile time).
-template <int S, typename Step>
-inline void steps(int64_t K, Step step) {
-  int64_t k = 0;
-  for (; k + S <= K; k += S) step(k, std::false_type{});
-  if (k < K) step(k, std::true_type{});
-}
-
-// 8 E4M3 bytes -> 8 floats (2^-8 times their value) in the low half.
-inline __m512 e4m3x8(const uint8_t* p, __mmask16 mask) {
-  __m128i h = _mm_cvtepi8_epi16(_mm_maskz_loadu_epi8(mask, p));
-  h = _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  return _mm512_castps256_ps512(_mm256_cvtph_ps(h));
-}
-
-inline __mmask16 first16(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
-inline __mmask64 first64(int64_t n) { return n >= 64 ? ~0ull : (1ull << n) - 1; }
-
-// ---- one weight row against MB inputs, into out[m * N] ----
-// A single row at a time keeps the weights one sequential stream for the hardware prefetcher
-// (software prefetching measured no faster), and A accumulators per input keep FMAs in flight.
-// The loops over inputs and vectors are unrolled by pragma: GCC does not unroll them all by itself
-// for 8 inputs, and then keeps the accumulators on the stack (half the speed).
-
-template <int MB, int A>
-inline void store(__m512 (&acc)[MB][A], int64_t N, float* out) {
-  #pragma GCC unroll 16
-  for (int m = 0; m < MB; ++m) {
-    __m512 sum = acc[m][0];
-    #pragma GCC unroll 16
-    for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
-    out[m * N] = _mm512_reduce_add_ps(sum);
+// n values quantized to E4M3 with a per-tensor scale and read back, in place (W8A8's inputs).
+void fake_quantize_fp8(float* x, int64_t n, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const __mmask16 mask = lanes_below(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+    _mm512_mask_storeu_ps(x + i, mask, _mm512_mul_ps(e4m3_round16(_mm512_div_ps(v, s)), s));
   }
 }
 
-// x: MB rows of Kx floats (K rounded up to 64, zero padded). Result is 2^-8 times the true dot.
-template <int MB>
-void fp8_dot(const float* x, int64_t Kx, const uint8_t* w, int64_t K, int64_t N, float* out) {
-  constexpr int A = MB == 1 ? 4 : 2;
-  __m512 acc[MB][A];
-  for (auto& a : acc) for (auto& v : a) v = _mm512_setzero_ps();
-  steps<64>(K, [&](int64_t k, auto tail) {
-    const __mmask64 mask = first64(K - k);
-    __m512 v[4];
-    #pragma GCC unroll 16
-    for (int j = 0; j < 4; ++j) v[j] = e4m3x16(load16<tail>(w + k + 16 * j, static_cast<__mmask16>(mask >> (16 * j))));
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m)
-      #pragma GCC unroll 16
-      for (int j = 0; j < 4; ++j) acc[m][j % A] = _mm512_fmadd_ps(v[j], _mm512_loadu_ps(x + m * Kx + k + 16 * j), acc[m][j % A]);
-  });
-  store(acc, N, out);
+// One block of 16 values quantized to NVFP4 with the given global scale and read back, in place (W4A4's inputs,
+// quant_formats.fake_quantize_nvfp4_activation).
+void fake_quantize_nvfp4_block(float* x, float global_scale) {
+  const __m512 v = _mm512_loadu_ps(x);
+  const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+  const float scale = e4m3_round(amax / kE2M1Max / global_scale) * global_scale;
+  const __m512 q = _mm512_div_ps(v, _mm512_set1_ps(scale > 0.f ? scale : 1.f)), a = _mm512_abs_ps(q);
+  // The E2M1 code: the magnitude's index counts the midpoints below it (ties to even: > or >=), bit 3 the sign.
+  __m512i code = _mm512_srli_epi32(_mm512_castps_si512(q), 28);
+  code = _mm512_and_si512(code, _mm512_set1_epi32(8));
+  const __m512i one = _mm512_set1_epi32(1);
+  for (const float m : {.25f, 1.25f, 2.5f, 5.f}) code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(a, _mm512_set1_ps(m), _CMP_GT_OQ), code, one);
+  for (const float m : {.75f, 1.75f, 3.5f}) code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(a, _mm512_set1_ps(m), _CMP_GE_OQ), code, one);
+  code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q), _mm512_set1_epi32(8));  // NaN: code 8
+  _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_permutexvar_ps(code, _mm512_loadu_ps(kE2M1)), _mm512_set1_ps(scale)));
 }
 
-// x: MB rows of Kx floats (K rounded up to 128, zero padded), each 32 reordered as
-// [elements 0, 2, ..., 30 | 1, 3, ..., 31]: the low and the high nibbles of 16 packed bytes.
-// Result is 2^-8 / global scale times the true dot.
+// ---- decode path: MB rows of x [*, K] against one group, into acc[m][b] (2^-8 times the dots) ----
+
 template <int MB>
-void nvfp4_dot(const float* x, int64_t Kx, const uint8_t* w, const uint8_t* scales, int64_t K, int64_t N, float* out) {
-  constexpr int A = MB == 1 ? 4 : 2;
+void fp8_group(const float* x, int64_t K, const uint8_t* w, __m512 (&acc)[MB][kBlocks]) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) wv[b] = e4m3x16(load16(w + k * kGroup + b * kVec));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int b = 0; b < kBlocks; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
+    }
+  }
+}
+
+// Also times the global scale's inverse: the block scales are applied, the global one is not.
+template <int MB>
+void nvfp4_group(const float* x, int64_t K, const uint8_t* w, const uint8_t* scales, __m512 (&acc)[MB][kBlocks]) {
   const __m512 table = _mm512_loadu_ps(kE2M1);
-  // Lanes 0..7 of the low/high vectors of the c-th 32 weights are in block 2c, lanes 8..15 in 2c+1.
-  const __m512i block_of_lane[4] = {
-      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-      _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
-      _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
-      _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
-  __m512 acc[MB][A];
-  for (auto& a : acc) for (auto& v : a) v = _mm512_setzero_ps();
-  steps<128>(K, [&](int64_t k, auto tail) {  // 128 weights: 64 bytes, 8 block scales
-    const __mmask64 bytes = first64((K - k) / 2);
-    const __m512 s = e4m3x8(scales + k / kBlock, static_cast<__mmask16>(tail ? (1u << (K - k) / kBlock) - 1 : 0xFF));
-    #pragma GCC unroll 16
-    for (int c = 0; c < 4; ++c) {  // in the last step, what is past K reads as 0 (and x is padded)
-      const __m512i b = _mm512_cvtepu8_epi32(load16<tail>(w + k / 2 + 16 * c, static_cast<__mmask16>(bytes >> (16 * c))));
-      const __m512 sv = _mm512_permutexvar_ps(block_of_lane[c], s);
-      __m512 lo = _mm512_permutexvar_ps(b, table);  // the permute reads bits 0..3 only
-      __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-      const float* xp = x + k + 32 * c;
-      if constexpr (MB == 1) {  // scale the products: one multiply less per 32 weights
-        const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xp)));
-        acc[0][c % A] = _mm512_fmadd_ps(t, sv, acc[0][c % A]);
-      } else {  // scale the weights once for all inputs
-        lo = _mm512_mul_ps(lo, sv), hi = _mm512_mul_ps(hi, sv);
-        #pragma GCC unroll 16
-        for (int m = 0; m < MB; ++m) {
-          acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * Kx), acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * Kx + 16), acc[m][1]);
+  for (int64_t c = 0; c < K / kBlock; ++c) {
+    __m512 s[kBlocks], part[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) s[b] = e4m3x16(load16(scales + c * kGroup + b * kVec)), part[b] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kBlock / 2; ++p) {
+      const int64_t k = c * kBlock + 2 * p;
+      for (int b = 0; b < kBlocks; ++b) {
+        const __m512i codes = _mm512_cvtepu8_epi32(load16(w + (k / 2) * kGroup + b * kVec));
+        __m512 lo = _mm512_permutexvar_ps(codes, table);  // the permute reads bits 0..3 only
+        __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+        if constexpr (MB == 1) {  // one row: sum the block unscaled, scale the sum (4 multiplies per 16 k, not 64)
+          part[b] = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), lo, part[b]);
+          part[b] = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), hi, part[b]);
+        } else {  // several rows: scale the weights once for all of them
+          lo = _mm512_mul_ps(lo, s[b]), hi = _mm512_mul_ps(hi, s[b]);
+          for (int m = 0; m < MB; ++m) {
+            acc[m][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), lo, acc[m][b]);
+            acc[m][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k + 1]), hi, acc[m][b]);
+          }
         }
       }
     }
+    if constexpr (MB == 1)
+      for (int b = 0; b < kBlocks; ++b) acc[0][b] = _mm512_fmadd_ps(part[b], s[b], acc[0][b]);
+  }
+}
+
+// y[m][n0 + ...] = acc * scale(n) + bias(n), for the group's outputs below N.
+template <int MB, typename Scale>
+void store_group(__m512 (&acc)[MB][kBlocks], Scale scale, const float* bias, float* y, int64_t N, int64_t n0) {
+  for (int b = 0; b < kBlocks; ++b) {
+    const int64_t n = n0 + b * kVec;
+    const __mmask16 mask = lanes_below(N - n);
+    const __m512 sv = scale(n, mask);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_fmadd_ps(acc[m][b], sv, bv));
+  }
+}
+
+// ---- the two formats: a group's decode-path tile, its fp32 dequantization, its output scale ----
+
+struct Fp8Weights {
+  const uint8_t* w; const float* channel_scale; int64_t K;
+  static constexpr int kTileRows = 6;  // 24 accumulators + 4 weight vectors + a broadcast: 29 of 32 registers
+  template <int MB> void tile(const float* x, int64_t g, __m512 (&acc)[MB][kBlocks]) const {
+    fp8_group<MB>(x, K, w + g * K * kGroup, acc);
+  }
+  __m512 output_scale(int64_t n, __mmask16 mask) const {
+    return _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, channel_scale + n), _mm512_set1_ps(kFp16Bias));
+  }
+  // out[b][k][j] = W[n0 + 16 b + j][k], exactly as quant_formats.dequantize_fp8 computes it: (q * 2^8 exact) * scale.
+  void dequantize(int64_t g, int64_t N, float* out) const {
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m512 s = output_scale(g * kGroup + b * kVec, lanes_below(N - g * kGroup - b * kVec));
+      for (int64_t k = 0; k < K; ++k)
+        _mm512_storeu_ps(out + (b * K + k) * kVec, _mm512_mul_ps(e4m3x16(load16(w + (g * K + k) * kGroup + b * kVec)), s));
+    }
+  }
+};
+
+struct Nvfp4Weights {
+  const uint8_t* w; const uint8_t* block_scales; float global_scale; int64_t K;
+  static constexpr int kTileRows = 5;  // 20 accumulators + 4 block scales + weights, table, broadcasts
+  template <int MB> void tile(const float* x, int64_t g, __m512 (&acc)[MB][kBlocks]) const {
+    nvfp4_group<MB>(x, K, w + g * (K / 2) * kGroup, block_scales + g * (K / kBlock) * kGroup, acc);
+  }
+  __m512 output_scale(int64_t, __mmask16) const { return _mm512_set1_ps(global_scale * kFp16Bias); }
+  // As quant_formats.dequantize_nvfp4: e2m1 * (block scale * global scale).
+  void dequantize(int64_t g, int64_t, float* out) const {
+    const __m512 table = _mm512_loadu_ps(kE2M1), gs = _mm512_set1_ps(global_scale * kFp16Bias);
+    const uint8_t* wg = w + g * (K / 2) * kGroup;
+    const uint8_t* sg = block_scales + g * (K / kBlock) * kGroup;
+    for (int b = 0; b < kBlocks; ++b)
+      for (int64_t k = 0; k < K; k += 2) {
+        const __m512 s = _mm512_mul_ps(e4m3x16(load16(sg + (k / kBlock) * kGroup + b * kVec)), gs);
+        const __m512i codes = _mm512_cvtepu8_epi32(load16(wg + (k / 2) * kGroup + b * kVec));
+        _mm512_storeu_ps(out + (b * K + k) * kVec, _mm512_mul_ps(_mm512_permutexvar_ps(codes, table), s));
+        _mm512_storeu_ps(out + (b * K + k + 1) * kVec, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), s));
+      }
+  }
+};
+
+template <int MB, typename Weights>
+void decode_rows(const Weights& weights, const float* x, int64_t g, const float* bias, float* y, int64_t N) {
+  __m512 acc[MB][kBlocks];
+  for (auto& row : acc) for (auto& v : row) v = _mm512_setzero_ps();
+  weights.template tile<MB>(x, g, acc);
+  store_group<MB>(acc, [&](int64_t n, __mmask16 mask) { return weights.output_scale(n, mask); }, bias, y, N, g * kGroup);
+}
+
+template <typename Weights>
+void decode_rows(int64_t mb, const Weights& weights, const float* x, int64_t g, const float* bias, float* y, int64_t N) {
+  switch (mb) {
+    case 6: return decode_rows<std::min(6, Weights::kTileRows)>(weights, x, g, bias, y, N);
+    case 5: return decode_rows<5>(weights, x, g, bias, y, N);
+    case 4: return decode_rows<4>(weights, x, g, bias, y, N);
+    case 3: return decode_rows<3>(weights, x, g, bias, y, N);
+    case 2: return decode_rows<2>(weights, x, g, bias, y, N);
+    default: return decode_rows<1>(weights, x, g, bias, y, N);
+  }
+}
+
+// y [M, N] = x [M, K] dequant(W)^T + bias: threads split the groups of 64 outputs.
+template <typename Weights>
+void quantized_gemm(const Weights& weights, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N) {
+  at::parallel_for(0, (N + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
+    if (M <= kDecodeMaxRows) {
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t m = 0; m < M; m += Weights::kTileRows)
+          decode_rows(std::min<int64_t>(Weights::kTileRows, M - m), weights, x + m * K, g, bias, y + m * N, N);
+      return;
+    }
+    thread_local std::vector<float> tile;
+    tile.resize(kGroup * K);
+    for (int64_t g = g0; g < g1; ++g) {
+      weights.dequantize(g, N, tile.data());
+      blocked_gemm_columns(x, M, K, tile.data(), std::min<int64_t>(kBlocks, (N - g * kGroup + kVec - 1) / kVec), bias, y,
+                           N, g * kGroup);
+    }
   });
-  store(acc, N, out);
 }
 
-// Rows [n0, n1) of W against all M inputs, into y[m * N + n]: each row is decoded once per 8 inputs.
-template <typename Dot>
-void rows_times_inputs(int64_t M, int64_t n0, int64_t n1, Dot dot) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) dot.template run<8>(m, n);
-    if (M - m >= 4) dot.template run<4>(m, n), m += 4;
-    if (M - m >= 2) dot.template run<2>(m, n), m += 2;
-    if (M - m >= 1) dot.template run<1>(m, n);
-  }
-}
-
-struct Fp8Dot {
-  const float* x; int64_t Kx; const uint8_t* w; int64_t K, N; float* y;
-  template <int MB> void run(int64_t m, int64_t n) const { fp8_dot<MB>(x + m * Kx, Kx, w + n * K, K, N, y + m * N + n); }
-};
-
-struct Nvfp4Dot {
-  const float* x; int64_t Kx; const uint8_t* w; const uint8_t* s; int64_t K, N; float* y;
-  template <int MB> void run(int64_t m, int64_t n) const {
-    nvfp4_dot<MB>(x + m * Kx, Kx, w + n * (K / 2), s + n * (K / kBlock), K, N, y + m * N + n);
-  }
-};
-
-at::Tensor rows_of(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK(x.size(-1) == K, op, ": input features ", x.size(-1), " != weight's ", K);
-  auto x2d = x.reshape({-1, K});
-  TORCH_CHECK(x2d.size(0) <= kMaxRows, op, ": the CPU kernel takes at most ", kMaxRows, " rows");
-  return x2d.to(at::kFloat).contiguous();
-}
-
-// The kernels' copy of the inputs: zero padded, reused from call to call (a step's inputs are small).
-float* input_buffer(int64_t size) {
-  thread_local std::vector<float> buffer;
-  buffer.assign(size, 0.f);
-  return buffer.data();
-}
+// ---- arguments ----
 
 float scalar(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1, what, " must be a scalar tensor, got shape ", t.sizes());
   return t.scalar_type() == at::kFloat && t.is_cpu() ? *t.data_ptr<float>() : t.item<float>();
 }
 
-// y [M, N] (2^-8 times the dots) -> output: times the row scales (and the factor), plus bias.
-at::Tensor finish(at::Tensor y, const at::Tensor& x, const float* row_scale, float factor,
-                  const c10::optional<at::Tensor>& bias) {
-  const int64_t M = y.size(0), N = y.size(1);
-  float* yp = y.data_ptr<float>();
-  at::Tensor bf;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values for ", N, " outputs");
-    bf = bias->to(at::kFloat).contiguous();
-    bp = bf.data_ptr<float>();
-  }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) yp[m * N + n] = yp[m * N + n] * (row_scale ? row_scale[n] * factor : factor) + (bp ? bp[n] : 0.f);
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// x as fp32 rows [M, K], in a copy the caller may quantize in place.
+at::Tensor input_rows(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.size(-1) == K, op, ": input features ", x.size(-1), " do not match the weight's ", K);
+  return x.reshape({-1, K}).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
+at::Tensor bias_of(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!given(bias)) return {};
+  TORCH_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " values for ", N, " outputs");
+  return bias->to(at::kFloat).contiguous();
+}
+
+void check_groups(const at::Tensor& w, int64_t rows, int64_t N, const char* what, const char* op) {
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(2) == kGroup && w.size(1) == rows,
+              op, ": ", what, " is not in the prepacked layout [N/64, ", rows, ", 64] (see plugins/quant_linear.py)");
+  TORCH_CHECK(N <= w.size(0) * kGroup && N > (w.size(0) - 1) * kGroup, op, ": out_features ", N,
+              " does not match the weight's ", w.size(0), " groups of 64");
+}
+
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
   auto shape = x.sizes().vec();
-  shape.back() = N;
+  shape.back() = y.size(1);
   return y.to(x.scalar_type()).view(shape);
 }
 
 }  // namespace
 
-at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
-                      c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat8_e4m3fn,
-              "fp8_linear: weight must be a contiguous float8_e4m3fn [N, K] matrix");
-  const int64_t N = w.size(0), K = w.size(1), Kx = (K + 63) / 64 * 64;
-  auto xf = rows_of(x, K, "fp8_linear");
-  const int64_t M = xf.size(0);
+at::Tensor fp8_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
+                                c10::optional<at::Tensor> bias, int64_t out_features) {
+  const char* op = "fp8_prepacked_linear";
+  TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, op, ": weight must be float8_e4m3fn, got ", w.scalar_type());
+  const int64_t N = out_features, K = w.size(1);
+  check_groups(w, K, N, "weight", op);
   auto scale = w_scale.to(at::kFloat).contiguous();
-  TORCH_CHECK(scale.numel() == N, "fp8_linear: weight_scale must have one value per output channel (", N, ")");
-  // W8A8 quantizes the inputs to E4M3 with their static scale and reads them back.
-  const bool w8a8 = in_scale.has_value() && in_scale->defined();
-  const float s = w8a8 ? scalar(*in_scale, "fp8_linear: input_scale") : 1.f;
-  const float* src = xf.data_ptr<float>();
-  float* xp = input_buffer(M * Kx);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xp[m * Kx + k] = w8a8 ? e4m3_round(src[m * K + k] / s) * s : src[m * K + k];
-  auto y = at::empty({M, N}, xf.options());
-  const Fp8Dot dot{xp, Kx, static_cast<const uint8_t*>(w.data_ptr()), K, N, y.data_ptr<float>()};
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_times_inputs(M, n0, n1, dot); });
-  return finish(y, x, scale.data_ptr<float>(), kFp16Bias, bias);
-}
-
-at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
-                        c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
-              "nvfp4_linear: weight must be a contiguous uint8 [N, K/2] matrix of packed E2M1 pairs");
-  const int64_t N = w.size(0), K = 2 * w.size(1), Kx = (K + 127) / 128 * 128;
-  TORCH_CHECK(K % kBlock == 0, "nvfp4_linear: K (", K, ") must be a multiple of ", kBlock);
-  TORCH_CHECK(w_scale.is_contiguous() && w_scale.scalar_type() == at::kFloat8_e4m3fn && w_scale.numel() == N * K / kBlock,
-              "nvfp4_linear: weight_scale must be a contiguous float8_e4m3fn [N, K/16] matrix");
-  auto xf = rows_of(x, K, "nvfp4_linear");
+  TORCH_CHECK(scale.numel() == N, op, ": weight_scale must have one value per output channel (", N, ")");
+  auto xf = input_rows(x, K, op);
   const int64_t M = xf.size(0);
-  // The inputs (W4A4: quantized block by block and read back), each 32 reordered even | odd.
-  const bool w4a4 = in_global_scale.has_value() && in_global_scale->defined();
-  const float in_gs = w4a4 ? scalar(*in_global_scale, "nvfp4_linear: input_global_scale") : 0.f;
-  const float* src = xf.data_ptr<float>();
-  float* xp = input_buffer(M * Kx);
-  float block[kBlock];
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += kBlock) {
-      const float* b = src + m * K + k;
-      if (w4a4) fake_quantize_block(b, in_gs, block);
-      else std::copy(b, b + kBlock, block);
-      float* d = xp + m * Kx + k / 32 * 32 + (k % 32) / 2;  // this block's 8 even, then 8 odd slots
-      for (int i = 0; i < kBlock / 2; ++i) d[i] = block[2 * i], d[16 + i] = block[2 * i + 1];
-    }
+  if (given(in_scale)) {  // W8A8: the inputs quantized to E4M3 with their static scale and read back
+    const float s = scalar(*in_scale, "fp8_prepacked_linear: input_scale");
+    float* xp = xf.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { fake_quantize_fp8(xp + m0 * K, (m1 - m0) * K, s); });
+  }
+  auto b = bias_of(bias, N, op);
   auto y = at::empty({M, N}, xf.options());
-  const Nvfp4Dot dot{xp, Kx, w.data_ptr<uint8_t>(), static_cast<const uint8_t*>(w_scale.data_ptr()), K, N, y.data_ptr<float>()};
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_times_inputs(M, n0, n1, dot); });
-  const float gs = scalar(w_global_scale, "nvfp4_linear: weight_global_scale");
-  return finish(y, x, nullptr, gs * kFp16Bias, bias);
+  const Fp8Weights weights{static_cast<const uint8_t*>(w.data_ptr()), scale.data_ptr<float>(), K};
+  quantized_gemm(weights, xf.data_ptr<float>(), M, K, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  return finish(y, x);
 }
 
-// Whole matrices (or row tiles) to fp32, exactly as quant_formats' dequantize_* compute them.
-at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat8_e4m3fn, "fp8_dequantize: bad weight");
-  const int64_t N = w.size(0), K = w.size(1);
-  auto scale = w_scale.to(at::kFloat).contiguous();
-  auto out = at::empty({N, K}, scale.options());
-  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-  const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const __m512 s = _mm512_set1_ps(sp[n]), unbias = _mm512_set1_ps(kFp16Bias);
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = first16(K - k);
-        // Times 2^8 is exact, so the product with the scale rounds once, as q * scale does.
-        const __m512 v = _mm512_mul_ps(e4m3x16(load16<true>(wp + n * K + k, mask)), unbias);
-        _mm512_mask_storeu_ps(op + n * K + k, mask, _mm512_mul_ps(v, s));
-      }
-    }
-  });
-  return out;
-}
-
-at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, "nvfp4_dequantize: bad weight");
-  TORCH_CHECK(w_scale.is_contiguous() && w_scale.scalar_type() == at::kFloat8_e4m3fn, "nvfp4_dequantize: bad weight_scale");
-  const int64_t N = w.size(0), K = 2 * w.size(1);
-  TORCH_CHECK(K % kBlock == 0 && w_scale.numel() == N * K / kBlock, "nvfp4_dequantize: weight_scale must be [N, K/16]");
-  const float gs = scalar(w_global_scale, "nvfp4_dequantize: weight_global_scale");
-  auto out = at::empty({N, K}, w.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint8_t* sp = static_cast<const uint8_t*>(w_scale.data_ptr());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N * K / kBlock, 256, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float s = e4m3_value(sp[b]) * gs;
-      for (int i = 0; i < kBlock / 2; ++i) {
-        const uint8_t byte = wp[b * kBlock / 2 + i];
-        op[b * kBlock + 2 * i] = kE2M1[byte & 0xF] * s;
-        op[b * kBlock + 2 * i + 1] = kE2M1[byte >> 4] * s;
-      }
-    }
-  });
-  return out;
+at::Tensor nvfp4_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
+                                  c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias,
+                                  int64_t out_features) {
+  const char* op = "nvfp4_prepacked_linear";
+  TORCH_CHECK(w.scalar_type() == at::kByte, op, ": weight must be uint8 (two E2M1 codes a byte), got ", w.scalar_type());
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat8_e4m3fn, op, ": weight_scale must be float8_e4m3fn");
+  const int64_t N = out_features, K = 2 * w.size(1);
+  TORCH_CHECK(K % kBlock == 0, op, ": in_features (", K, ") must be a multiple of ", kBlock);
+  check_groups(w, K / 2, N, "weight", op);
+  check_groups(w_scale, K / kBlock, N, "weight_scale", op);
+  auto xf = input_rows(x, K, op);
+  const int64_t M = xf.size(0);
+  if (given(in_global_scale)) {  // W4A4: the inputs quantized to NVFP4 block by block and read back
+    const float gs = scalar(*in_global_scale, "nvfp4_prepacked_linear: input_global_scale");
+    float* xp = xf.data_ptr<float>();
+    at::parallel_for(0, M * K / kBlock, 256, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) fake_quantize_nvfp4_block(xp + blk * kBlock, gs);
+    });
+  }
+  auto b = bias_of(bias, N, op);
+  auto y = at::empty({M, N}, xf.options());
+  const Nvfp4Weights weights{w.data_ptr<uint8_t>(), static_cast<const uint8_t*>(w_scale.data_ptr()),
+                             scalar(w_global_scale, "nvfp4_prepacked_linear: weight_global_scale"), K};
+  quantized_gemm(weights, xf.data_ptr<float>(), M, K, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  return finish(y, x);
 }
