@@ -175,7 +175,27 @@ def test_rotary_embedding_kernel_matches_reference(dtype, tol):
     got = torch.ops.llmc.rotary_embedding(x, cos, sin)
     assert got.shape == x.shape and got.dtype == dtype
     torch.testing.assert_close(got, rotary_embedding(x, cos, sin), rtol=tol, atol=tol)
-    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin), got)
+    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, False), got)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_interleaved_rotary_embedding_kernel_matches_reference(dtype, tol):
+    """GPT-J's layout: the first rotary_dim channels of q [1, T, H, D] (a slice of a view, not transposed),
+    cos/sin [1, T, 1, rotary_dim] with each value repeated for its pair; the reference is HF's GPT-J RoPE."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+    from llmc.plugins.rotary import rotary_embedding
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, 3, 16, generator=g).to(dtype)[..., :6]
+    sin_half, cos_half = torch.randn(2, 1, 5, 3, generator=g).to(dtype)
+    expected = apply_rotary_pos_emb(x, sin_half, cos_half)
+    cos, sin = (t[:, :, None].repeat_interleave(2, -1) for t in (cos_half, sin_half))
+    got = torch.ops.llmc.rotary_embedding(x, cos, sin, True)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(rotary_embedding(x, cos, sin, True), expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, True), got)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

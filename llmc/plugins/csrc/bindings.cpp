@@ -13,7 +13,7 @@ at::Tensor nvfp4_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tens
 at::Tensor fp8_dequantize(at::Tensor w, at::Tensor w_scale);
 at::Tensor nvfp4_dequantize(at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
-at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin);
+at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin, bool interleaved);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(at::Tensor x, at::Tensor residual, at::Tensor w, at::Tensor b, double eps);
 
