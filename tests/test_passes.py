@@ -145,4 +145,4 @@ def test_fuse_rotary_embedding(arch, form, checkpoints):
                                      ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))])
 def test_gated_activation_op(act, fn):
     gate, up = torch.randn(3, 10), torch.randn(3, 10)
-    assert torch.equal(torch.ops.llmc.gated_activation(gate, up, act), fn(gate) * up)
+    torch.testing.assert_close(torch.ops.llmc.gated_activation(gate, up, act), fn(gate) * up)  # the CPU kernel: see test_plugins
