@@ -56,9 +56,17 @@ def test_bench_quant_gemv():
     assert {"fp32+fp32_head", "nvfp4+nvfp4_head", "fp8+fp8_head"} <= set(out["tokens_per_s_linears"])
 
 
+def test_bench_gated_activation():
+    out = run_bench("gated_activation", "--ffn", 40, "--layers", 2, "--rows", 1, 3, "--repeats", 1)
+    assert len(out["results"]) == 2 * 2 * 3  # dtypes x rows x activations
+    assert "bfloat16/3x40/gelu_tanh" in out["results"]
+    assert all(r["reference_ms"] > 0 and r["kernel_ms"] > 0 for r in out["results"].values())
+
+
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
-    assert result.exit_code == 1 and "available: latency, parallel, quant_gemv, quantization, serve, triton" in result.output
+    assert result.exit_code == 1
+    assert "available: gated_activation, latency, parallel, quant_gemv, quantization, serve, triton" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):

@@ -19,7 +19,7 @@ from llmc.engine import EngineConfig
 from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.sequence import Sequence
 
-ARCHS = ["llama", "qwen2", "gpt_neox", "mistral"]  # Mistral: a sliding window
+ARCHS = ["llama", "qwen2", "gpt_neox", "mistral", "gptj"]  # Mistral: a sliding window; GPT-J: interleaved RoPE
 PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117)), [200, 7, 9, 300, 11]]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=4)
 MAX_SEQ_LEN = 64

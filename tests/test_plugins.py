@@ -175,7 +175,27 @@ def test_rotary_embedding_kernel_matches_reference(dtype, tol):
     got = torch.ops.llmc.rotary_embedding(x, cos, sin)
     assert got.shape == x.shape and got.dtype == dtype
     torch.testing.assert_close(got, rotary_embedding(x, cos, sin), rtol=tol, atol=tol)
-    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin), got)
+    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, False), got)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_interleaved_rotary_embedding_kernel_matches_reference(dtype, tol):
+    """GPT-J's layout: the first rotary_dim channels of q [1, T, H, D] (a slice of a view, not transposed),
+    cos/sin [1, T, 1, rotary_dim] with each value repeated for its pair; the reference is HF's GPT-J RoPE."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+    from llmc.plugins.rotary import rotary_embedding
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, 3, 16, generator=g).to(dtype)[..., :6]
+    sin_half, cos_half = torch.randn(2, 1, 5, 3, generator=g).to(dtype)
+    expected = apply_rotary_pos_emb(x, sin_half, cos_half)
+    cos, sin = (t[:, :, None].repeat_interleave(2, -1) for t in (cos_half, sin_half))
+    got = torch.ops.llmc.rotary_embedding(x, cos, sin, True)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(rotary_embedding(x, cos, sin, True), expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, True), got)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -211,3 +231,34 @@ def test_add_layer_norm_kernel_matches_reference(dtype, tol):
     (y, h), (y_ref, h_ref) = cpu_kernels.load().add_layer_norm(x, residual, w, b, 1e-5), add_layer_norm(x, residual, w, b, 1e-5)
     assert torch.equal(h, h_ref)
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+
+
+# The kernel computes in torch's own vectorized math, so most outputs equal the reference's bit for bit;
+# torch itself computes some elements otherwise (std::exp / std::tanh in its kernels' scalar tails,
+# oneDNN's GELU on contiguous fp32 and bf16), where the two differ by rounding: at most one bf16 ulp
+# (2^-7 relative); in fp32 a few ulps, and up to about 1e-6 absolute where oneDNN's 1 + erf(x) cancels.
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("rows", [1, 150])
+@pytest.mark.parametrize("merged", [True, False], ids=["merged-gate-up", "separate"])
+def test_gated_activation_kernel_matches_reference(dtype, rtol, act, rows, merged):
+    """An odd width, one row (decode) and enough rows for two threads; gate and up as the halves of a merged
+    gate/up linear's output (rows twice as far apart) or as tensors of their own."""
+    from llmc.plugins.activations import gated_activation
+
+    atol = 1e-5 if act == "gelu" else 1e-6
+    g = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(1, rows, 2 * 131, generator=g).to(dtype)
+    gate, up = gate_up.split(131, dim=-1) if merged else (t.contiguous() for t in gate_up.split(131, dim=-1))
+    got = torch.ops.llmc.gated_activation(gate, up, act)
+    assert got.shape == gate.shape and got.dtype == dtype
+    torch.testing.assert_close(got, gated_activation(gate, up, act), rtol=rtol, atol=atol)
+    torch.testing.assert_close(cpu_kernels.load().gated_activation(gate, up, act), got, rtol=0, atol=0)
+
+
+def test_gated_activation_falls_back_to_the_reference_without_kernels(monkeypatch):
+    from llmc.plugins.activations import gated_activation
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    gate, up = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    assert torch.equal(torch.ops.llmc.gated_activation(gate, up, "gelu"), gated_activation(gate, up, "gelu"))

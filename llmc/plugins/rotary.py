@@ -1,6 +1,10 @@
-"""llmc::rotary_embedding: rotary position embedding (RoPE) of queries or keys, in HF's rotate-half form:
-x * cos + cat(-x[..., d/2:], x[..., :d/2]) * sin, with cos and sin broadcast to x (the form of Llama,
-Mistral, Qwen2 and GPT-NeoX, whose partial rotary slices x before it).
+"""llmc::rotary_embedding: rotary position embedding (RoPE) of queries or keys: x * cos + rotate(x) * sin,
+with cos and sin broadcast to x. Two ways of pairing x's channels, as HF writes them:
+
+- rotate-half (Llama, Mistral, Qwen2, GPT-NeoX, whose partial rotary slices x before it): channel i
+  turns with i + d/2, rotate(x) = cat(-x[..., d/2:], x[..., :d/2]);
+- interleaved (GPT-J's rotate_every_two, vLLM's is_neox_style=False): channel 2i turns with 2i + 1,
+  rotate(x) = stack(-x[..., 1::2], x[..., ::2]).flatten(-2), and cos / sin repeat each value twice.
 
 The reference is those torch ops, in that order; on CPU a C++ kernel does it in one pass over x
 (csrc/rotary.cpp) instead of six ops a tensor.
@@ -12,21 +16,27 @@ import torch
 
 from llmc.plugins import cpu_kernels
 
-torch.library.define("llmc::rotary_embedding", "(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+torch.library.define("llmc::rotary_embedding", "(Tensor x, Tensor cos, Tensor sin, bool interleaved=False) -> Tensor")
 
 
-def rotary_embedding(x, cos, sin):
+def _rotate(x, interleaved):
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_embedding_cpu(x, cos, sin):
+def rotary_embedding(x, cos, sin, interleaved=False):
+    return x * cos + _rotate(x, interleaved) * sin
+
+
+def rotary_embedding_cpu(x, cos, sin, interleaved=False):
     kernels = cpu_kernels.load()
     if kernels is None or x.dim() != 4 or x.shape[-1] % 2 or not x.dtype == cos.dtype == sin.dtype:
-        return rotary_embedding(x, cos, sin)
-    return kernels.rotary_embedding(x, cos, sin)
+        return rotary_embedding(x, cos, sin, interleaved)
+    return kernels.rotary_embedding(x, cos, sin, interleaved)
 
 
 torch.library.impl("llmc::rotary_embedding", "CompositeExplicitAutograd", rotary_embedding)
 torch.library.impl("llmc::rotary_embedding", "CPU", rotary_embedding_cpu)
-torch.library.register_fake("llmc::rotary_embedding", lambda x, cos, sin: torch.empty_like(x))
+torch.library.register_fake("llmc::rotary_embedding", lambda x, cos, sin, interleaved=False: torch.empty_like(x))

@@ -12,9 +12,10 @@ at::Tensor nvfp4_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale
                                   c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias,
                                   int64_t out_features);
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
-at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin);
+at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin, bool interleaved);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(at::Tensor x, at::Tensor residual, at::Tensor w, at::Tensor b, double eps);
+at::Tensor gated_activation(at::Tensor gate, at::Tensor up, const std::string& act);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
@@ -28,4 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("add_layer_norm", &add_layer_norm);
+  m.def("gated_activation", &gated_activation);
 }

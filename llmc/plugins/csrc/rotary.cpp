@@ -1,9 +1,11 @@
-// llmc::rotary_embedding for CPU: out = x * cos + rotate_half(x) * sin in one pass, for 4-D x of any
-// strides (queries and keys arrive as transposed views) and cos / sin broadcast to it.
+// llmc::rotary_embedding for CPU: out = x * cos + rotate(x) * sin in one pass, for 4-D x of any strides
+// (queries and keys arrive as transposed or sliced views) and cos / sin broadcast to it. rotate pairs
+// channel d with d + D/2 (rotate-half) or with d ^ 1 (interleaved); the first of a pair takes its
+// partner negated, the second takes its partner.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin, bool interleaved) {
   TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rotary_embedding: x must be 4-D with an even last dimension");
   auto out = at::empty_like(x);
   auto c = cos.expand_as(x), s = sin.expand_as(x);
@@ -17,7 +19,9 @@ at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (H * T), h = i / T % H, t = i % T;
         for (int64_t d = 0; d < D; ++d) {
-          const float rotated = d < half ? -static_cast<float>(xa[b][h][t][d + half]) : static_cast<float>(xa[b][h][t][d - half]);
+          const bool first = interleaved ? d % 2 == 0 : d < half;
+          const int64_t partner = interleaved ? d ^ 1 : (first ? d + half : d - half);
+          const float rotated = first ? -static_cast<float>(xa[b][h][t][partner]) : static_cast<float>(xa[b][h][t][partner]);
           // Rounded to scalar_t after each op, as the reference's torch ops round (bf16, fp16).
           const scalar_t straight = static_cast<float>(xa[b][h][t][d]) * static_cast<float>(ca[b][h][t][d]);
           const scalar_t turned = rotated * static_cast<float>(sa[b][h][t][d]);
