@@ -6,13 +6,13 @@ import operator
 
 import pytest
 import torch
+from conftest import step_inputs
 
 import llmc
 from llmc.backends import torch_backend
 from llmc.backends.step_function import step_function
 from llmc.engine import EngineConfig
 from llmc.plugins import CPU_FUNCTIONS
-from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence
 
@@ -24,13 +24,7 @@ def _steps(block_size: int):
     """A prefill of two prompts (one in two chunks), then decodes beside the second chunk, then decodes."""
     a, b = Sequence([3, 1, 4, 1, 5, 9, 2, 6], SamplingParams()), Sequence(list(range(20, 41)), SamplingParams())
     a.block_table, b.block_table = [0, 1], [2, 3, 4]
-    for plan in ([(a, 8), (b, 12)], [(a, 1), (b, 9)], [(a, 1), (b, 1)]):
-        inputs, sampled = prepare_inputs(plan, block_size)
-        yield inputs
-        for seq, n in plan:
-            seq.num_computed_tokens += n
-            if seq in sampled:
-                seq.token_ids.append(7 + len(seq))
+    return step_inputs([[(a, 8), (b, 12)], [(a, 1), (b, 9)], [(a, 1), (b, 1)]], block_size)
 
 
 @pytest.mark.parametrize("arch, options", [
