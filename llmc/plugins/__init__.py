@@ -8,7 +8,8 @@ _ops = torch.ops.llmc
 # What each op runs on CPU tensors: the function its file registers for CPU, else its reference
 # (CompositeExplicitAutograd). The torch backend's generated step calls these directly, skipping a
 # round trip through torch's dispatcher (llmc/backends/step_function.py). Keep it in step with the
-# registrations: tests/test_step_function.py checks that every llmc op is here.
+# registrations: tests/test_step_function.py checks that every llmc op is here, with its `*_cpu`
+# function where it registers a CPU kernel.
 CPU_FUNCTIONS = {
     _ops.linear.default: torch.nn.functional.linear,
     _ops.prepacked_linear.default: linear.prepacked_linear_cpu,
