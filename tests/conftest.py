@@ -60,6 +60,20 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
     return path
 
 
+def step_inputs(plans, block_size: int):
+    """The step inputs of each plan in turn (a plan: [(sequence, tokens to compute now)], as the scheduler
+    makes them); after each step a sequence whose tokens are all computed gets a made-up next token."""
+    from llmc.runtime.model_runner import prepare_inputs
+
+    for plan in plans:
+        inputs, sampled = prepare_inputs(plan, block_size)
+        yield inputs
+        for seq, n in plan:
+            seq.num_computed_tokens += n
+            if seq in sampled:
+                seq.token_ids.append(7 + len(seq))
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import step_inputs
 
 import llmc
 from llmc import LLM, SamplingParams
 from llmc.backends import get_backend
 from llmc.cli import main
 from llmc.engine import EngineConfig
-from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.sequence import Sequence
 
 ARCHS = ["llama", "qwen2", "gpt_neox", "mistral", "gptj"]  # Mistral: a sliding window; GPT-J: interleaved RoPE
@@ -50,14 +50,7 @@ def _steps():
     a, b, c = (Sequence(p, PARAMS) for p in ([3, 1, 4, 1, 5], list(range(20, 31)), list(range(40, 53))))
     for row, seq in enumerate((a, b, c)):
         seq.block_table = [row]
-    plans = [[(a, 5), (b, 11)], [(a, 1), (b, 1), (c, 6)], [(b, 1), (a, 1), (c, 7)]]
-    for plan in plans:
-        inputs, sampled = prepare_inputs(plan, MAX_SEQ_LEN)
-        yield inputs
-        for seq, n in plan:
-            seq.num_computed_tokens += n
-            if seq in sampled:
-                seq.token_ids.append(7 + len(seq))
+    return step_inputs([[(a, 5), (b, 11)], [(a, 1), (b, 1), (c, 6)], [(b, 1), (a, 1), (c, 7)]], MAX_SEQ_LEN)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,8 +1,8 @@
 """The torch backend: each rank's program as llmc.fx JSON, its weights as safetensors.
 
 Loading rebuilds the FX graph from allow-listed ops (no pickle, no code from the engine) and runs
-it eagerly on the target device, CPU or CUDA. On CPU the linears' weights are prepacked for llmc's
-kernel as they load (llmc/plugins/linear.py).
+it eagerly on the target device, CPU or CUDA, as one generated Python function (step_function.py).
+On CPU the linears' weights are prepacked for llmc's kernel as they load (llmc/plugins/linear.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_linears
 from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
+from llmc.backends.step_function import step_function
 from llmc.engine import EngineError
 
 PROGRAM = "program.json"
@@ -54,4 +55,6 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
 def make_runner(rank_dir: Path, config, rank: int, num_blocks: int, device: torch.device | str):
     from llmc.runtime.model_runner import ModelRunner
 
-    return ModelRunner(load_rank(rank_dir, device), config, rank, num_blocks, torch.device(device))
+    gm = load_rank(rank_dir, device)
+    inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    return ModelRunner(step_function(gm, device, f"rank{rank}"), inputs, config, rank, num_blocks, torch.device(device))

@@ -154,8 +154,9 @@ class LLMEngine:
         for seq, n in batch:
             seq.num_computed_tokens += n
         live = [i for i, seq in enumerate(sampled) if seq.request_id in self.requests]  # not aborted meanwhile
-        sampled = [sampled[i] for i in live]
-        tokens, logprobs = sample(logits[live], sampled)
+        if len(live) < len(sampled):
+            logits, sampled = logits[live], [sampled[i] for i in live]
+        tokens, logprobs = sample(logits, sampled)
         outputs = []
         for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
             state = self.requests[seq.request_id]

@@ -3,6 +3,8 @@ on the driver), and one rank's program run on them with its KV cache (`ModelRunn
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -44,8 +46,10 @@ def prepare_inputs(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray]
 class ModelRunner:
     """One rank's program and its slice of the paged KV cache (its layers, its KV heads)."""
 
-    def __init__(self, program: torch.fx.GraphModule, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
-        self.program = program
+    def __init__(self, program: Callable, input_names: list[str], config: EngineConfig, rank: int, num_blocks: int,
+                 device: torch.device):
+        self.program = program  # called with the step inputs in the order of input_names
+        self.input_names = input_names
         self.device = device
         kv = config.ranks[rank]["kv_cache"]
         self.kv_cache = torch.zeros(
@@ -53,11 +57,10 @@ class ModelRunner:
             dtype=getattr(torch, config.kv_cache["dtype"]),
             device=device,
         )
-        self.input_names = [n.target for n in program.graph.nodes if n.op == "placeholder"]
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The program's outputs: logits [1, S, vocab] on the last pipeline stage, else what it sends on."""
         values = {**inputs, "kv_cache": self.kv_cache}
-        out = self.program(**{name: torch.as_tensor(values[name], device=self.device) for name in self.input_names})
+        out = self.program(*[torch.as_tensor(values[name], device=self.device) for name in self.input_names])
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
