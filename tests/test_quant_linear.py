@@ -157,9 +157,11 @@ def test_prepacking_keeps_a_tied_table_for_the_embedding():
         root.register_buffer(f"table_{i}", t)
     graph = fx.Graph()
     ids = graph.placeholder("ids")
+    # Each op reads the table through its own get_attr nodes, as an engine's program does.
     table = [graph.get_attr(f"table_{i}") for i in range(3)]
     h = graph.call_function(torch.ops.llmc.nvfp4_embedding.default, (*table, ids, torch.float32))
-    graph.output(graph.call_function(torch.ops.llmc.nvfp4_linear.default, (h, *table, None, None)))
+    head = [graph.get_attr(f"table_{i}") for i in range(3)]
+    graph.output(graph.call_function(torch.ops.llmc.nvfp4_linear.default, (h, *head, None, None)))
     gm = fx.GraphModule(root, graph)
     ids = torch.tensor([[3, 69, 0]])
     expected = gm(ids)

@@ -121,8 +121,9 @@ def _prepack(gm: fx.GraphModule, weight: fx.Node, index: int, pack):
     if prepacked is None:
         return None, None
     owner, _, attr = weight.target.rpartition(".")
-    if all(user.target in PREPACKED and PREPACKED[user.target][1].get(index) is pack and user.args[index] is weight
-           for user in weight.users):
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == weight.target]  # a graph may have several
+    if all(user.target in PREPACKED and PREPACKED[user.target][1].get(index) is pack and user.args[index] is reader
+           for reader in readers for user in reader.users):
         gm.get_submodule(owner).register_buffer(attr, prepacked)
         return weight, tensor.shape[0]
     gm.get_submodule(owner).register_buffer(attr + "_prepacked", prepacked)

@@ -54,7 +54,7 @@ def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, float]
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [len(seqs), vocab] -> one token id per sequence, and its logprobs where asked for."""
     logits = logits.float()
-    tokens = logits.numpy().argmax(-1).tolist()  # numpy's argmax is vectorized: 10x torch's on CPU
+    tokens = logits.cpu().numpy().argmax(-1).tolist()  # numpy's argmax is vectorized: 10x torch's on CPU
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     for i, seq in enumerate(seqs):
         p = seq.params
