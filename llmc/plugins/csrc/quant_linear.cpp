@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <algorithm>
-#include <cmath>
 #include <vector>
 #include <immintrin.h>
 #include "blocked_gemm.h"
@@ -118,7 +117,7 @@ template <int MB>
 void nvfp4_group(const float* x, int64_t K, const uint8_t* w, const uint8_t* scales, __m512 (&acc)[MB][kBlocks]) {
   const __m512 table = _mm512_loadu_ps(kE2M1);
   for (int64_t c = 0; c < K / kBlock; ++c) {
-    __m512 s[kBlocks], part[kBlocks];
+    __m512 s[kBlocks], part[kBlocks];  // part: one row's unscaled sums over the block
     for (int b = 0; b < kBlocks; ++b) s[b] = e4m3x16(load16(scales + c * kGroup + b * kVec)), part[b] = _mm512_setzero_ps();
     for (int64_t p = 0; p < kBlock / 2; ++p) {
       const int64_t k = c * kBlock + 2 * p;
