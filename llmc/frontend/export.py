@@ -16,6 +16,7 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
+from llmc.weights import set_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,8 +149,7 @@ def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, b
             raise CheckpointError(
                 f"weight {name!r} in {ckpt.path} has shape {tuple(value.shape)}, but config.json implies {tuple(meta.shape)}"
             )
-        owner_name, _, attr = name.rpartition(".")
-        gm.get_submodule(owner_name).register_buffer(attr, value.to(meta.dtype), persistent=True)
+        set_weight(gm, name, value.to(meta.dtype))
 
 
 def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:

@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.linear  # noqa: F401  (registers torch.ops.llmc.linear)
-from llmc.passes.manager import BuildContext, register_pass, set_weight
+from llmc.passes.manager import BuildContext, register_pass
+from llmc.weights import set_weight
 
 aten = torch.ops.aten
 llmc_linear = torch.ops.llmc.linear.default

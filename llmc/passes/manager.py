@@ -106,12 +106,6 @@ def _run(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def set_weight(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    """Register `value` as the weight (buffer) called `name`, a dotted path like get_attr targets."""
-    owner, _, attr = name.rpartition(".")
-    gm.get_submodule(owner).register_buffer(attr, value)
-
-
 def _drop_unused_weights(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):

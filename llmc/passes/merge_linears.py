@@ -9,7 +9,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, register_pass, set_weight
+from llmc.passes.manager import BuildContext, register_pass
+from llmc.weights import set_weight
 
 LINEAR = torch.ops.llmc.linear.default
 

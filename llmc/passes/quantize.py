@@ -27,8 +27,9 @@ import torch.fx as fx
 
 import llmc.plugins.quant_embedding  # noqa: F401  (registers the ops this pass inserts)
 import llmc.plugins.quant_linear  # noqa: F401
-from llmc.passes.manager import BuildContext, PassError, register_pass, set_weight
+from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.plugins.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, quantize_fp8_weight, quantize_nvfp4
+from llmc.weights import set_weight
 
 LINEAR = torch.ops.llmc.linear.default
 EMBEDDING = torch.ops.aten.embedding.default

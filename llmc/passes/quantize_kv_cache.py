@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, PassError, register_pass, set_weight
+from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.plugins.quant_formats import E4M3_MAX
+from llmc.weights import set_weight
 
 ATTENTION = torch.ops.llmc.paged_attention.default
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}

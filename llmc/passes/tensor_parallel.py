@@ -23,8 +23,9 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
-from llmc.passes.manager import BuildContext, PassError, example_step, register_pass, set_weight
+from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
 from llmc.passes.pipeline_parallel import NORMS, activations
+from llmc.weights import set_weight
 
 aten = torch.ops.aten
 llmc = torch.ops.llmc

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
+from llmc.weights import set_weight
 
 BLOCK = 16  # output features per block: one AVX-512 vector of fp32
 
@@ -120,12 +121,11 @@ def _prepack(gm: fx.GraphModule, weight: fx.Node, index: int, pack):
     prepacked = pack(tensor)
     if prepacked is None:
         return None, None
-    owner, _, attr = weight.target.rpartition(".")
     readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == weight.target]  # a graph may have several
     if all(user.target in PREPACKED and PREPACKED[user.target][1].get(index) is pack and user.args[index] is reader
            for reader in readers for user in reader.users):
-        gm.get_submodule(owner).register_buffer(attr, prepacked)
+        set_weight(gm, weight.target, prepacked)
         return weight, tensor.shape[0]
-    gm.get_submodule(owner).register_buffer(attr + "_prepacked", prepacked)
+    set_weight(gm, weight.target + "_prepacked", prepacked)
     with gm.graph.inserting_after(weight):
         return gm.graph.get_attr(weight.target + "_prepacked"), tensor.shape[0]
