@@ -128,17 +128,23 @@ def test_fuse_gated_activation(checkpoints):
 
 @pytest.mark.parametrize("arch, form", [("llama", "rotate_half"), ("qwen2", "rotate_half"), ("gpt_neox", "rotate_half"),
                                         ("gptj", "interleaved")])
-def test_fuse_rotary_embedding(arch, form, checkpoints):
+def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, checkpoints):
     """RoPE of queries and keys in both layers becomes llmc::rotary_embedding: rotate-half (GPT-NeoX's
-    partial rotary too) and GPT-J's interleaved pairs (partial rotary too)."""
+    partial rotary too) and GPT-J's interleaved pairs (partial rotary too); then each layer's pair folds
+    into its attention op, which takes cos / sin [T, rotary_dim] and computes exactly what it did."""
     ckpt = Checkpoint(checkpoints[arch])
     ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
     gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
-    record = next(r for r in records if r["pass"] == "fuse_rotary_embedding")
-    assert record["rotary_embeddings"] == {form: 4} and record["verify_max_abs_diff"] <= 1e-6
-    fused = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.rotary_embedding.default]
-    assert len(fused) == 4 and all(n.args[3] == (form == "interleaved") for n in fused)
-    assert not any(n.target == torch.ops.aten.neg.default for n in gm.graph.nodes)
+    fused = next(r for r in records if r["pass"] == "fuse_rotary_embedding")
+    assert fused["rotary_embeddings"] == {form: 4} and fused["verify_max_abs_diff"] <= 1e-6
+    folded = next(r for r in records if r["pass"] == "fold_rotary_into_attention")
+    assert folded["attentions"] == {form: 2} and folded["verify_max_abs_diff"] == 0.0
+    assert not any(n.target in (torch.ops.llmc.rotary_embedding.default, torch.ops.aten.neg.default) for n in gm.graph.nodes)
+    attentions = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.paged_attention.default]
+    rotary_dim = {"gpt_neox": 8, "gptj": 8}.get(arch, 16)  # conftest: rotary_pct=0.5, rotary_dim=8; head_dim 16
+    for n in attentions:
+        assert n.kwargs["rotary_interleaved"] == (form == "interleaved")
+        assert [tuple(n.kwargs[t].meta["val"].shape)[1:] for t in ("cos", "sin")] == [(rotary_dim,)] * 2
 
 
 @pytest.mark.parametrize("act, fn", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),

@@ -95,6 +95,35 @@ def test_fp8_kv_cache_kernel_matches_reference():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim, interleaved", [(DIM, False), (4, False), (4, True)])
+@pytest.mark.parametrize("tokens", [5, 40], ids=["decode-kernel", "prefill-reference"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["", "fp8-cache"])
+def test_rope_folded_into_attention_equals_rotary_then_attention(dtype, rotary_dim, interleaved, tokens, fp8):
+    """cos / sin given to the op: the cache and the output are bit for bit those of llmc::rotary_embedding on
+    q's and k's first rotary_dim channels, then the op (a step of a decode and a prefill chunk, either path)."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.zeros(3, 2, 16, BLOCK, KV_HEADS, DIM, dtype=torch.float8_e4m3fn if fp8 else dtype)
+    q = torch.randn(1, HEADS, tokens, DIM, generator=g).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, tokens, DIM, generator=g).to(dtype) for _ in range(2))
+    cos, sin = (torch.randn(tokens, rotary_dim, generator=g).to(dtype) for _ in range(2))
+    slots = torch.tensor([13] + list(range(20, 20 + tokens - 1)))
+    args = (2, slots, torch.tensor([[8, 2, 3, 1] + [0] * 8, list(range(5, 5 + 12))], dtype=torch.int32),
+            torch.tensor([14, tokens - 1], dtype=torch.int32), torch.tensor([0, 1, tokens], dtype=torch.int32), 0.35, 0,
+            *((torch.tensor(0.02), torch.tensor(0.015)) if fp8 else (None, None)))
+
+    def rope(x):
+        turned = torch.ops.llmc.rotary_embedding(x[..., :rotary_dim], cos.view(1, 1, tokens, -1), sin.view(1, 1, tokens, -1),
+                                                 interleaved)
+        return torch.cat((turned, x[..., rotary_dim:]), dim=-1)
+
+    cache_unfused = cache.clone()
+    expected = torch.ops.llmc.paged_attention(rope(q), rope(k), v, cache_unfused, *args)
+    got = torch.ops.llmc.paged_attention(q, k, v, cache, *args, cos=cos, sin=sin, rotary_interleaved=interleaved)
+    assert torch.equal(cache.view(torch.uint8), cache_unfused.view(torch.uint8))
+    assert torch.equal(got, expected)
+
+
 def test_op_runs_the_kernel_on_cpu(monkeypatch):
     calls = []
     module = cpu_kernels.load()

@@ -33,7 +33,7 @@ import torch.fx as fx
 from onnxscript import opset23 as op
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
-from llmc.plugins import activations, collectives, norms, rotary
+from llmc.plugins import activations, attention, collectives, norms, rotary
 
 OPSET = 23
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -240,6 +240,7 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
     seqlens_k, total = new_input("seqlens_k"), new_input("total_sequence_length")
     presents = []
     num_kv_heads = head_dim = None
+    lowered = {"llmc::paged_attention": ATTENTION[form]}
     for node in paged:
         q, k, v, _, layer, _, _, _, _, scale, window, *scales = node.args
         if any(s is not None for s in scales):
@@ -247,6 +248,10 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
         num_heads, num_kv_heads, head_dim = q.meta["val"].shape[1], k.meta["val"].shape[1], q.meta["val"].shape[3]
         past = [new_input(f"past_key_{layer}"), new_input(f"past_value_{layer}")]
         with graph.inserting_before(node):
+            if node.kwargs.get("cos") is not None:  # RoPE folded into the op: applied before it, by its reference
+                rope = (node.kwargs["cos"], node.kwargs["sin"], node.kwargs.get("rotary_interleaved", False))
+                q, k = (graph.call_function(attention.apply_rope, (x, *rope)) for x in (q, k))
+                lowered["llmc::paged_attention's RoPE"] = "fallback"
             attn = graph.call_function(
                 torch.ops.llmc_onnx.attention.default,
                 (q, k, v, *past, seqlens_k, total, int(num_heads), int(num_kv_heads), float(scale), int(window)),
@@ -255,7 +260,6 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
             presents += [graph.call_function(operator.getitem, (attn, i)) for i in (1, 2)]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    lowered = {"llmc::paged_attention": ATTENTION[form]}
     for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
         if name in placeholders:
             if placeholders[name].users:

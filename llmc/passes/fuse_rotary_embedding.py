@@ -17,7 +17,7 @@ from llmc.passes.manager import BuildContext, register_pass
 aten = torch.ops.aten
 
 
-def _last_dim(dim, x) -> bool:
+def is_last_dim(dim, x) -> bool:
     return dim in (-1, x.meta["val"].dim() - 1)
 
 
@@ -26,13 +26,13 @@ def _args(node: fx.Node, defaults: tuple) -> tuple:
     return (*node.args[1:], *defaults[len(node.args) - 1:])
 
 
-def _last_dim_slice(node, x, start: int, end: int, step: int = 1) -> bool:
+def is_last_dim_slice(node, x, start: int, end: int, step: int = 1) -> bool:
     """node is x[..., start:end:step] (an end past x's last dim clips to it)."""
     if not (isinstance(node, fx.Node) and node.target == aten.slice.Tensor and node.args[0] is x):
         return False
     dim, lo, hi, by = _args(node, (0, None, None, 1))
     d = x.meta["val"].shape[-1]
-    return _last_dim(dim, x) and (lo or 0) == start and min(d if hi is None else hi, d) == end and by == step
+    return is_last_dim(dim, x) and (lo or 0) == start and min(d if hi is None else hi, d) == end and by == step
 
 
 def _negated(node) -> fx.Node | None:
@@ -43,11 +43,11 @@ def _is_rotate_half(node, x) -> bool:
     """cat([-x[..., d/2:], x[..., :d/2]], -1)"""
     if not (isinstance(node, fx.Node) and node.target == aten.cat.default and len(node.args[0]) == 2):
         return False
-    if len(node.args) > 1 and not _last_dim(node.args[1], x):
+    if len(node.args) > 1 and not is_last_dim(node.args[1], x):
         return False
     neg, first = node.args[0]
     d = x.meta["val"].shape[-1]
-    return _last_dim_slice(_negated(neg), x, d // 2, d) and _last_dim_slice(first, x, 0, d // 2)
+    return is_last_dim_slice(_negated(neg), x, d // 2, d) and is_last_dim_slice(first, x, 0, d // 2)
 
 
 def _is_rotate_every_two(node, x) -> bool:
@@ -62,7 +62,7 @@ def _is_rotate_every_two(node, x) -> bool:
         return False
     neg, even = stack.args[0]
     d = x.meta["val"].shape[-1]
-    return _last_dim_slice(_negated(neg), x, 1, d, 2) and _last_dim_slice(even, x, 0, d, 2)
+    return is_last_dim_slice(_negated(neg), x, 1, d, 2) and is_last_dim_slice(even, x, 0, d, 2)
 
 
 def _match(add: fx.Node):

@@ -10,6 +10,11 @@ tokens when that is positive).
 An FP8 KV cache (kv_cache of dtype float8_e4m3fn) stores k / k_scale and v / v_scale (per-layer
 scalars from calibration, saturating at 448) and multiplies them back on read.
 
+With `cos` and `sin` ([T, rotary_dim], one row per new token), RoPE is folded in (TensorRT-LLM's
+attention plugin does the same): q and k arrive unrotated and the op applies llmc::rotary_embedding
+to their first rotary_dim channels (`rotary_interleaved` as that op's `interleaved`) before
+anything else, so the cache holds rotated keys as before.
+
 Layouts (those of the HF attention it replaces, so the graph around it is unchanged):
     q       [1, num_heads, T, head_dim]
     k, v    [1, num_kv_heads, T, head_dim]          (before any GQA expansion)
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmc.plugins import cpu_kernels
+from llmc.plugins import cpu_kernels, rotary
 
 
 # Defined with torch.library's schema API rather than @custom_op: the same op for FX and export,
@@ -34,12 +39,23 @@ torch.library.define(
     "llmc::paged_attention",
     "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, int layer, Tensor slot_mapping, Tensor block_tables, "
     "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window, Tensor? k_scale=None, "
-    "Tensor? v_scale=None) -> Tensor",
+    "Tensor? v_scale=None, Tensor? cos=None, Tensor? sin=None, bool rotary_interleaved=False) -> Tensor",
 )
 
 
+def apply_rope(x, cos, sin, interleaved, rotate=rotary.rotary_embedding):
+    """x [1, heads, T, head_dim] with `rotate` (a rotary_embedding) on its first rotary_dim channels."""
+    dim = cos.shape[-1]
+    cos, sin = cos.view(1, 1, -1, dim), sin.view(1, 1, -1, dim)
+    if dim == x.shape[-1]:
+        return rotate(x, cos, sin, interleaved)
+    return torch.cat((rotate(x[..., :dim], cos, sin, interleaved), x[..., dim:]), dim=-1)
+
+
 def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                    k_scale=None, v_scale=None):
+                    k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False, rotate=rotary.rotary_embedding):
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin, rotary_interleaved, rotate), apply_rope(k, cos, sin, rotary_interleaved, rotate)
     write_kv_cache(k, v, kv_cache, layer, slot_mapping, k_scale, v_scale)
     return paged_attention_reference(
         q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window, k_scale, v_scale
@@ -47,20 +63,20 @@ def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_le
 
 
 def paged_attention_cpu(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                        k_scale=None, v_scale=None):
+                        k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False):
     kernels = cpu_kernels.load()
     # The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill go to
-    # the reference, whose SDPA is a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama).
+    # the reference, whose SDPA is a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama);
+    # RoPE there is the rotary kernel, which rounds as this kernel does.
     if kernels is None or q.shape[2] > 8 * seq_lens.numel():
         return paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
-                               sliding_window, k_scale, v_scale)
-    return kernels.paged_attention(
-        q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window, k_scale, v_scale
-    )
+                               sliding_window, k_scale, v_scale, cos, sin, rotary_interleaved, rotary.rotary_embedding_cpu)
+    return kernels.paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
+                                   sliding_window, k_scale, v_scale, cos, sin, rotary_interleaved)
 
 
 def paged_attention_fake(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                         k_scale=None, v_scale=None):
+                         k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False):
     return torch.empty_like(q)
 
 

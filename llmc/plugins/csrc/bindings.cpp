@@ -4,7 +4,8 @@
 at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
                            at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
                            at::Tensor query_start_loc, double scale, int64_t sliding_window,
-                           c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale);
+                           c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
+                           c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, bool rotary_interleaved);
 at::Tensor prepacked_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t out_features);
 at::Tensor fp8_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
                                 c10::optional<at::Tensor> bias, int64_t out_features);
@@ -21,7 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_cache"), py::arg("layer"),
         py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
-        py::arg("sliding_window"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+        py::arg("sliding_window"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
+        py::arg("cos") = py::none(), py::arg("sin") = py::none(), py::arg("rotary_interleaved") = false);
   m.def("prepacked_linear", &prepacked_linear);
   m.def("fp8_prepacked_linear", &fp8_prepacked_linear);
   m.def("nvfp4_prepacked_linear", &nvfp4_prepacked_linear);

@@ -2,8 +2,10 @@
 // (write the new K/V into the paged cache, then causal attention of each new token over its
 // sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with OpenMP.
 // An FP8 cache (float8_e4m3fn) holds k / k_scale and v / v_scale, saturated at 448 as torch's cast does.
+// With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "rotary.h"
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -20,9 +22,25 @@ static cache_t to_cache(float x, float inv_scale) {
     return static_cast<cache_t>(x);
 }
 
+// RoPE of the first `dim` channels of each new token's q and k: cos / sin [T, dim] in q's dtype (dim 0: none).
+template <typename scalar_t>
+struct Rope {
+  const scalar_t *cos = nullptr, *sin = nullptr;
+  int64_t dim = 0;
+  bool interleaved = false;
+
+  // Channel d of token t's row x, rotated if it is one of the first `dim`.
+  template <typename Row>
+  float operator()(const Row& x, int64_t t, int64_t d) const {
+    if (d >= dim) return static_cast<float>(x[d]);
+    return static_cast<float>(rope_channel<scalar_t>(x, d, dim, interleaved, static_cast<float>(cos[t * dim + d]),
+                                                     static_cast<float>(sin[t * dim + d])));
+  }
+};
+
 template <typename scalar_t, typename cache_t>
 static void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
-                        const at::Tensor& slot_mapping, float k_scale, float v_scale) {
+                        const at::Tensor& slot_mapping, float k_scale, float v_scale, const Rope<scalar_t>& rope) {
   const int64_t T = k.size(2), Hkv = k.size(1), D = k.size(3);
   const int64_t NB = cache.size(2), BS = cache.size(3);
   const float k_inv = 1.f / k_scale, v_inv = 1.f / v_scale;
@@ -36,7 +54,7 @@ static void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& ca
       cache_t* vd = kd + NB * BS * Hkv * D;
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t d = 0; d < D; ++d) {
-          kd[h * D + d] = to_cache<cache_t>(static_cast<float>(ka[0][h][t][d]), k_inv);
+          kd[h * D + d] = to_cache<cache_t>(rope(ka[0][h][t], t, d), k_inv);
           vd[h * D + d] = to_cache<cache_t>(static_cast<float>(va[0][h][t][d]), v_inv);
         }
     }
@@ -86,7 +104,7 @@ static void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += 
 template <typename scalar_t, typename cache_t>
 static void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
-                   int64_t sliding_window, float k_scale, float v_scale, at::Tensor& out) {
+                   int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope, at::Tensor& out) {
   const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4);
   const int64_t group = H / Hkv, S = seq_lens.size(0), max_blocks = block_tables.size(1);
@@ -113,7 +131,7 @@ static void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, 
       auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
         return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
       };
-      for (int64_t d = 0; d < D; ++d) qv[d] = static_cast<float>(qa[0][h][t][d]) * static_cast<float>(scale) * k_scale;
+      for (int64_t d = 0; d < D; ++d) qv[d] = rope(qa[0][h][t], t, d) * static_cast<float>(scale) * k_scale;
       // Two passes: the scores and their maximum, then the softmax-weighted sum of the values.
       scores.resize(pos + 1 - first);
       float m = -INFINITY;
@@ -137,12 +155,22 @@ static void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
                            at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
                            at::Tensor query_start_loc, double scale, int64_t sliding_window,
-                           c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale) {
+                           c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
+                           c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, bool rotary_interleaved) {
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 || q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache must have one dtype, or the cache be FP8");
   TORCH_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()), "an FP8 cache, and only it, takes k_scale and v_scale");
   const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "RoPE takes both cos and sin");
+  at::Tensor cos_rows, sin_rows;  // [T, rotary_dim], contiguous
+  if (cos.has_value()) {
+    cos_rows = cos->reshape({q.size(2), -1}).contiguous();
+    sin_rows = sin->reshape({q.size(2), -1}).contiguous();
+    TORCH_CHECK(cos_rows.scalar_type() == q.scalar_type() && sin_rows.sizes() == cos_rows.sizes(),
+                "cos and sin must be [num_tokens, rotary_dim] in q's dtype");
+    TORCH_CHECK(cos_rows.size(1) % 2 == 0 && cos_rows.size(1) <= q.size(3), "rotary_dim must be even and at most head_dim");
+  }
   auto slots = slot_mapping.to(at::kLong).contiguous();
   auto tables = block_tables.to(at::kInt).contiguous();
   auto lens = seq_lens.to(at::kInt).contiguous();
@@ -150,12 +178,15 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
   // [1, T, H, D] memory viewed as [1, H, T, D]: what HF's transpose(1, 2) after attention expects.
   auto out = at::empty({1, q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    Rope<scalar_t> rope;
+    if (cos_rows.defined())
+      rope = {cos_rows.data_ptr<scalar_t>(), sin_rows.data_ptr<scalar_t>(), cos_rows.size(1), rotary_interleaved};
     if (fp8) {
-      write_cache<scalar_t, c10::Float8_e4m3fn>(k, v, kv_cache, layer, slots, ks, vs);
-      attend<scalar_t, c10::Float8_e4m3fn>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, out);
+      write_cache<scalar_t, c10::Float8_e4m3fn>(k, v, kv_cache, layer, slots, ks, vs, rope);
+      attend<scalar_t, c10::Float8_e4m3fn>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, out);
     } else {
-      write_cache<scalar_t, scalar_t>(k, v, kv_cache, layer, slots, 1.f, 1.f);
-      attend<scalar_t, scalar_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, out);
+      write_cache<scalar_t, scalar_t>(k, v, kv_cache, layer, slots, 1.f, 1.f, rope);
+      attend<scalar_t, scalar_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, out);
     }
   });
   return out;
