@@ -144,6 +144,7 @@ def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, checkp
     rotary_dim = {"gpt_neox": 8, "gptj": 8}.get(arch, 16)  # conftest: rotary_pct=0.5, rotary_dim=8; head_dim 16
     for n in attentions:
         assert n.kwargs["rotary_interleaved"] == (form == "interleaved")
+        assert all("val" in x.meta for x in n.args[:3])  # backends read q's and k's shapes (GPT-J's are new transposes)
         assert [tuple(n.kwargs[t].meta["val"].shape)[1:] for t in ("cos", "sin")] == [(rotary_dim,)] * 2
 
 

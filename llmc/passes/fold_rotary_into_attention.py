@@ -64,6 +64,14 @@ def _unrotated(x: fx.Node, user: fx.Node):
     return source, transposed, _rope_args(rope)
 
 
+def _transposed(graph: fx.Graph, x: fx.Node, attention: fx.Node) -> fx.Node:
+    """x [1, T, heads, D] as [1, heads, T, D], with its shape known to the backends that read it."""
+    with graph.inserting_before(attention):
+        out = graph.call_function(aten.transpose.int, (x, 1, 2))
+    out.meta["val"] = x.meta["val"].transpose(1, 2)
+    return out
+
+
 def _rows(graph: fx.Graph, table: fx.Node, attention: fx.Node) -> fx.Node:
     """cos or sin, broadcast over heads, as the op's [T, rotary_dim]."""
     dim = table.meta["val"].shape[-1]
@@ -82,8 +90,7 @@ def fold_rotary_into_attention(gm: fx.GraphModule, ctx: BuildContext):
             continue
         heads = [q[0], k[0]]
         if q[1]:  # RoPE ran on [1, T, heads, D]: the op reads the transpose of what it rotated
-            with gm.graph.inserting_before(attention):
-                heads = [gm.graph.call_function(aten.transpose.int, (h, 1, 2)) for h in heads]
+            heads = [_transposed(gm.graph, h, attention) for h in heads]
         cos, sin, interleaved = q[2]
         attention.args = (*heads, *attention.args[2:])
         attention.kwargs = {**attention.kwargs, "cos": _rows(gm.graph, cos, attention), "sin": _rows(gm.graph, sin, attention),
