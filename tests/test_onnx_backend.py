@@ -1,4 +1,4 @@
-"""ONNX engines: the torch backend's logits and tokens through ONNX Runtime, valid ONNX, FP8 kept as FP8."""
+"""ONNX engines: the torch backend's logits and tokens through ONNX Runtime, valid ONNX, FP8 kept as FP8 and NVFP4 packed."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import step_inputs
+from conftest import VOCAB, step_inputs
 
 import llmc
 from llmc import LLM, SamplingParams
 from llmc.backends import get_backend
 from llmc.cli import main
 from llmc.engine import EngineConfig
+from llmc.plugins.quant_formats import E2M1_MAX, E2M1_VALUES, NVFP4_BLOCK, fake_quantize_nvfp4_activation, nvfp4_global_scale
 from llmc.runtime.sequence import Sequence
 
 ARCHS = ["llama", "qwen2", "gpt_neox", "mistral", "gptj"]  # Mistral: a sliding window; GPT-J: interleaved RoPE
@@ -153,21 +154,120 @@ def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
     assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
-def test_fp8_onnx_engine_generates_torch_tokens(checkpoints, tmp_path):
-    """`llmc build --backend onnx --quant fp8`: ONNX Runtime gives the torch backend's FP8 engine's tokens."""
-    options = dict(max_seq_len=MAX_SEQ_LEN, quant="fp8", calib_samples=2, **quiet)
-    onnx_engine = llmc.build(checkpoints["qwen2"], tmp_path / "onnx", backend="onnx", **options)
-    torch_engine = llmc.build(checkpoints["qwen2"], tmp_path / "torch", block_size=MAX_SEQ_LEN, **options)
-    expected, got = (LLM(e).generate(PROMPTS, PARAMS) for e in (torch_engine, onnx_engine))
+def quantized_engines(checkpoint, root, quant: str) -> dict:
+    """The ONNX engine and the torch backend's (one cache block a sequence) of `checkpoint` quantized with
+    `quant`, from the same calibration."""
+    options = dict(max_seq_len=MAX_SEQ_LEN, quant=quant, calib_samples=2, **quiet)
+    return {"onnx": llmc.build(checkpoint, root / f"{quant}-onnx", backend="onnx", **options),
+            "torch": llmc.build(checkpoint, root / f"{quant}-torch", block_size=MAX_SEQ_LEN, **options)}
+
+
+def assert_generates_alike(engines: dict, tolerance: float):
+    """The ONNX engine gives the torch engine's greedy tokens, their logprobs within `tolerance`."""
+    expected, got = (LLM(engines[backend]).generate(PROMPTS, PARAMS) for backend in ("torch", "onnx"))
     for a, b in zip(expected, got):
         assert b.token_ids == a.token_ids
         for want, have in zip(a.logprobs, b.logprobs):
-            assert max(abs(want[t] - have[t]) for t in want) <= 1e-4
+            assert max(abs(want[t] - have[t]) for t in want) <= tolerance
 
 
-def test_onnx_nvfp4_is_a_clear_error(checkpoints, tmp_path):
-    out = tmp_path / "e"
-    result = CliRunner().invoke(main, ["build", str(checkpoints["llama"]), "-o", str(out), "--backend", "onnx",
-                                       "--quant", "nvfp4-weight-only", "--max-seq-len", "64"])
-    assert result.exit_code != 0 and "no CPU kernels for FP4" in result.output and "--quant fp8" in result.output
-    assert not out.exists()
+def test_fp8_onnx_engine_generates_torch_tokens(checkpoints, tmp_path):
+    """`llmc build --backend onnx --quant fp8`: ONNX Runtime gives the torch backend's FP8 engine's tokens."""
+    assert_generates_alike(quantized_engines(checkpoints["qwen2"], tmp_path, "fp8"), tolerance=1e-4)
+
+
+NVFP4_MODES = ["nvfp4-weight-only", "nvfp4"]
+
+
+@pytest.fixture(scope="module")
+def nvfp4_engines(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nvfp4_engines")
+    return {mode: quantized_engines(checkpoints["qwen2"], root, mode) for mode in NVFP4_MODES}
+
+
+@pytest.mark.parametrize("mode", NVFP4_MODES)
+def test_nvfp4_onnx_engine_generates_torch_tokens(mode, nvfp4_engines):
+    """`llmc build --backend onnx --quant nvfp4[-weight-only]`: ONNX Runtime gives the torch backend's NVFP4 engine's
+    tokens. Both decode the same packed weights exactly and (W4A4) quantize activations identically, so only the order
+    of fp32 sums differs: logprobs differ by at most 5e-7 here (measured, both modes). The tolerance is the fp32 and
+    FP8 tests' 1e-4: another CPU sums in other orders, and under W4A4 an ulp can move an activation across an E2M1
+    rounding tie."""
+    assert_generates_alike(nvfp4_engines[mode], tolerance=1e-4)
+
+
+def _packed_weights(model: onnx.ModelProto) -> dict[str, tuple[list[int], list[int]]]:
+    """Each UINT8 initializer's dims and those of its FLOAT8E4M3FN block scales, by name."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    return {name: (list(i.dims), list(initializers[name + "_block_scale"].dims))
+            for name, i in initializers.items() if i.data_type == onnx.TensorProto.UINT8}
+
+
+@pytest.mark.parametrize("mode", NVFP4_MODES)
+def test_nvfp4_onnx_keeps_weights_packed(mode, nvfp4_engines, tmp_path):
+    """Each NVFP4 weight stays a UINT8 initializer of K/2 bytes a row beside its E4M3 block scales (K/16 a row): in the
+    ONNX file (nothing folded them into floats) and in ONNX Runtime once it has loaded and optimized the model."""
+    path = nvfp4_engines[mode]["onnx"] / "rank0" / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    packed = _packed_weights(model)
+    # Per layer the merged q/k/v, o, merged gate/up and down projections, and the embedding table.
+    assert len(packed) == 2 * 4 + 1
+    assert all(rows == scale_rows and per_row == 8 * scales_per_row  # K/2 = 8 x K/16
+               for (rows, per_row), (scale_rows, scales_per_row) in packed.values())
+    floats = [list(i.dims) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert floats == [[64, VOCAB]]  # only the LM head, kept by --exclude lm_head
+    lowered = EngineConfig.load(nvfp4_engines[mode]["onnx"]).ranks[0]["backend"]["lowered"]
+    assert lowered["llmc::nvfp4_linear"] == lowered["llmc::nvfp4_embedding"] == "native"
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert _packed_weights(onnx.load(options.optimized_model_filepath, load_external_data=False)) == packed
+
+
+def _onnx_runtime_activation_quantizer(k: int):
+    """The W4A4 lowering's activation quantization alone (onnx_export.fake_quantize_nvfp4) in an ONNX Runtime session:
+    exported as the translation of an llmc::nvfp4_linear whose square weight gives the op the activation's shape."""
+    from llmc.backends.onnx_export import OPSET, fake_quantize_nvfp4
+
+    weight, block_scale = torch.zeros(k, k // 2, dtype=torch.uint8), torch.zeros(k, k // 16, dtype=torch.float8_e4m3fn)
+
+    class W4A4Input(torch.nn.Module):
+        def forward(self, x, global_scale):
+            return torch.ops.llmc.nvfp4_linear(x, weight, block_scale, global_scale, global_scale, None)
+
+    def activation_only(x, weight, weight_scale, weight_global_scale, input_global_scale, bias=None):
+        return fake_quantize_nvfp4(x, input_global_scale)
+
+    program = torch.onnx.export(
+        W4A4Input().eval(), (torch.zeros(2, k), torch.tensor(1.0)), dynamic_shapes=({0: torch.export.Dim("rows")}, None),
+        opset_version=OPSET, custom_translation_table={torch.ops.llmc.nvfp4_linear.default: activation_only},
+        dynamo=True, optimize=False, verbose=False,
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def quantize(x, global_scale):
+        return torch.from_numpy(session.run(None, dict(zip(names, (x.numpy(), global_scale.numpy()))))[0])
+
+    return quantize
+
+
+def test_nvfp4_activation_lowering_is_bit_exact():
+    """W4A4's activation quantization as lowered, run by ONNX Runtime, equals fake_quantize_nvfp4_activation bit for bit
+    in fp32 (signed zeros included): every E2M1 rounding tie and one fp32 step either side, under exact block scales
+    2^-4..2^4; random blocks of magnitudes 1e-3..1e3, an all-zero and an all -0.0 block, tiny negatives that round to
+    -0; with the calibrated global scale and one 8x smaller, under which block scales saturate at E4M3's 448."""
+    from test_quant_formats import sweep
+
+    quantize = _onnx_runtime_activation_quantizer(NVFP4_BLOCK)
+    ties = torch.from_numpy(sweep(np.array(E2M1_VALUES))).reshape(-1, NVFP4_BLOCK - 1)
+    ties = torch.cat([torch.full((len(ties), 1), E2M1_MAX), ties], dim=1)  # amax 6 (or a step above): block scale 1
+    ties = torch.cat([ties * 2.0**k for k in range(-4, 5)])
+    torch.manual_seed(0)
+    noise = torch.randn(64, NVFP4_BLOCK) * 10.0 ** torch.empty(64, 1).uniform_(-3, 3)
+    noise[0], noise[1], noise[2, :8] = 0.0, -0.0, -1e-30
+    calibrated = nvfp4_global_scale(noise)
+    for x, global_scale in ((ties, torch.tensor(1.0)), (noise, calibrated), (noise, calibrated / 8)):
+        want = fake_quantize_nvfp4_activation(x, global_scale)
+        assert torch.equal(quantize(x, global_scale).view(torch.int32), want.view(torch.int32))

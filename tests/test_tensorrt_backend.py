@@ -49,9 +49,10 @@ def test_tensorrt_engine_builds(dtype, checkpoints, trt_engine, tmp_path):
             LLM(engine)
 
 
-def test_standard_onnx_form_matches_torch(checkpoints, trt_engine, tmp_path):
-    """The ONNX TensorRT builds from, run by ONNX Runtime (its ops are all standard), gives the torch tokens."""
-    with LLM(llmc.build(checkpoints["llama"], tmp_path / "torch", max_seq_len=MAX_SEQ_LEN, **quiet)) as llm:
+def assert_standard_onnx_generates_like(trt_engine, torch_engine, tmp_path):
+    """The ONNX the TensorRT engine was built from, run by ONNX Runtime (its ops are all standard), gives the torch
+    engine's tokens."""
+    with LLM(torch_engine) as llm:
         want = llm.generate(PROMPTS, PARAMS)
     as_onnx = shutil.copytree(trt_engine, tmp_path / "as-onnx")
     config = json.loads((as_onnx / "config.json").read_text())
@@ -62,6 +63,11 @@ def test_standard_onnx_form_matches_torch(checkpoints, trt_engine, tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     ops = config["ranks"][0]["backend"]["ops"]
     assert not [op for op in ops if "::" in op]  # no custom domain: TensorRT's parser takes it
+
+
+def test_standard_onnx_form_matches_torch(checkpoints, trt_engine, tmp_path):
+    torch_engine = llmc.build(checkpoints["llama"], tmp_path / "torch", max_seq_len=MAX_SEQ_LEN, **quiet)
+    assert_standard_onnx_generates_like(trt_engine, torch_engine, tmp_path)
 
 
 def test_engine_from_another_tensorrt_is_a_clear_error(trt_engine, tmp_path):
@@ -88,3 +94,16 @@ def test_fp8_onnx_builds_in_tensorrt(checkpoints, tmp_path):
     export_rank(gm, path, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32, form="standard", output_names=["logits"])
     built = tensorrt_backend.build_engine(path, tmp_path / "rank0.engine", max_tokens=64, max_seqs=4)
     assert built["engine_bytes"] > 0
+
+
+@pytest.mark.parametrize("mode", ["nvfp4-weight-only", "nvfp4"])
+def test_nvfp4_tensorrt_engine_builds(mode, checkpoints, tmp_path):
+    """`llmc build --backend tensorrt --quant nvfp4[-weight-only]`: TensorRT builds the standard form's FP4 decoding (UINT8
+    initializers cast to table indices, Gather; W4A4's activation Q/DQ and rounding), which ONNX Runtime runs to the torch
+    NVFP4 engine's tokens."""
+    options = dict(max_seq_len=MAX_SEQ_LEN, quant=mode, calib_samples=2, **quiet)
+    engine = llmc.build(checkpoints["llama"], tmp_path / "trt", backend="tensorrt", **options)
+    record = json.loads((engine / "config.json").read_text())["ranks"][0]["backend"]
+    assert record["lowered"]["llmc::nvfp4_linear"] == record["lowered"]["llmc::nvfp4_embedding"] == "native"
+    assert (engine / "rank0" / "rank0.engine").stat().st_size == record["tensorrt"]["engine_bytes"] > 0
+    assert_standard_onnx_generates_like(engine, llmc.build(checkpoints["llama"], tmp_path / "torch", **options), tmp_path)

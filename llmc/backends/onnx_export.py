@@ -30,10 +30,12 @@ import onnxscript
 import onnxscript.optimizer
 import torch
 import torch.fx as fx
+from onnxscript import ir
 from onnxscript import opset23 as op
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
 from llmc.plugins import activations, attention, collectives, norms, rotary
+from llmc.plugins.quant_formats import E2M1_BY_CODE, E2M1_MAX, E2M1_TIES_DOWN, E2M1_TIES_UP, NVFP4_BLOCK
 
 OPSET = 23
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -161,14 +163,94 @@ def lower_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None):
     if input_scale is not None:
         scale = op.CastLike(input_scale, x)
         x = op.DequantizeLinear(op.QuantizeLinear(x, scale, output_dtype=onnx.TensorProto.FLOAT8E4M3FN), scale)
-    y = op.MatMul(x, op.Transpose(op.CastLike(w, x), perm=[1, 0]))
-    return y if bias is None else op.Add(y, bias)
+    return lower_linear(x, op.CastLike(w, x), bias)
 
 
 def lower_fp8_embedding(weight, weight_scale, ids, dtype):
     """llmc::fp8_embedding: the FLOAT8E4M3FN table stays an initializer, dequantized per row (GatherND
     takes no FP8), then the rows gathered."""
     return op.Cast(op.Gather(op.DequantizeLinear(weight, weight_scale, axis=0), ids, axis=0), to=dtype)
+
+
+def _ints(*values):
+    return op.Constant(value_ints=list(values))
+
+
+def _floats(*values):
+    return op.Constant(value_floats=list(values))
+
+
+# A packed byte's E2M1 values, [256, 2]: its low nibble's (element 2j) and its high nibble's (2j + 1).
+FP4_PAIRS = onnx.helper.make_tensor("fp4_pairs", onnx.TensorProto.FLOAT, [256, 2],
+                                    [E2M1_BY_CODE[code] for byte in range(256) for code in (byte % 16, byte // 16)])
+
+
+def _blocks_shape(x):
+    """The shape [..., -1, 16] that splits x's last dimension into NVFP4 blocks."""
+    return op.Concat(op.Shape(x, end=-1), _ints(-1, NVFP4_BLOCK), axis=0)
+
+
+def _e2m1_decode(codes):
+    return op.Gather(_floats(*E2M1_BY_CODE), codes, axis=0)
+
+
+def _e2m1_encode(x):
+    """Nearest E2M1 codes (int64) of float32 x, rounded as quant_formats.fp4_e2m1_encode: a magnitude's
+    code counts the midpoints below it (> where a tie rounds down to the even code, >= where it rounds up);
+    bit 3 is the sign."""
+    a = op.Unsqueeze(op.Abs(x), _ints(-1))
+    above = op.Concat(op.Greater(a, _floats(*E2M1_TIES_DOWN)), op.GreaterOrEqual(a, _floats(*E2M1_TIES_UP)), axis=-1)
+    magnitude = op.ReduceSum(op.Cast(above, to=onnx.TensorProto.INT64), _ints(-1), keepdims=0)
+    negative = op.Less(op.Reciprocal(x), _floats(0.0))  # the sign bit: also set for -0.0, as the reference keeps it
+    return op.Add(magnitude, op.Mul(op.Cast(negative, to=onnx.TensorProto.INT64), _ints(8)))
+
+
+def _dequantize_nvfp4(packed, scale):
+    """Packed E2M1 bytes [..., K/2] (uint8, or their values as floats) times their blocks' float32 scales
+    [..., K/16] -> [..., K], as quant_formats.dequantize_nvfp4. A byte indexes a table of its two values:
+    one Gather, which ONNX Runtime runs in half the time of splitting the nibbles (Mod, Div) and decoding
+    each (measured); TensorRT's parser takes no bitwise ops."""
+    pairs = op.Gather(op.Constant(value=FP4_PAIRS), op.Cast(packed, to=onnx.TensorProto.INT32), axis=0)  # [..., K/2, 2]
+    values = op.Mul(op.Reshape(pairs, _blocks_shape(packed)), op.Unsqueeze(scale, _ints(-1)))
+    return op.Reshape(values, op.Concat(op.Shape(packed, end=-1), _ints(-1), axis=0))
+
+
+def fake_quantize_nvfp4(x, global_scale):
+    """quant_formats.fake_quantize_nvfp4_activation, bit for bit in fp32: per block of 16, amax / 6 quantized
+    to E4M3 with the global scale is the block's scale; x / scale rounded to E2M1, times the scale."""
+    blocks = op.Reshape(op.Cast(x, to=onnx.TensorProto.FLOAT), _blocks_shape(x))
+    amax = op.ReduceMax(op.Abs(blocks), _ints(-1), keepdims=1)
+    block_scale = op.QuantizeLinear(op.Div(amax, _floats(E2M1_MAX)), global_scale,
+                                    output_dtype=onnx.TensorProto.FLOAT8E4M3FN)
+    scale = op.DequantizeLinear(block_scale, global_scale)
+    positive = op.Where(op.Greater(scale, _floats(0.0)), scale, _floats(1.0))  # an all-zero block divides by 1
+    values = op.Mul(_e2m1_decode(_e2m1_encode(op.Div(blocks, positive))), scale)
+    return op.CastLike(op.Reshape(values, op.Shape(x)), x)
+
+
+def lower_nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale=None, bias=None):
+    """llmc::nvfp4_linear: the packed weight stays a UINT8 initializer and its block scales a FLOAT8E4M3FN
+    one, decoded by standard ops; W4A4 fake-quantizes the input per block first."""
+    if input_global_scale is not None:
+        x = fake_quantize_nvfp4(x, input_global_scale)
+    w = _dequantize_nvfp4(weight, op.DequantizeLinear(weight_scale, weight_global_scale))
+    return lower_linear(x, op.CastLike(w, x), bias)
+
+
+def lower_nvfp4_linear_kept_packed(x, weight, weight_scale, weight_global_scale, input_global_scale=None, bias=None):
+    """lower_nvfp4_linear for ONNX Runtime, which folds constant subgraphs as it loads a model (here into
+    decoded weights: twice the fp32 engine's memory, measured) but never a DequantizeLinear: so the packed
+    bytes pass through one (scale 1 gives their values) and stay packed, decoded at each call. TensorRT's
+    parser takes no UINT8 DequantizeLinear."""
+    weight = op.DequantizeLinear(weight, op.Constant(value_float=1.0))
+    return lower_nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias)
+
+
+def lower_nvfp4_embedding(weight, weight_scale, weight_global_scale, ids, dtype):
+    """llmc::nvfp4_embedding: the packed rows and their block scales gathered, then only they decoded
+    (Gather takes no FP8, so the scale table, 1/8 of the packed one, is dequantized first)."""
+    scales = op.Gather(op.DequantizeLinear(weight_scale, weight_global_scale), ids, axis=0)
+    return op.Cast(_dequantize_nvfp4(op.Gather(weight, ids, axis=0), scales), to=dtype)
 
 
 # llmc op -> its ONNX lowering, per form. Ops not listed (and present in a graph) fall back to their
@@ -181,12 +263,16 @@ LOWERINGS = {
         "llmc::add_rms_norm": lower_add_rms_norm,
         "llmc::fp8_linear": lower_fp8_linear,
         "llmc::fp8_embedding": lower_fp8_embedding,
+        "llmc::nvfp4_linear": lower_nvfp4_linear_kept_packed,
+        "llmc::nvfp4_embedding": lower_nvfp4_embedding,
     },
     "standard": {
         "llmc_onnx::attention": attention_standard,
         "llmc::linear": lower_linear,
         "llmc::fp8_linear": lower_fp8_linear,
         "llmc::fp8_embedding": lower_fp8_embedding,
+        "llmc::nvfp4_linear": lower_nvfp4_linear,
+        "llmc::nvfp4_embedding": lower_nvfp4_embedding,
     },
 }
 ATTENTION = {"onnxruntime": "native (com.microsoft::GroupQueryAttention)", "standard": "native (ScatterElements, masked Softmax)"}
@@ -203,10 +289,6 @@ REFERENCES = {
 UNSUPPORTED = {
     "llmc::all_reduce": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
     "llmc::all_gather": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
-    "llmc::nvfp4_linear": "ONNX Runtime has no CPU kernels for FP4 (FLOAT4E2M1); build with --quant fp8 or fp8-weight-only, "
-                          "or with --backend torch",
-    "llmc::nvfp4_embedding": "ONNX Runtime has no CPU kernels for FP4 (FLOAT4E2M1); build with --quant fp8 or fp8-weight-only, "
-                             "or with --backend torch",
 }
 
 
@@ -316,6 +398,14 @@ def _example_inputs(gm: fx.GraphModule, max_seq_len: int, dtype: torch.dtype, nu
     return example, dims
 
 
+def _foldable(node: ir.Node) -> bool | None:
+    """False for nodes whose folding would turn packed weights into float initializers: FP8's Q/DQ and
+    the ops reading FP4's packed bytes (uint8); None leaves the rest to the folder's own rules."""
+    if node.op_type in QDQ or any(v is not None and v.dtype == ir.DataType.UINT8 for v in node.inputs):
+        return False
+    return None
+
+
 def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torch.dtype, form: str,
                 output_names: list[str]) -> dict:
     """Write `gm` (a rank graph) as `path` (+ external weights at path.data); returns its record."""
@@ -335,7 +425,7 @@ def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torc
             # The default optimizer would fold FP8 weights back into FP32 initializers: folded below, but not them.
             optimize=False, verbose=False,
         )
-    onnxscript.optimizer.fold_constants(program.model, should_fold=lambda node: False if node.op_type in QDQ else None)
+    onnxscript.optimizer.fold_constants(program.model, should_fold=_foldable)
     onnxscript.optimizer.remove_unused_nodes(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)

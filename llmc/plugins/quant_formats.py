@@ -23,10 +23,11 @@ NVFP4_BLOCK = 16
 
 # E2M1 magnitudes by code 0..7; codes 8..15 are the same with the sign bit (bit 3) set.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_BY_CODE = E2M1_VALUES + tuple(-v for v in E2M1_VALUES)
 # Midpoints between neighbouring magnitudes. A tie rounds to the even code: down at the midpoints
 # above an even code (0.25 -> 0, 1.25 -> 1, 2.5 -> 2, 5 -> 4), up at the others (0.75 -> 1, ...).
-_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
-_TIES_UP = (0.75, 1.75, 3.5)
+E2M1_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
+E2M1_TIES_UP = (0.75, 1.75, 3.5)
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,17 +57,16 @@ def fp4_e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     in ml_dtypes."""
     a = x.float().abs()
     code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for m in _TIES_DOWN:
+    for m in E2M1_TIES_DOWN:
         code += a > m
-    for m in _TIES_UP:
+    for m in E2M1_TIES_UP:
         code += a >= m
     code |= torch.signbit(x).to(torch.uint8) << 3
     return code.masked_fill_(torch.isnan(x), 8)
 
 
 def fp4_e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=codes.device)
-    return table[codes.long()]
+    return torch.tensor(E2M1_BY_CODE, device=codes.device)[codes.long()]
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
