@@ -265,14 +265,14 @@ def inspect(engine, as_json):
 
 
 def _echo_backend_record(record: dict) -> None:
-    """An ONNX or TensorRT rank: how llmc's ops were lowered, its ONNX op histogram, the TensorRT build."""
-    click.echo(f"  onnx               opset {record['opset']}, {record['form']} form; "
+    """An ONNX or TensorRT rank: how llmc's ops were lowered, its ONNX op histogram (all segments), the TensorRT builds."""
+    segments = sum("onnx" in part for part in record["program"])
+    click.echo(f"  onnx               opset {record['opset']}, {record['form']} form, {segments} segment(s); "
                + ", ".join(f"{op} {how}" for op, how in record["lowered"].items()))
     click.echo("  onnx ops           " + ", ".join(f"{op} {n}" for op, n in record["ops"].items()))
-    if "tensorrt" in record:
-        t = record["tensorrt"]
-        click.echo(f"  tensorrt           {t['package']} {t['version']}, target {t['target']}, {t['layers']} layers, "
-                   f"engine {t['engine_bytes'] / 1e6:.2f} MB, built in {t['seconds']} s, {t['warnings']} warnings")
+    for t in record.get("tensorrt", []):
+        click.echo(f"  tensorrt           {t['package']} {t['version']}, target {t['target']}, {t['engine']}: {t['layers']} layers, "
+                   f"{t['engine_bytes'] / 1e6:.2f} MB, built in {t['seconds']} s, {t['warnings']} warnings")
         for warning in t["first_warnings"]:
             click.echo(f"    warning: {warning}")
 

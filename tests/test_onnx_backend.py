@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.backends import get_backend
 from llmc.cli import main
-from llmc.engine import EngineConfig
+from llmc.engine import EngineConfig, EngineError
 from llmc.plugins.quant_formats import E2M1_MAX, E2M1_VALUES, NVFP4_BLOCK, fake_quantize_nvfp4_activation, nvfp4_global_scale
 from llmc.runtime.sequence import Sequence
 
@@ -70,8 +72,12 @@ def test_onnx_engine_generates_torch_tokens(arch, engines):
     with LLM(engines[arch]["torch"], max_num_seqs=3) as llm:
         want = llm.generate(PROMPTS, PARAMS)
     with LLM(engines[arch]["onnx"], max_num_seqs=3) as llm:
-        got = llm.generate(PROMPTS, PARAMS)
-    for a, b in zip(want, got):
+        assert_same_outputs(want, llm.generate(PROMPTS, PARAMS))
+
+
+def assert_same_outputs(want, got):
+    """The same tokens, and the same top logprobs within 1e-4."""
+    for a, b in zip(want, got, strict=True):
         assert b.token_ids == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
@@ -97,9 +103,35 @@ def test_onnx_pipeline_parallel_matches(checkpoints, engines, tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
-def test_onnx_tensor_parallel_is_a_clear_error(checkpoints, tmp_path):
-    with pytest.raises(ValueError, match="cannot lower tensor parallelism.*--tp 1"):
-        llmc.build(checkpoints["llama"], tmp_path / "tp2", backend="onnx", tp=2, **quiet)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2-pp2"])
+def test_onnx_tensor_parallel_generates_torch_tokens(tp, pp, checkpoints, engines, tmp_path):
+    """Each rank's program runs as ONNX segments with its all-reduces and all-gather between them, over gloo between
+    real rank processes: the single-rank torch engine's tokens and logprobs."""
+    engine = llmc.build(checkpoints["llama"], tmp_path / "e", max_seq_len=MAX_SEQ_LEN, backend="onnx", tp=tp, pp=pp, **quiet)
+    ranks = EngineConfig.load(engine).ranks
+    gather = ranks[-1]["backend"]["program"][-1]
+    assert (gather["collective"], gather["output"], gather["args"]) == ("llmc::all_gather", "logits", {"full_size": VOCAB})
+    for info in ranks:  # the op histogram counts every segment
+        assert info["backend"]["ops"]["com.microsoft::GroupQueryAttention"] == info["kv_cache"]["num_layers"]
+    with LLM(engines["llama"]["torch"], max_num_seqs=3) as llm:
+        want = llm.generate(PROMPTS, PARAMS)
+    with LLM(engine, max_num_seqs=3) as llm:
+        assert_same_outputs(want, llm.generate(PROMPTS, PARAMS))
+    out = CliRunner().invoke(main, ["inspect", str(engine)]).output
+    assert "llmc::all_reduce between segments (torch.distributed)" in out and f"{6 // pp} segment(s)" in out
+
+
+def test_onnx_engine_without_a_program_is_a_clear_error(engines, tmp_path):
+    """An engine from before segments: its rank record does not say which ONNX models to run."""
+    engine = shutil.copytree(engines["llama"]["onnx"], tmp_path / "old")
+    config = json.loads((engine / "config.json").read_text())
+    del config["ranks"][0]["backend"]["program"]
+    (engine / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError, match="has no ONNX program.*rebuild the engine"):
+        LLM(engine)
+
+
+def test_onnx_bfloat16_is_a_clear_error(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="float32 or float16"):
         llmc.build(checkpoints["llama"], tmp_path / "bf16", backend="onnx", dtype="bfloat16", **quiet)
 
@@ -129,8 +161,8 @@ def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
     from llmc.passes.manager import example_step
 
     gm, ctx = fp8_rank_graph(checkpoints["llama"])
+    record = export_rank(gm, tmp_path, ctx, form="onnxruntime")
     path = tmp_path / "model.onnx"
-    record = export_rank(gm, path, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32, form="onnxruntime", output_names=["logits"])
     assert record["lowered"]["llmc::fp8_linear"] == "native"
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
@@ -154,26 +186,33 @@ def test_fp8_onnx_keeps_float8_initializers(checkpoints, tmp_path):
     assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
-def quantized_engines(checkpoint, root, quant: str) -> dict:
+def quantized_engines(checkpoint, root, quant: str, tp: int = 1) -> dict:
     """The ONNX engine and the torch backend's (one cache block a sequence) of `checkpoint` quantized with
     `quant`, from the same calibration."""
-    options = dict(max_seq_len=MAX_SEQ_LEN, quant=quant, calib_samples=2, **quiet)
+    options = dict(max_seq_len=MAX_SEQ_LEN, quant=quant, calib_samples=2, tp=tp, **quiet)
     return {"onnx": llmc.build(checkpoint, root / f"{quant}-onnx", backend="onnx", **options),
             "torch": llmc.build(checkpoint, root / f"{quant}-torch", block_size=MAX_SEQ_LEN, **options)}
 
 
-def assert_generates_alike(engines: dict, tolerance: float):
-    """The ONNX engine gives the torch engine's greedy tokens, their logprobs within `tolerance`."""
-    expected, got = (LLM(engines[backend]).generate(PROMPTS, PARAMS) for backend in ("torch", "onnx"))
-    for a, b in zip(expected, got):
-        assert b.token_ids == a.token_ids
-        for want, have in zip(a.logprobs, b.logprobs):
-            assert max(abs(want[t] - have[t]) for t in want) <= tolerance
+def assert_generates_alike(engines: dict):
+    """The ONNX engine gives the torch engine's greedy tokens, their logprobs within 1e-4."""
+    with LLM(engines["torch"]) as llm:
+        expected = llm.generate(PROMPTS, PARAMS)
+    with LLM(engines["onnx"]) as llm:
+        assert_same_outputs(expected, llm.generate(PROMPTS, PARAMS))
 
 
-def test_fp8_onnx_engine_generates_torch_tokens(checkpoints, tmp_path):
-    """`llmc build --backend onnx --quant fp8`: ONNX Runtime gives the torch backend's FP8 engine's tokens."""
-    assert_generates_alike(quantized_engines(checkpoints["qwen2"], tmp_path, "fp8"), tolerance=1e-4)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fp8_onnx_engine_generates_torch_tokens(tp, checkpoints, tmp_path):
+    """`llmc build --backend onnx --quant fp8 [--tp 2]`: FP8 weights stay FLOAT8E4M3FN in every segment, and ONNX
+    Runtime gives the torch backend's FP8 engine's tokens."""
+    engines = quantized_engines(checkpoints["qwen2"], tmp_path, "fp8", tp)
+    for rank in range(tp):
+        models = [onnx.load(str(f), load_external_data=False) for f in (engines["onnx"] / f"rank{rank}").glob("*.onnx")]
+        fp8 = [i for m in models for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+        # Per layer qkv (merged), o, gate_up (merged) and down projections; the table too where it is not vocab-parallel.
+        assert len(fp8) == 2 * 4 + (tp == 1)
+    assert_generates_alike(engines)
 
 
 NVFP4_MODES = ["nvfp4-weight-only", "nvfp4"]
@@ -192,7 +231,7 @@ def test_nvfp4_onnx_engine_generates_torch_tokens(mode, nvfp4_engines):
     of fp32 sums differs: logprobs differ by at most 5e-7 here (measured, both modes). The tolerance is the fp32 and
     FP8 tests' 1e-4: another CPU sums in other orders, and under W4A4 an ulp can move an activation across an E2M1
     rounding tie."""
-    assert_generates_alike(nvfp4_engines[mode], tolerance=1e-4)
+    assert_generates_alike(nvfp4_engines[mode])
 
 
 def _packed_weights(model: onnx.ModelProto) -> dict[str, tuple[list[int], list[int]]]:

@@ -14,7 +14,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.backends import tensorrt_backend
 from llmc.cli import main
-from llmc.engine import EngineError
+from llmc.engine import EngineConfig, EngineError
 
 from test_onnx_backend import MAX_SEQ_LEN, PROMPTS, fp8_rank_graph
 
@@ -37,9 +37,9 @@ def test_tensorrt_engine_builds(dtype, checkpoints, trt_engine, tmp_path):
     engine = trt_engine if dtype == "float32" else llmc.build(
         checkpoints["llama"], tmp_path / dtype, max_seq_len=MAX_SEQ_LEN, dtype=dtype, backend="tensorrt", **quiet)
     record = json.loads((engine / "config.json").read_text())["ranks"][0]["backend"]
-    built = record["tensorrt"]
+    [built] = record["tensorrt"]
     assert built["package"] == _trt().__name__ and built["version"] == _trt().__version__
-    data = (engine / "rank0" / "rank0.engine").read_bytes()
+    data = (engine / "rank0" / "model.engine").read_bytes()
     assert len(data) == built["engine_bytes"] > 0
     trt = _trt()
     if torch.cuda.is_available():
@@ -49,31 +49,49 @@ def test_tensorrt_engine_builds(dtype, checkpoints, trt_engine, tmp_path):
             LLM(engine)
 
 
-def assert_standard_onnx_generates_like(trt_engine, torch_engine, tmp_path):
-    """The ONNX the TensorRT engine was built from, run by ONNX Runtime (its ops are all standard), gives the torch
-    engine's tokens."""
-    with LLM(torch_engine) as llm:
-        want = llm.generate(PROMPTS, PARAMS)
+@pytest.fixture(scope="module")
+def torch_tokens(checkpoints, tmp_path_factory):
+    return _tokens(llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("torch") / "llama", max_seq_len=MAX_SEQ_LEN, **quiet))
+
+
+def _tokens(engine):
+    with LLM(engine, max_num_seqs=3) as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def _tokens_on_onnx_runtime(trt_engine, tmp_path):
+    """The tokens of the ONNX the engine was built from, run by ONNX Runtime (its ops are all standard)."""
     as_onnx = shutil.copytree(trt_engine, tmp_path / "as-onnx")
     config = json.loads((as_onnx / "config.json").read_text())
     config["backend"] = "onnx"
     (as_onnx / "config.json").write_text(json.dumps(config))
-    with LLM(as_onnx, max_num_seqs=3) as llm:
-        got = llm.generate(PROMPTS, PARAMS)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    ops = config["ranks"][0]["backend"]["ops"]
+    return _tokens(as_onnx)
+
+
+def test_standard_onnx_form_matches_torch(trt_engine, torch_tokens, tmp_path):
+    assert _tokens_on_onnx_runtime(trt_engine, tmp_path) == torch_tokens
+    ops = json.loads((trt_engine / "config.json").read_text())["ranks"][0]["backend"]["ops"]
     assert not [op for op in ops if "::" in op]  # no custom domain: TensorRT's parser takes it
 
 
-def test_standard_onnx_form_matches_torch(checkpoints, trt_engine, tmp_path):
-    torch_engine = llmc.build(checkpoints["llama"], tmp_path / "torch", max_seq_len=MAX_SEQ_LEN, **quiet)
-    assert_standard_onnx_generates_like(trt_engine, torch_engine, tmp_path)
+def test_tensor_parallel_builds_an_engine_per_segment(checkpoints, torch_tokens, tmp_path):
+    """--tp 2: each rank's program is split at its collectives and each segment built into its own engine; the
+    segments' ONNX, run by ONNX Runtime in two rank processes, gives the torch tokens."""
+    engine = llmc.build(checkpoints["llama"], tmp_path / "tp2", max_seq_len=MAX_SEQ_LEN, backend="tensorrt", tp=2, **quiet)
+    for rank, info in enumerate(EngineConfig.load(engine).ranks):
+        record = info["backend"]
+        # Split after the embedding's all-reduce, each layer's two all-reduces and the LM head's all-gather.
+        assert [part["onnx"] for part in record["program"] if "onnx" in part] == [f"segment{i}.onnx" for i in range(6)]
+        assert [built["engine"] for built in record["tensorrt"]] == [f"segment{i}.engine" for i in range(6)]
+        for built in record["tensorrt"]:
+            assert (engine / f"rank{rank}" / built["engine"]).stat().st_size == built["engine_bytes"] > 0
+    assert _tokens_on_onnx_runtime(engine, tmp_path) == torch_tokens
 
 
 def test_engine_from_another_tensorrt_is_a_clear_error(trt_engine, tmp_path):
     engine = shutil.copytree(trt_engine, tmp_path / "old")
     config = json.loads((engine / "config.json").read_text())
-    config["ranks"][0]["backend"]["tensorrt"]["version"] = "0.9.0"
+    config["ranks"][0]["backend"]["tensorrt"][0]["version"] = "0.9.0"
     (engine / "config.json").write_text(json.dumps(config))
     with pytest.raises(EngineError, match=r"built with tensorrt\w* 0\.9\.0 but this machine has .*rebuild the engine here"):
         LLM(engine)
@@ -89,10 +107,9 @@ def test_fp8_onnx_builds_in_tensorrt(checkpoints, tmp_path):
     """FP8 Q/DQ in the standard form: the builder takes FLOAT8E4M3FN weights and activations."""
     from llmc.backends.onnx_export import export_rank
 
-    gm, _ = fp8_rank_graph(checkpoints["llama"])
-    path = tmp_path / "model.onnx"
-    export_rank(gm, path, max_seq_len=MAX_SEQ_LEN, dtype=torch.float32, form="standard", output_names=["logits"])
-    built = tensorrt_backend.build_engine(path, tmp_path / "rank0.engine", max_tokens=64, max_seqs=4)
+    gm, ctx = fp8_rank_graph(checkpoints["llama"])
+    export_rank(gm, tmp_path, ctx, form="standard")
+    built = tensorrt_backend.build_engine(tmp_path / "model.onnx", tmp_path / "model.engine", max_tokens=64, max_seqs=4)
     assert built["engine_bytes"] > 0
 
 
@@ -105,5 +122,7 @@ def test_nvfp4_tensorrt_engine_builds(mode, checkpoints, tmp_path):
     engine = llmc.build(checkpoints["llama"], tmp_path / "trt", backend="tensorrt", **options)
     record = json.loads((engine / "config.json").read_text())["ranks"][0]["backend"]
     assert record["lowered"]["llmc::nvfp4_linear"] == record["lowered"]["llmc::nvfp4_embedding"] == "native"
-    assert (engine / "rank0" / "rank0.engine").stat().st_size == record["tensorrt"]["engine_bytes"] > 0
-    assert_standard_onnx_generates_like(engine, llmc.build(checkpoints["llama"], tmp_path / "torch", **options), tmp_path)
+    [built] = record["tensorrt"]
+    assert (engine / "rank0" / "model.engine").stat().st_size == built["engine_bytes"] > 0
+    torch_engine = llmc.build(checkpoints["llama"], tmp_path / "torch", **options)
+    assert _tokens_on_onnx_runtime(engine, tmp_path) == _tokens(torch_engine)

@@ -1,4 +1,4 @@
-"""The ONNX backend: each rank's program as an ONNX model (weights as external data), run by ONNX Runtime.
+"""The ONNX backend: each rank's program as ONNX models (weights as external data), run by ONNX Runtime.
 
 The program is the step contract with one cache block per sequence (see onnx_export): engines are
 built with block_size = max_seq_len, so a sequence's block is its row of a contiguous cache. The
@@ -6,6 +6,11 @@ runner splits a scheduler step into calls the program takes: each prefill chunk 
 GroupQueryAttention takes new tokens over an existing past only at batch 1), and the decodes
 together, one call per run of consecutive cache rows. The cache lives in one ORT buffer; each call
 binds its rows as past and present (the same memory), so a step copies no cache.
+
+A rank built with --tp is several ONNX models, the segments between its collectives: a call runs
+them in order and does each collective between two with llmc.plugins.collectives (torch.distributed,
+the rank's group set by the worker). Tensor-parallel ranks get the same steps, so they make the same
+calls, and so the same collectives, in the same order.
 """
 
 from __future__ import annotations
@@ -16,35 +21,45 @@ import numpy as np
 import torch
 
 from llmc.engine import EngineConfig, EngineError
+from llmc.plugins import collectives
 
 MODEL = "model.onnx"
 DTYPES = {"float32": np.float32, "float16": np.float16}
+# The collectives between segments, by the op name a rank's program records.
+COLLECTIVES = {"llmc::all_reduce": collectives.all_reduce, "llmc::all_gather": collectives.all_gather}
 
 
 def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
     """Raise ValueError for a build the ONNX form cannot express."""
     if dtype not in DTYPES:
         raise ValueError(f"the ONNX backend builds float32 or float16 engines, not {dtype}; give --dtype float32 or float16")
-    if tp > 1:
-        raise ValueError(
-            "the ONNX backend cannot lower tensor parallelism (collectives have no ONNX op); "
-            "build with --tp 1, use --pp for several ranks, or use --backend torch"
-        )
 
 
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 
-    outputs = [f"stage_output_{i}" for i in range(len(ctx.pp_outputs))] or ["logits"]
-    return export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="onnxruntime", output_names=outputs)
+    return export_rank(gm, rank_dir, ctx, form="onnxruntime")
 
 
 def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
     return OnnxRunner(rank_dir, config, rank, num_blocks, torch.device(device))
 
 
+class SegmentSession:
+    """One ONNX model of a rank's program in an ORT session: the values it reads and returns, and the layers
+    whose cache it updates."""
+
+    def __init__(self, session):
+        self.session = session
+        inputs = [i.name for i in session.get_inputs()]
+        self.inputs = [name for name in inputs if not name.startswith("past_")]
+        self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
+        self.layers = sorted(int(name.removeprefix("past_key_")) for name in inputs if name.startswith("past_key_"))
+
+
 class OnnxRunner:
-    """One rank's ONNX program in an ORT session, and its cache: [layers, 2, rows, kv_heads, max_seq_len, head_dim]."""
+    """One rank's ONNX program (its segments in ORT sessions), and its cache:
+    [layers, 2, rows, kv_heads, max_seq_len, head_dim]."""
 
     def __init__(self, rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
         try:
@@ -63,10 +78,22 @@ class OnnxRunner:
             raise EngineError(f"the ONNX backend runs on cpu or cuda, not {device}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(rank_dir / MODEL), options, providers=providers)
-        except Exception as e:  # ORT raises its own exception types for bad models
-            raise EngineError(f"cannot load {rank_dir / MODEL}: {e}") from None
+        record = config.ranks[rank].get("backend", {})
+        if "program" not in record:
+            raise EngineError(f"{rank_dir}: the engine's record has no ONNX program (an older llmc built it); rebuild the engine")
+        self.program = []  # the segments' sessions, and the records of the collectives between them
+        for part in record["program"]:
+            if "onnx" in part:
+                path = rank_dir / part["onnx"]
+                try:
+                    self.program.append(SegmentSession(ort.InferenceSession(str(path), options, providers=providers)))
+                except Exception as e:  # ORT raises its own exception types for bad models
+                    raise EngineError(f"cannot load {path}: {e}") from None
+            elif part.get("collective") in COLLECTIVES:
+                self.program.append(part)
+            else:
+                raise EngineError(f"{rank_dir}: unknown step in the engine's ONNX program: {part}; rebuild the engine")
+        self.output_names = record["outputs"]
         kv = config.ranks[rank]["kv_cache"]
         self.dtype = DTYPES[config.dtype]
         self.num_layers, self.num_rows = kv["num_layers"], num_blocks
@@ -76,8 +103,6 @@ class OnnxRunner:
             np.zeros([self.num_layers, 2, num_blocks, *self.row_shape], dtype=self.dtype), self.ort_device, 0
         )
         self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs() if not o.name.startswith("present_")]
         # Stage tensors ([1, T, ...]) are split between calls by token; logits by logits_indices.
         self.token_inputs = [s["name"] for s in config.ranks[rank]["pp_inputs"]]
 
@@ -120,26 +145,35 @@ class OnnxRunner:
         return tuple(torch.from_numpy(r) for r in results)
 
     def _call(self, inputs, seqs, tokens, logits_indices, context, rows) -> list[np.ndarray]:
-        binding = self.session.io_binding()
-        feeds = {
+        values = {
             "input_ids": inputs["input_ids"][:, tokens],
             "position_ids": inputs["position_ids"][:, tokens],
             "logits_indices": logits_indices.astype(np.int64),
             "seqlens_k": (context[seqs] - 1).astype(np.int32),
             "total_sequence_length": np.array(context[seqs].max(), dtype=np.int32),
-            **{name: np.ascontiguousarray(inputs[name][:, tokens]) for name in self.token_inputs},
+            **{name: inputs[name][:, tokens] for name in self.token_inputs},
         }
-        for name, value in feeds.items():
-            if name in self.input_names:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
+        for part in self.program:
+            if isinstance(part, SegmentSession):
+                values.update(self._run_segment(part, values, len(seqs), int(rows[seqs[0]])))
+            else:
+                reduced = COLLECTIVES[part["collective"]](torch.from_numpy(values[part["input"]]), **part["args"])
+                values[part["output"]] = reduced.numpy()
+        return [values[name] for name in self.output_names]
+
+    def _run_segment(self, segment: SegmentSession, values: dict, num_rows: int, first_row: int) -> dict[str, np.ndarray]:
+        """One segment on the call's values, with its layers' past and present bound to the call's cache rows."""
+        binding = segment.session.io_binding()
+        for name in segment.inputs:
+            binding.bind_cpu_input(name, np.ascontiguousarray(values[name]))
+        for name in segment.outputs:
             binding.bind_output(name, "cpu")
-        shape = [len(seqs), *self.row_shape]
+        shape = [num_rows, *self.row_shape]
         base = self.cache.data_ptr()
-        for layer in range(self.num_layers):
+        for layer in segment.layers:
             for kind, part in (("key", 0), ("value", 1)):
-                ptr = base + ((layer * 2 + part) * self.num_rows + int(rows[seqs[0]])) * self.row_bytes
+                ptr = base + ((layer * 2 + part) * self.num_rows + first_row) * self.row_bytes
                 binding.bind_input(f"past_{kind}_{layer}", self.ort_device, 0, self.dtype, shape, ptr)
                 binding.bind_output(f"present_{kind}_{layer}", self.ort_device, 0, self.dtype, shape, ptr)
-        self.session.run_with_iobinding(binding)
-        return [o.numpy() for o in binding.get_outputs()[: len(self.output_names)]]
+        segment.session.run_with_iobinding(binding)
+        return dict(zip(segment.outputs, (o.numpy() for o in binding.get_outputs()[: len(segment.outputs)])))

@@ -15,7 +15,10 @@ Two forms of the same program:
   cache rows (ScatterElements), then a masked softmax over them.
 
 llmc's ops reach ONNX in one of two ways: a lowering in LOWERINGS (native), or, for the others, the
-op's plain-torch reference traced by torch.onnx into standard ops (fallback).
+op's plain-torch reference traced by torch.onnx into standard ops (fallback). Tensor-parallel
+collectives have no ONNX op (ORT's CPU build has none): a rank's program is split at them into
+consecutive segments, one ONNX model each, and the runner does each collective between two segments
+with torch.distributed. The rank's record lists the segments and collectives in order ("program").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import operator
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 import onnxscript
@@ -32,21 +36,26 @@ import torch
 import torch.fx as fx
 from onnxscript import ir
 from onnxscript import opset23 as op
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
+from llmc.backends.onnx_backend import COLLECTIVES, MODEL
 from llmc.plugins import activations, attention, collectives, norms, rotary
 from llmc.plugins.quant_formats import E2M1_BY_CODE, E2M1_MAX, E2M1_TIES_DOWN, E2M1_TIES_UP, NVFP4_BLOCK
 
 OPSET = 23
 QDQ = ("QuantizeLinear", "DequantizeLinear")
-MODEL = "model.onnx"
 FORMS = ("onnxruntime", "standard")
+# The dynamic dims of a call, and their sizes in the example call that is traced: two sequences with three new
+# tokens each, the logits of two of them.
+NUM_TOKENS, NUM_LOGITS, BATCH = (torch.export.Dim(name, min=1) for name in ("num_tokens", "num_logits", "batch"))
+EXAMPLE_SIZES = {NUM_TOKENS: 6, NUM_LOGITS: 2, BATCH: 2}
 
-# The attention of one call, functional: (out [1,H,T,D], present_key, present_value).
+# The attention of one call, functional: (out [1,H,T,D], present_key, present_value). The head counts are q's and k's dim 1.
 torch.library.define(
     "llmc_onnx::attention",
     "(Tensor q, Tensor k, Tensor v, Tensor past_key, Tensor past_value, Tensor seqlens_k, Tensor total_sequence_length, "
-    "int num_heads, int num_kv_heads, float scale, int sliding_window) -> (Tensor, Tensor, Tensor)",
+    "float scale, int sliding_window) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.register_fake(
     "llmc_onnx::attention",
@@ -91,8 +100,8 @@ def _batch_to_flat(x, heads: int, head_dim: int):
     return op.Transpose(x, perm=[0, 2, 1, 3])
 
 
-def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, num_heads, num_kv_heads, scale, sliding_window):
-    head_dim = q.shape[3]
+def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window):
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     batch = op.Shape(seqlens_k)
     out, present_key, present_value = msft.GroupQueryAttention(
         _flat_to_batch(q, batch, num_heads, head_dim), _flat_to_batch(k, batch, num_kv_heads, head_dim),
@@ -104,8 +113,8 @@ def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_lengt
     return _batch_to_flat(out, num_heads, head_dim), present_key, present_value
 
 
-def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, num_heads, num_kv_heads, scale, sliding_window):
-    head_dim = q.shape[3]
+def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window):
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     batch = op.Shape(seqlens_k)
     # [1, heads, B*S, D] -> [B, heads, S, D]
     to_batch = lambda x, h: op.Transpose(  # noqa: E731
@@ -285,25 +294,29 @@ REFERENCES = {
     "llmc::vocab_embedding": collectives.vocab_embedding,
     "llmc::rotary_embedding": rotary.rotary_embedding,
 }
-# Ops with no ONNX form: a rank graph holding one cannot be exported.
-UNSUPPORTED = {
-    "llmc::all_reduce": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
-    "llmc::all_gather": "tensor-parallel collectives have no ONNX op; build with --tp 1 (pipeline parallelism works)",
-}
+BETWEEN_SEGMENTS = "between segments (torch.distributed)"
 
 
 class OnnxExportError(ValueError):
     """A rank graph the ONNX form cannot express; the message names the op and what to build instead."""
 
 
+class Segment(NamedTuple):
+    """The part of a rank's step program between two collectives, and the names of the values it returns."""
+
+    module: fx.GraphModule
+    outputs: list[str]
+
+
 def _op_name(node: fx.Node) -> str | None:
     return node.target.name().replace(".default", "") if isinstance(node.target, torch._ops.OpOverload) else None
 
 
-def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.GraphModule, dict]:
-    """The rank graph with paged attention replaced by llmc_onnx::attention over per-layer cache rows,
-    and llmc ops without a lowering in `form` replaced by their references. Also returns how each
-    llmc op was lowered: {op: "native ..." | "fallback"} (fallback: its plain-torch reference, traced)."""
+def step_program(gm: fx.GraphModule, ctx, form: str) -> tuple[fx.GraphModule, dict]:
+    """The rank graph with paged attention replaced by llmc_onnx::attention over per-layer cache rows, and llmc ops
+    without a lowering in `form` replaced by their references, each value's shape in its meta["val"]. Also returns
+    how each llmc op was lowered: {op: "native ..." | "fallback" | BETWEEN_SEGMENTS} (fallback: its plain-torch
+    reference, traced)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))  # a copy: the backend's rewrite leaves the rank graph as it is
     gm = fx.GraphModule(gm, graph)
@@ -311,35 +324,40 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
     paged = [n for n in graph.nodes if _op_name(n) == "llmc::paged_attention"]
     if not paged:
         raise OnnxExportError("the rank graph has no llmc::paged_attention; it was not built by llmc's passes")
+    # The passes leave new nodes without shapes: they are propagated again at the end, in the mode the graph was
+    # traced in, so that they stay symbolic in the step's token and logits counts.
+    fake_mode = placeholders["input_ids"].meta["val"].fake_mode
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
-    def new_input(name: str) -> fx.Node:
+    def new_input(name: str, example: torch.Tensor) -> fx.Node:
         nonlocal anchor
         with graph.inserting_after(anchor):
             anchor = graph.placeholder(name)
+        anchor.meta["val"] = fake_mode.from_tensor(example, static_shapes=True)
         return anchor
 
-    seqlens_k, total = new_input("seqlens_k"), new_input("total_sequence_length")
+    batch, kv = EXAMPLE_SIZES[BATCH], ctx.kv_cache
+    seqlens_k = new_input("seqlens_k", torch.zeros(batch, dtype=torch.int32))
+    total = new_input("total_sequence_length", torch.tensor(0, dtype=torch.int32))
+    rows = torch.zeros(batch, kv["num_kv_heads"], ctx.max_seq_len, kv["head_dim"], dtype=ctx.dtype)
     presents = []
-    num_kv_heads = head_dim = None
     lowered = {"llmc::paged_attention": ATTENTION[form]}
     for node in paged:
         q, k, v, _, layer, _, _, _, _, scale, window, *scales = node.args
         if any(s is not None for s in scales):
             raise OnnxExportError("an FP8 KV cache (k_scale/v_scale) has no ONNX lowering yet; build without a quantized KV cache")
-        num_heads, num_kv_heads, head_dim = q.meta["val"].shape[1], k.meta["val"].shape[1], q.meta["val"].shape[3]
-        past = [new_input(f"past_key_{layer}"), new_input(f"past_value_{layer}")]
+        past = [new_input(f"past_{kind}_{layer}", rows) for kind in ("key", "value")]
         with graph.inserting_before(node):
             if node.kwargs.get("cos") is not None:  # RoPE folded into the op: applied before it, by its reference
                 rope = (node.kwargs["cos"], node.kwargs["sin"], node.kwargs.get("rotary_interleaved", False))
                 q, k = (graph.call_function(attention.apply_rope, (x, *rope)) for x in (q, k))
                 lowered["llmc::paged_attention's RoPE"] = "fallback"
             attn = graph.call_function(
-                torch.ops.llmc_onnx.attention.default,
-                (q, k, v, *past, seqlens_k, total, int(num_heads), int(num_kv_heads), float(scale), int(window)),
+                torch.ops.llmc_onnx.attention.default, (q, k, v, *past, seqlens_k, total, float(scale), int(window))
             )
             out = graph.call_function(operator.getitem, (attn, 0))
-            presents += [graph.call_function(operator.getitem, (attn, i)) for i in (1, 2)]
+            presents += [graph.create_node("call_function", operator.getitem, (attn, i), name=f"present_{kind}_{layer}")
+                         for i, kind in ((1, "key"), (2, "value"))]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     for name in ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
@@ -356,9 +374,9 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
         name = _op_name(node)
         if name is None or not name.startswith("llmc::"):
             continue
-        if name in UNSUPPORTED:
-            raise OnnxExportError(f"{name}: {UNSUPPORTED[name]}")
-        if name in LOWERINGS[form]:
+        if name in COLLECTIVES:
+            lowered[name] = BETWEEN_SEGMENTS
+        elif name in LOWERINGS[form]:
             lowered[name] = "native"
         elif name in REFERENCES:
             node.target = REFERENCES[name]
@@ -367,34 +385,94 @@ def step_program(gm: fx.GraphModule, max_seq_len: int, form: str) -> tuple[fx.Gr
             raise OnnxExportError(f"{name} has no ONNX lowering and no plain-torch reference to fall back to")
     graph.lint()
     gm.recompile()
-    return gm, {"lowered": lowered, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "num_layers": len(paged)}
+    with fake_mode:  # the traced inputs' shapes, on the weights' device (the model was traced on meta)
+        inputs = [torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype) for n in graph.nodes if n.op == "placeholder"]
+    FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*inputs)
+    return gm, {"lowered": lowered}
 
 
-def _example_inputs(gm: fx.GraphModule, max_seq_len: int, dtype: torch.dtype, num_kv_heads: int, head_dim: int):
-    """One call of two sequences with three new tokens each, for tracing; and the dynamic dims."""
-    batch, new, tokens = 2, 3, 6
-    T, B = torch.export.Dim("num_tokens", min=1), torch.export.Dim("batch", min=1)
-    L = torch.export.Dim("num_logits", min=1)
+def split_at_collectives(step: fx.GraphModule, output_names: list[str]) -> list[Segment | dict]:
+    """The step program as consecutive segments with the collectives between them, in order (a collective as its
+    record: {collective, input, output, args}). Values keep their node's name, the step's outputs `output_names`.
+
+    A segment takes the step inputs it reads and the values it reads from earlier segments and collectives; it
+    returns the values that later segments, a collective or the step's output read. A size (SymInt) is recomputed
+    in each segment that reads it: ONNX models pass only tensors."""
+    results = next(n for n in step.graph.nodes if n.op == "output").args[0]
+    names = dict(zip(results, output_names))
+    name = lambda node: names.get(node, node.name)  # noqa: E731
+    runs: list[list[fx.Node]] = [[]]  # the nodes before the first collective, between each two, after the last
+    between: list[fx.Node] = []
+    for node in step.graph.nodes:
+        if _op_name(node) in COLLECTIVES:
+            between.append(node)
+            runs.append([])
+        elif node.op == "call_function":
+            runs[-1].append(node)
+    read_later = set(results) | {c.args[0] for c in between}  # each segment's graph adds what it reads from earlier ones
+    graphs = [_segment_graph(run, name, read_later) for run in runs]
+    program: list[Segment | dict] = []
+    for run, (graph, env), collective in zip(runs, graphs, [*between, None]):
+        returned = [n for n in run if n in read_later]
+        if returned:
+            graph.output(tuple(env[n] for n in returned))
+            program.append(Segment(fx.GraphModule(step, graph), [name(n) for n in returned]))
+        if collective is not None:
+            schema = collective.target._schema.arguments
+            program.append({"collective": _op_name(collective), "input": name(collective.args[0]), "output": name(collective),
+                            "args": {a.name: value for a, value in zip(schema[1:], collective.args[1:])}})
+    return program
+
+
+def _segment_graph(run: list[fx.Node], name, read_later: set[fx.Node]) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A graph computing `run` (no output yet), and the map from the step's nodes to its own. What it reads from
+    earlier segments or collectives becomes an input (and is added to read_later)."""
+    graph, env, own = fx.Graph(), {}, set(run)
+
+    def value(node: fx.Node) -> fx.Node:
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            env[node] = graph.get_attr(node.target)
+        elif node.op == "call_function" and (node in own or not isinstance(node.meta["val"], torch.Tensor)):
+            env[node] = graph.node_copy(node, value)  # this segment's node, or a size from an earlier one (recomputed)
+        else:  # a step input, or a tensor from an earlier segment or collective
+            env[node] = graph.placeholder(node.target if node.op == "placeholder" else name(node))
+            env[node].meta["val"] = node.meta["val"]
+            if node.op != "placeholder":
+                read_later.add(node)
+        return env[node]
+
+    for node in run:
+        value(node)
+    return graph, env
+
+
+def _dynamic_sizes(step: fx.GraphModule) -> dict[str, torch.export.Dim]:
+    """The step's symbolic sizes by name: its token count (input_ids' dim 1) and logits count (logits_indices')."""
+    inputs = {n.target: n.meta["val"] for n in step.graph.nodes if n.op == "placeholder"}
+    sizes = {str(inputs["input_ids"].shape[1]): NUM_TOKENS}
+    if "logits_indices" in inputs:
+        sizes[str(inputs["logits_indices"].shape[0])] = NUM_LOGITS
+    return sizes
+
+
+def _example_inputs(gm: fx.GraphModule, sizes: dict[str, torch.export.Dim]):
+    """Zeros of each input's shape at the example sizes, for tracing; and each input's dynamic dims."""
     example, dims = {}, {}
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
             continue
-        name = n.target
-        if name in ("input_ids", "position_ids"):
-            example[name], dims[name] = torch.zeros(1, tokens, dtype=torch.int64), {1: T}
-        elif name == "logits_indices":
-            example[name], dims[name] = torch.tensor([2, 5]), {0: L}
-        elif name == "seqlens_k":
-            example[name], dims[name] = torch.full((batch,), 4 + new - 1, dtype=torch.int32), {0: B}
-        elif name == "total_sequence_length":
-            example[name], dims[name] = torch.tensor(4 + new, dtype=torch.int32), None
-        elif name.startswith("past_"):
-            example[name] = torch.zeros(batch, num_kv_heads, max_seq_len, head_dim, dtype=dtype)
-            dims[name] = {0: B}
-        else:  # a tensor from the previous pipeline stage: [1, T, ...]
-            val = n.meta["val"]
-            example[name] = torch.zeros([tokens if not isinstance(d, int) else d for d in val.shape], dtype=val.dtype)
-            dims[name] = {i: T for i, d in enumerate(val.shape) if not isinstance(d, int)}
+        val = node.meta["val"]
+        if node.target == "seqlens_k" or node.target.startswith("past_"):
+            axes = {0: BATCH}
+        else:
+            axes = {i: sizes.get(str(d)) for i, d in enumerate(val.shape) if not isinstance(d, int)}
+            if None in axes.values():
+                raise OnnxExportError(f"{node.target} has a dim {list(val.shape)} that is neither the step's token count nor "
+                                      "its logits count: the ONNX backend cannot pass it between segments")
+        shape = [EXAMPLE_SIZES[axes[i]] if i in axes else d for i, d in enumerate(val.shape)]
+        example[node.target], dims[node.target] = torch.zeros(shape, dtype=val.dtype), axes or None
     return example, dims
 
 
@@ -406,22 +484,40 @@ def _foldable(node: ir.Node) -> bool | None:
     return None
 
 
-def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torch.dtype, form: str,
-                output_names: list[str]) -> dict:
-    """Write `gm` (a rank graph) as `path` (+ external weights at path.data); returns its record."""
-    step, record = step_program(gm, max_seq_len, form)
-    step.eval()
-    example, dims = _example_inputs(step, max_seq_len, dtype, record["num_kv_heads"], record["head_dim"])
-    layers = record["num_layers"]
-    output_names = output_names + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+def export_rank(gm: fx.GraphModule, rank_dir: Path, ctx, form: str) -> dict:
+    """Write `gm` (a rank graph) into rank_dir: model.onnx, or where it has collectives one model a segment
+    (segment0.onnx, ...), each with its weights as external data (FILE.data); returns the rank's record."""
+    outputs = [f"stage_output_{i}" for i in range(len(ctx.pp_outputs))] or ["logits"]
+    step, record = step_program(gm, ctx, form)
+    program = split_at_collectives(step, outputs)
+    num_segments = sum(isinstance(part, Segment) for part in program)
+    files = iter([MODEL] if num_segments == 1 else [f"segment{i}.onnx" for i in range(num_segments)])
     translations = {getattr(torch.ops.llmc_onnx if name.startswith("llmc_onnx") else torch.ops.llmc, name.split("::")[1]).default: fn
                     for name, fn in LOWERINGS[form].items() if name in record["lowered"] or name == "llmc_onnx::attention"}
+    sizes, ops = _dynamic_sizes(step), Counter()
+    record["program"] = []
+    for part in program:
+        if isinstance(part, Segment):
+            file = next(files)
+            ops += _export_segment(part, rank_dir / file, sizes, translations)
+            part = {"onnx": file}
+        record["program"].append(part)
+    record["outputs"] = outputs
     record["lowered"] = dict(sorted(record["lowered"].items()))
+    record["ops"] = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    record["opset"] = OPSET
+    record["form"] = form
+    return record
+
+
+def _export_segment(segment: Segment, path: Path, sizes: dict[str, torch.export.Dim], translations: dict) -> Counter:
+    """Write one segment as `path` (+ external weights at path.data); returns its ONNX op histogram."""
+    example, dims = _example_inputs(segment.module, sizes)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # our dims, named once each
         program = torch.onnx.export(
-            step, kwargs=example, dynamic_shapes=dims, input_names=list(example), output_names=output_names,
-            opset_version=OPSET, custom_translation_table=translations, dynamo=True,
+            segment.module.eval(), kwargs=example, dynamic_shapes=dims, input_names=list(example),
+            output_names=segment.outputs, opset_version=OPSET, custom_translation_table=translations, dynamo=True,
             # The default optimizer would fold FP8 weights back into FP32 initializers: folded below, but not them.
             optimize=False, verbose=False,
         )
@@ -430,9 +526,4 @@ def export_rank(gm: fx.GraphModule, path: Path, *, max_seq_len: int, dtype: torc
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)
     model = onnx.load(str(path), load_external_data=False)
-    record["ops"] = dict(sorted(Counter(
-        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node
-    ).items(), key=lambda kv: (-kv[1], kv[0])))
-    record["opset"] = OPSET
-    record["form"] = form
-    return record
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node)

@@ -1,5 +1,6 @@
-"""The TensorRT backend: each rank's program in the standard ONNX form (onnx_export), parsed and built
-into a serialized TensorRT engine, `rankN/rankN.engine`, beside the ONNX it was built from.
+"""The TensorRT backend: each rank's program in the standard ONNX form (onnx_export), each of its ONNX
+models parsed and built into a serialized TensorRT engine beside it: `rankN/model.engine`, or with
+--tp one engine a segment, `rankN/segment0.engine` ... (the collectives between them are the runtime's).
 
 The builder is `tensorrt` where it is installed, else `tensorrt_rtx` (which builds without a GPU).
 Optimization profiles cover the step shapes: 1..max_batch_tokens new tokens, 1..max_num_seqs
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmc.backends.onnx_backend import MODEL, check_build as check_onnx_build
+from llmc.backends.onnx_backend import check_build as check_onnx_build
 from llmc.engine import EngineConfig, EngineError
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
@@ -36,17 +37,15 @@ def builder():
     raise ValueError("the TensorRT backend needs `tensorrt` or `tensorrt_rtx`: pip install 'llmc[tensorrt]'")
 
 
-def engine_file(rank_dir: Path) -> Path:
-    return rank_dir / f"{rank_dir.name}.engine"
-
-
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 
-    outputs = [f"stage_output_{i}" for i in range(len(ctx.pp_outputs))] or ["logits"]
-    record = export_rank(gm, rank_dir / MODEL, max_seq_len=ctx.max_seq_len, dtype=ctx.dtype, form="standard", output_names=outputs)
-    record["tensorrt"] = build_engine(rank_dir / MODEL, engine_file(rank_dir), max_tokens=ctx.max_batch_tokens,
-                                      max_seqs=ctx.max_num_seqs)
+    record = export_rank(gm, rank_dir, ctx, form="standard")
+    record["tensorrt"] = [
+        build_engine(rank_dir / part["onnx"], rank_dir / Path(part["onnx"]).with_suffix(".engine").name,
+                     max_tokens=ctx.max_batch_tokens, max_seqs=ctx.max_num_seqs)
+        for part in record["program"] if "onnx" in part
+    ]
     return record
 
 
@@ -65,13 +64,13 @@ def build_engine(onnx_path: Path, out: Path, *, max_tokens: int, max_seqs: int) 
     profile = b.create_optimization_profile()
     ranges = {"num_tokens": (1, min(16, max_tokens), max_tokens), "batch": (1, min(4, max_seqs), max_seqs),
               "num_logits": (1, min(4, max_seqs), max_seqs)}
+    dynamic = _dynamic_dims(onnx_path)
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         dims = list(tensor.shape)
         if all(d >= 0 for d in dims):
             continue
-        dynamic = _dynamic_dims(tensor.name, len(dims))
-        shapes = [[ranges[dynamic[axis]][k] if d < 0 else d for axis, d in enumerate(dims)] for k in range(3)]
+        shapes = [[ranges[dynamic[tensor.name][axis]][k] if d < 0 else d for axis, d in enumerate(dims)] for k in range(3)]
         profile.set_shape(tensor.name, *shapes)
     config.add_optimization_profile(profile)
     serialized = b.build_serialized_network(network, config)
@@ -79,6 +78,7 @@ def build_engine(onnx_path: Path, out: Path, *, max_tokens: int, max_seqs: int) 
         raise RuntimeError(f"TensorRT could not build {onnx_path}: {'; '.join(logger.errors) or 'no error given'}")
     out.write_bytes(bytes(serialized))
     return {
+        "engine": out.name,
         "package": trt.__name__,
         "version": trt.__version__,
         "target": [str(config.get_compute_capability(i)) for i in range(getattr(config, "num_compute_capabilities", 0))]
@@ -93,15 +93,13 @@ def build_engine(onnx_path: Path, out: Path, *, max_tokens: int, max_seqs: int) 
     }
 
 
-def _dynamic_dims(name: str, rank: int) -> dict[int, str]:
-    """Which named dim each dynamic axis of an input is (the names onnx_export gives them)."""
-    if name in ("input_ids", "position_ids"):
-        return {1: "num_tokens"}
-    if name == "logits_indices":
-        return {0: "num_logits"}
-    if name == "seqlens_k" or name.startswith("past_"):
-        return {0: "batch"}
-    return {1: "num_tokens"}  # a pipeline stage's [1, T, ...] input
+def _dynamic_dims(onnx_path: Path) -> dict[str, dict[int, str]]:
+    """Each input's dynamic axes, by the names onnx_export gives them (num_tokens, num_logits, batch)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {i.name: {axis: d.dim_param for axis, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param}
+            for i in graph.input}
 
 
 def _Log(trt):
@@ -119,33 +117,39 @@ def _Log(trt):
     return Log()
 
 
-def load_engine(rank_dir: Path, record: dict):
-    """The rank's deserialized engine; a clear EngineError where this machine cannot run it."""
-    built = record.get("tensorrt", {})
-    package, version = built.get("package"), built.get("version")
+def load_engines(rank_dir: Path, record: dict) -> list:
+    """The rank's deserialized engines; a clear EngineError where this machine cannot run them."""
+    if not isinstance(record.get("tensorrt"), list):
+        raise EngineError(f"{rank_dir}: the engine's record lists no TensorRT engines (an older llmc built it); "
+                          "rebuild the engine")
+    return [_load_engine(rank_dir, built) for built in record["tensorrt"]]
+
+
+def _load_engine(rank_dir: Path, built: dict):
+    path, package, version = rank_dir / built["engine"], built["package"], built["version"]
     try:
         trt = importlib.import_module(package)
-    except (ImportError, TypeError):
-        raise EngineError(f"{rank_dir} is a TensorRT engine built with {package} {version}, which is not installed here; "
+    except ImportError:
+        raise EngineError(f"{path} is a TensorRT engine built with {package} {version}, which is not installed here; "
                           f"install that version or rebuild the engine here with --backend tensorrt") from None
     if trt.__version__ != version:
-        raise EngineError(f"{rank_dir} was built with {package} {version} but this machine has {trt.__version__}; "
+        raise EngineError(f"{path} was built with {package} {version} but this machine has {trt.__version__}; "
                           "TensorRT engines load only on the version that built them: rebuild the engine here")
     if not torch.cuda.is_available():
-        raise EngineError(f"{engine_file(rank_dir)} is a TensorRT engine (target {built.get('target')}): it runs only on an "
+        raise EngineError(f"{path} is a TensorRT engine (target {built['target']}): it runs only on an "
                           "NVIDIA GPU, and this machine has none. Run it on a GPU machine, or build with --backend onnx "
                           "(ONNX Runtime runs on CPU)")
     logger = _Log(trt)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_file(rank_dir).read_bytes())
+    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
     if engine is None:
-        raise EngineError(f"TensorRT could not load {engine_file(rank_dir)} on this GPU (target {built.get('target')}): "
+        raise EngineError(f"TensorRT could not load {path} on this GPU (target {built['target']}): "
                           f"{'; '.join(logger.errors) or 'no error given'}; rebuild the engine here")
     return engine
 
 
 def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
-    load_engine(rank_dir, config.ranks[rank].get("backend", {}))
+    load_engines(rank_dir, config.ranks[rank].get("backend", {}))
     raise EngineError(
-        f"{engine_file(rank_dir)} loads, but llmc's runtime has no TensorRT step runner yet (no GPU was available to "
-        "develop one): run the engine with TensorRT directly, or build with --backend onnx"
+        f"the TensorRT engines of {rank_dir} load, but llmc's runtime has no TensorRT step runner yet (no GPU was available "
+        "to develop one): run the engines with TensorRT directly, or build with --backend onnx"
     )
