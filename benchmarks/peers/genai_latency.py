@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: benchmarks/triton.py must not shadow the triton package
 from latency import median_seconds  # noqa: E402  (the same timing as llmc's side of the run)
 
 model_dir, new_tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
