@@ -23,7 +23,9 @@ with torch.distributed. The rank's record lists the segments and collectives in 
 
 from __future__ import annotations
 
+import logging
 import operator
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -37,6 +39,7 @@ import torch.fx as fx
 from onnxscript import ir
 from onnxscript import opset23 as op
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from tqdm import tqdm
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
 from llmc.backends.onnx_backend import COLLECTIVES, MODEL
@@ -44,6 +47,8 @@ from llmc.plugins import activations, attention, collectives, norms, rotary
 from llmc.plugins.quant_formats import E2M1_BY_CODE, E2M1_MAX, E2M1_TIES_DOWN, E2M1_TIES_UP, NVFP4_BLOCK
 
 OPSET = 23
+# torch.onnx logs, at every export, each torchvision op it skips (torchvision is not installed): noise here.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FORMS = ("onnxruntime", "standard")
 # The dynamic dims of a call, and their sizes in the example call that is traced: two sequences with three new
@@ -496,12 +501,16 @@ def export_rank(gm: fx.GraphModule, rank_dir: Path, ctx, form: str) -> dict:
                     for name, fn in LOWERINGS[form].items() if name in record["lowered"] or name == "llmc_onnx::attention"}
     sizes, ops = _dynamic_sizes(step), Counter()
     record["program"] = []
+    progress = tqdm(total=num_segments, desc="[llmc] exporting ONNX segments", unit="segment", file=sys.stderr, leave=False,
+                    disable=num_segments == 1)
     for part in program:
         if isinstance(part, Segment):
             file = next(files)
             ops += _export_segment(part, rank_dir / file, sizes, translations)
+            progress.update()
             part = {"onnx": file}
         record["program"].append(part)
+    progress.close()
     record["outputs"] = outputs
     record["lowered"] = dict(sorted(record["lowered"].items()))
     record["ops"] = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -515,6 +524,7 @@ def _export_segment(segment: Segment, path: Path, sizes: dict[str, torch.export.
     example, dims = _example_inputs(segment.module, sizes)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # our dims, named once each
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch.export's own use
         program = torch.onnx.export(
             segment.module.eval(), kwargs=example, dynamic_shapes=dims, input_names=list(example),
             output_names=segment.outputs, opset_version=OPSET, custom_translation_table=translations, dynamo=True,
