@@ -72,18 +72,24 @@ def _transposed(graph: fx.Graph, x: fx.Node, attention: fx.Node) -> fx.Node:
     return out
 
 
-def _rows(graph: fx.Graph, table: fx.Node, attention: fx.Node) -> fx.Node:
-    """cos or sin, broadcast over heads, as the op's [T, rotary_dim]."""
-    dim = table.meta["val"].shape[-1]
-    with graph.inserting_before(attention):
-        rows = graph.call_function(aten.reshape.default, (table, [-1, dim]))
-    rows.meta["val"] = table.meta["val"].reshape(-1, dim)
-    return rows
+def _rows(graph: fx.Graph, table: fx.Node, made: dict[fx.Node, fx.Node]) -> fx.Node:
+    """cos or sin, broadcast over heads, as the op's [T, rotary_dim]: one reshape a table, right after it, which
+    every layer reading the table shares (`made`). HF unsqueezes the table for the heads in each layer: the
+    reshape reads what was unsqueezed, so the layers find one table."""
+    while table.target == aten.unsqueeze.default:
+        table = table.args[0]
+    if table not in made:
+        dim = table.meta["val"].shape[-1]
+        with graph.inserting_after(table):
+            made[table] = graph.call_function(aten.reshape.default, (table, [-1, dim]))
+        made[table].meta["val"] = table.meta["val"].reshape(-1, dim)
+    return made[table]
 
 
 @register_pass("fold_rotary_into_attention")
 def fold_rotary_into_attention(gm: fx.GraphModule, ctx: BuildContext):
     folded: dict[str, int] = {}
+    rows: dict[fx.Node, fx.Node] = {}
     for attention in [n for n in gm.graph.nodes if n.target == ATTENTION and "cos" not in n.kwargs]:
         q, k = (_unrotated(x, attention) for x in attention.args[:2])
         if q is None or k is None or q[1] != k[1] or not all(map(_same_value, q[2], k[2])):
@@ -93,7 +99,7 @@ def fold_rotary_into_attention(gm: fx.GraphModule, ctx: BuildContext):
             heads = [_transposed(gm.graph, h, attention) for h in heads]
         cos, sin, interleaved = q[2]
         attention.args = (*heads, *attention.args[2:])
-        attention.kwargs = {**attention.kwargs, "cos": _rows(gm.graph, cos, attention), "sin": _rows(gm.graph, sin, attention),
+        attention.kwargs = {**attention.kwargs, "cos": _rows(gm.graph, cos, rows), "sin": _rows(gm.graph, sin, rows),
                             "rotary_interleaved": interleaved}
         form = "interleaved" if interleaved else "rotate_half"
         folded[form] = folded.get(form, 0) + 1
