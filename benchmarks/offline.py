@@ -1,7 +1,7 @@
 """`llmc bench offline`: the same requests offline (`LLM.generate` in this process, as `llmc
-generate` runs them) and served (`llmc serve` on loopback, the requests sent at once), first on
-its own and then while a busy process (`while True: pass`) keeps a core busy; prints JSON with the
-offline/served ratios.
+generate` runs them) and served (`llmc serve` on loopback, the requests sent at once), first
+without and then with a busy process (`while True: pass`) that keeps a core busy; prints JSON with
+the offline/served ratios.
 
 Every request is greedy with EOS ignored, so both generate the same tokens. Throughput is output
 tokens over the wall time of all requests, the median of --rounds rounds, offline and served
@@ -126,12 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "workload": {"requests": args.requests, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
                      "rounds": args.rounds, "cpu": cpu_model(), "cpus": os.cpu_count(),
+                     "load_average_1min": os.getloadavg()[0],  # others' work on a shared machine
                      **{var: os.environ.get(var) for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}},
     }
     with LLM(args.engine) as llm, server(args.engine, args.ready_timeout) as url:
         offline_run(llm, prompts[:1], 4)  # warm-ups
         served_run(url, prompts[:1], 4)
-        result["alone"] = measure(llm, url, prompts, args.new_tokens, args.rounds)
+        result["without_busy_process"] = measure(llm, url, prompts, args.new_tokens, args.rounds)
         with busy_process():
             result["with_busy_process"] = measure(llm, url, prompts, args.new_tokens, args.rounds)
     result = json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 3))
