@@ -91,10 +91,11 @@ def measure(llm, url: str, prompts: list[list[int]], new_tokens: int, rounds: in
         runs["offline"].append(offline_run(llm, prompts, new_tokens))
         runs["served"].append(served_run(url, prompts, new_tokens))
     result = {}
+    expected = len(prompts) * new_tokens
     for name, rs in runs.items():
-        tokens = {t for _, t in rs}
-        assert tokens == {len(prompts) * new_tokens}, f"{name} generated {tokens} tokens, not {len(prompts) * new_tokens}"
-        result[f"{name}_tokens_per_s"] = tokens.pop() / statistics.median(s for s, _ in rs)
+        if any(tokens != expected for _, tokens in rs):
+            raise RuntimeError(f"{name} generated {[t for _, t in rs]} tokens in its rounds, not {expected} each")
+        result[f"{name}_tokens_per_s"] = expected / statistics.median(seconds for seconds, _ in rs)
     result["offline_over_served"] = result["offline_tokens_per_s"] / result["served_tokens_per_s"]
     return result
 
