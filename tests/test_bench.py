@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -45,6 +48,25 @@ def test_bench_parallel(checkpoints):
     assert out["ratios"]["tp1-pp1"]["throughput_over_hf"] > 0
 
 
+def test_bench_offline(engine):
+    out = run_bench("offline", engine, "--requests", 2, "--prompt-len", 8, "--new-tokens", 6, "--rounds", 1)
+    assert set(out) == {"workload", "without_busy_process", "with_busy_process"}
+    assert out["workload"]["OMP_WAIT_POLICY"] == "PASSIVE" and out["workload"]["cpu"]
+    for run in (out["without_busy_process"], out["with_busy_process"]):  # both generated 2 x 6 tokens (the bench checks)
+        assert run["offline_tokens_per_s"] > 0 and run["served_tokens_per_s"] > 0 and run["offline_over_served"] > 0
+
+
+@pytest.mark.parametrize("policy", [None, "active"])
+def test_openmp_threads_sleep_unless_told_otherwise(policy):
+    # What libgomp itself took, as it prints it: importing llmc before torch makes its threads
+    # sleep at once (spin count 0); a user's own OMP_WAIT_POLICY wins (active: spin for ever).
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env |= {"OMP_DISPLAY_ENV": "verbose"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    stderr = subprocess.run([sys.executable, "-c", "import llmc, torch"], env=env, capture_output=True, text=True, check=True).stderr
+    spin_count = int(stderr.split("GOMP_SPINCOUNT = '")[1].split("'")[0])
+    assert spin_count > 10**9 if policy == "active" else spin_count == 0
+
+
 def test_bench_quant_gemv():
     out = run_bench("quant_gemv", "--layers", 2, "--vocab", 512, "--repeats", 1)
     formats = out["formats"]
@@ -66,7 +88,7 @@ def test_bench_gated_activation():
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code == 1
-    assert "available: gated_activation, latency, parallel, quant_gemv, quantization, serve, triton" in result.output
+    assert "available: gated_activation, latency, offline, parallel, quant_gemv, quantization, serve, triton" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):
