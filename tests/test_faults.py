@@ -167,6 +167,13 @@ def test_a_failed_rank_ends_every_stream_with_an_error_and_the_server_exits(faul
         assert [pid for pid in ranks if not _gone(pid)] == []
 
 
+def test_a_rank_that_dies_between_requests_stops_the_server(tp2_engine):
+    with llmc_serve(tp2_engine) as (server, url, ranks):
+        os.kill(ranks[0], signal.SIGKILL)
+        assert _exits(server, within=15) == 1
+        assert f"rank 0 (pid {ranks[0]}) was killed by SIGKILL" in _log(server)
+
+
 def test_sigterm_drains_for_at_most_the_shutdown_timeout(tp2_engine):
     """Short requests finish, new ones get 503, long ones end with an error at the timeout; exit status 0."""
     shutdown_timeout = 2.0

@@ -4,6 +4,9 @@ The engine's step loop runs on its own thread, so model compute never blocks the
 Clients hand requests over through a thread-safe queue and receive their outputs on an asyncio
 queue each; a client that goes away aborts its request, which frees its KV blocks. Callers that are
 not asyncio (Triton's Python backend) use `add_request` with a callback and `abort` directly.
+
+If the engine fails (a step raises; a rank dies, also between requests, or hangs), every request in
+flight ends with EngineDeadError, new ones are refused with it, and `error` holds the cause.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class AsyncLLM:
 
     @property
     def num_requests(self) -> int:
-        """Requests in flight: queued, running, or waiting for their last output to be delivered."""
+        """Requests in flight: queued or running (their last output or error not yet handed over)."""
         return len(self._sinks)
 
     def generate(

@@ -142,8 +142,8 @@ class MultiprocExecutor(Executor):
                 if conn in ready:
                     try:
                         reply = conn.recv()
-                    except EOFError:
-                        continue  # it died: reported below
+                    except (EOFError, OSError):  # it died (a reset if it left our last step unread): reported below
+                        continue
                     self.steps_done[rank] += 1
                     if rank == self.output_rank and self.steps_done[rank] == self.steps_returned + 1:
                         message = reply
