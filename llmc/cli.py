@@ -19,11 +19,12 @@ def _clean_errors(fn):
         from llmc.engine import EngineError
         from llmc.frontend.checkpoint import CheckpointError
         from llmc.passes.manager import PassError
+        from llmc.runtime.async_llm import EngineDeadError
         from llmc.runtime.executor import RankError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, EngineError, CheckpointError, FileExistsError, PassError, RankError) as e:
+        except (ValueError, EngineError, CheckpointError, FileExistsError, PassError, RankError, EngineDeadError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -144,9 +145,15 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
 @click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not share KV blocks between requests with a common prefix.")
 @click.option("--rank-timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may be silent before the engine fails.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM or Ctrl-C, seconds requests in flight get to finish; then they end with an error.")
 @_clean_errors
-def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching, rank_timeout):
-    """Serve ENGINE over an OpenAI-compatible HTTP API."""
+def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching,
+          rank_timeout, shutdown_timeout):
+    """Serve ENGINE over an OpenAI-compatible HTTP API.
+
+    Exits with status 1 if the engine fails (a rank died or hung), after every request in flight got its error.
+    """
     from llmc.runtime.api_server import serve as run_server
 
     if _serve_as_torchrun_rank(engine, rank_timeout):
@@ -154,7 +161,7 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
     run_server(
         engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
-        enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout,
+        enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout, shutdown_timeout=shutdown_timeout,
     )
 
 

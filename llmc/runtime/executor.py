@@ -7,6 +7,7 @@ the engine can keep several steps in flight (one per pipeline stage) and stages 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 import weakref
@@ -40,6 +41,9 @@ class Executor:
         self.submit(inputs)
         return self.result()
 
+    def check_health(self) -> None:
+        """Raise RankError if the engine's ranks can no longer step (checked while idle)."""
+
     def shutdown(self) -> None:
         pass
 
@@ -67,8 +71,9 @@ def free_port() -> int:
 class MultiprocExecutor(Executor):
     """A tp x pp engine on this machine: one process per rank, started here and stopped with the engine.
 
-    If a rank dies or sends nothing for `rank_timeout` seconds, `result` stops every rank and
-    raises RankError naming what happened.
+    Every rank reports each step it finishes (the output rank with the logits, the others with None),
+    so when a step is late the driver can tell which rank holds it up. If a rank dies, or a step takes
+    longer than `rank_timeout` seconds, `result` kills every rank and raises RankError naming the rank.
     """
 
     def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, rank_timeout: float, load_timeout: float = 600):
@@ -76,19 +81,22 @@ class MultiprocExecutor(Executor):
 
         self.rank_timeout = rank_timeout
         world = config.world_size
-        tp, pp = config.mapping["tp"], config.mapping["pp"]
-        self.output_rank = (pp - 1) * tp  # the last stage's tensor-parallel rank 0
+        self.tp = config.mapping["tp"]
+        self.output_rank = (config.mapping["pp"] - 1) * self.tp  # the last stage's tensor-parallel rank 0
         # forkserver: ranks fork from a process that has imported torch once, not each its own.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["llmc.runtime.worker"])
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, (os.cpu_count() or 1) // world)
+        # The ranks' own collectives wait longer than the driver does, so that the driver, which can
+        # tell a stalled rank from the peers waiting on it, is the one that reports it.
+        collective_timeout = 2 * rank_timeout
         self.procs, self.conns = [], []
         for rank in range(world):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=run_local_rank,
-                args=(rank, str(engine_dir), num_blocks, init_method, rank_timeout, threads, child),
+                args=(rank, str(engine_dir), num_blocks, init_method, collective_timeout, threads, child),
                 name=f"llmc-rank{rank}",
                 daemon=True,
             )
@@ -98,24 +106,10 @@ class MultiprocExecutor(Executor):
             self.conns.append(parent)
         # Also when the engine is garbage-collected without a shutdown.
         self._stop = weakref.finalize(self, _stop_ranks, list(self.procs), list(self.conns))
-        for rank in range(world):
-            self._receive(rank, load_timeout, "load the engine")
-
-    def _receive(self, rank: int, timeout: float, doing: str):
-        conn = self.conns[rank]
-        deadline = time.monotonic() + timeout
-        while True:
-            ready = connection.wait([conn] + [p.sentinel for p in self.procs], timeout=max(0.0, deadline - time.monotonic()))
-            if conn in ready:
-                try:
-                    return conn.recv()
-                except EOFError:
-                    pass  # it died: reported below
-            dead = [f"rank {i} (pid {p.pid}) exited with code {p.exitcode}" for i, p in enumerate(self.procs) if not p.is_alive()]
-            if dead or not ready:
-                self.shutdown()
-                why = "; ".join(dead) if dead else f"rank {rank} did not {doing} within {timeout:g} s (hung?)"
-                raise RankError(f"{why}; all ranks were stopped (their errors are above, on stderr)")
+        self.steps_done = [-1] * world  # per rank: the number of the last step it reported finished
+        self.steps_returned = 0  # steps whose logits `result` has returned
+        self._wait_all(lambda: all(n == 0 for n in self.steps_done), load_timeout,
+                       lambda: f"{self._late(0)} did not load the engine within {load_timeout:g} s")
 
     def submit(self, inputs: dict[str, np.ndarray]) -> None:
         if not self.procs:
@@ -124,11 +118,81 @@ class MultiprocExecutor(Executor):
             conn.send(inputs)
 
     def result(self) -> torch.Tensor:
-        return torch.from_numpy(self._receive(self.output_rank, self.rank_timeout, "return a step"))
+        step = self.steps_returned + 1  # 0 is the ranks' "ready"
+        logits = self._wait_all(lambda: self.steps_done[self.output_rank] >= step, self.rank_timeout,
+                                lambda: f"{self._late(step)} did not finish a step within {self.rank_timeout:g} s")
+        self.steps_returned += 1
+        return torch.from_numpy(logits)
+
+    def check_health(self) -> None:
+        """Raise RankError if a rank has exited (between steps, when nothing else would notice)."""
+        if any(not p.is_alive() for p in self.procs):
+            self._fail(self._dead())
+
+    def _wait_all(self, done, timeout: float, late):
+        """Read the ranks' reports until `done()`; returns the output rank's last one. A rank that exits,
+        or `timeout` seconds without `done()`, kills every rank and raises RankError (`late()` says why)."""
+        deadline = time.monotonic() + timeout
+        message = None
+        while not done():
+            ready = connection.wait(self.conns + [p.sentinel for p in self.procs], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self._fail(late())
+            for rank, conn in enumerate(self.conns):
+                if conn in ready:
+                    try:
+                        reply = conn.recv()
+                    except (EOFError, OSError):  # it died (a reset if it left our last step unread): reported below
+                        continue
+                    self.steps_done[rank] += 1
+                    if rank == self.output_rank and self.steps_done[rank] == self.steps_returned + 1:
+                        message = reply
+            if any(not p.is_alive() for p in self.procs):
+                self._fail(self._dead())
+        return message
+
+    def _late(self, step: int) -> str:
+        """The ranks that have not finished `step`: a stopped one if any, else those of the first stage
+        that is behind (later stages and tensor-parallel peers only wait on them)."""
+        late = [r for r, n in enumerate(self.steps_done) if n < step]
+        stopped = [r for r in late if _is_stopped(self.procs[r].pid)]
+        if stopped:
+            return ", ".join(f"rank {r} (pid {self.procs[r].pid}, stopped: SIGSTOP?)" for r in stopped)
+        first_stage = min(late) // self.tp
+        return ", ".join(f"rank {r} (pid {self.procs[r].pid})" for r in late if r // self.tp == first_stage)
+
+    def _dead(self) -> str:
+        dead = [(r, p) for r, p in enumerate(self.procs) if not p.is_alive()]
+        dead.sort(key=lambda rp: rp[1].exitcode >= 0)  # the killed first: the others likely failed on them
+        return "; ".join(f"rank {r} (pid {p.pid}) {_exit_description(p.exitcode)}" for r, p in dead)
+
+    def _fail(self, why: str):
+        for proc in self.procs:  # the ranks of a failed step are stuck or dying: no grace
+            proc.kill()
+        self.shutdown()
+        raise RankError(f"{why}; all ranks were stopped (their errors are above, on stderr)")
 
     def shutdown(self) -> None:
         self._stop()
         self.procs, self.conns = [], []
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, a debugger); False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _stop_ranks(procs, conns) -> None:

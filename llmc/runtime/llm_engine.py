@@ -87,9 +87,9 @@ class LLMEngine:
             executor = TorchrunExecutor if started_by_torchrun else MultiprocExecutor
             self.executor = executor(self.engine_dir, config, num_blocks, rank_timeout)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.schedulers = [
-            Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs) for _ in range(config.mapping["pp"])
-        ]
+        self.schedulers: list[Scheduler] = []
+        for _ in range(config.mapping["pp"]):  # peers: they share the max_num_seqs cap
+            self.schedulers.append(Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs, peers=self.schedulers))
         self.in_flight: deque[tuple[Scheduler, list, list]] = deque()  # (scheduler, batch, sampled) in submission order
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a server: queue and cache gauges read at scrape time, latency histograms per request."""
+"""Prometheus metrics of a server: queue, cache and preemption numbers read at scrape time; request
+outcomes and latency histograms per request."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import time
 from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from llmc.runtime.async_llm import AsyncLLM
 from llmc.runtime.outputs import RequestOutput
@@ -19,7 +22,9 @@ class ServerMetrics:
         self.waiting = Gauge("llmc_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge("llmc_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
         self.prefix_hit_rate = Gauge("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up", registry=r)
-        self.requests = Counter("llmc_request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.requests = Counter("llmc_request_success", "Requests ended, by why: stop, length, abort (the client went away), error",
+                                ["finished_reason"], registry=r)
+        r.register(_Preemptions(llm))
         self.prompt_tokens = Counter("llmc_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("llmc_generation_tokens", "Tokens generated", registry=r)
         buckets = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -37,19 +42,40 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass outputs through, timing first token and the tokens after it."""
+        """Pass outputs through, timing first token and the tokens after it, and count how the request ended."""
         start = last = time.perf_counter()
         count = 0
-        async for out in outputs:
-            now = time.perf_counter()
-            new = len(out.token_ids) - count
-            if count == 0:
-                self.ttft.observe(now - start)
-                self.prompt_tokens.inc(len(out.prompt_token_ids))
-            elif new:
-                self.tpot.observe((now - last) / new)
-            count, last = len(out.token_ids), now
-            self.generation_tokens.inc(new)
-            if out.finished:
-                self.requests.labels(out.finish_reason).inc()
-            yield out
+        ended = None
+        try:
+            async for out in outputs:
+                now = time.perf_counter()
+                new = len(out.token_ids) - count
+                if count == 0:
+                    self.ttft.observe(now - start)
+                    self.prompt_tokens.inc(len(out.prompt_token_ids))
+                elif new:
+                    self.tpot.observe((now - last) / new)
+                count, last = len(out.token_ids), now
+                self.generation_tokens.inc(new)
+                if out.finished:
+                    ended = out.finish_reason
+                    self.requests.labels(ended).inc()
+                yield out
+        except Exception:  # the engine failed, or the server shut down before the request finished
+            ended = "error"
+            self.requests.labels(ended).inc()
+            raise
+        finally:
+            if ended is None:  # closed before its end: the client went away
+                self.requests.labels("abort").inc()
+
+
+class _Preemptions(Collector):
+    """The schedulers' preemption count, as a counter read at scrape time."""
+
+    def __init__(self, llm: AsyncLLM):
+        self.llm = llm
+
+    def collect(self):
+        total = sum(s.num_preemptions for s in self.llm.engine.schedulers)
+        yield CounterMetricFamily("llmc_num_preemptions", "Requests preempted (KV cache full), to be recomputed", value=total)

@@ -18,10 +18,14 @@ from llmc.runtime.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int):
+    """One step's worth of work at a time. Schedulers that share a block manager (the pp virtual
+    engines) are given one list, `peers`, holding them all: `max_num_seqs` caps their running requests together."""
+
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int, peers: list[Scheduler] | None = None):
         self.block_manager = block_manager
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.peers = peers if peers is not None else [self]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -53,7 +57,8 @@ class Scheduler:
                 self.block_manager.allocate(seq, num_tokens)
                 batch.append((seq, num_tokens))
                 budget -= num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        num_running = sum(len(s.running) for s in self.peers)
+        while self.waiting and budget > 0 and num_running < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.block_manager.cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
@@ -64,6 +69,7 @@ class Scheduler:
             self.block_manager.allocate(seq, num_tokens, cached)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            num_running += 1
             batch.append((seq, num_tokens))
             budget -= num_tokens
         return batch

@@ -88,7 +88,8 @@ def _received(conn) -> Iterator[dict]:
 
 
 def run_local_rank(rank, engine_dir, num_blocks, init_method, timeout, threads, conn) -> None:
-    """Entry point of a rank started by `MultiprocExecutor`: steps in and logits out over `conn`."""
+    """Entry point of a rank started by `MultiprocExecutor`: steps in over `conn`; out, for each step,
+    the logits from the rank that has them and None from the others (the driver counts finished steps)."""
     try:
         torch.set_num_threads(threads)
         config = EngineConfig.load(engine_dir)
@@ -96,9 +97,7 @@ def run_local_rank(rank, engine_dir, num_blocks, init_method, timeout, threads, 
         worker = RankWorker(Path(engine_dir), config, rank, num_blocks)
         conn.send("ready")
         for inputs in _received(conn):
-            logits = worker.step(inputs)
-            if logits is not None:
-                conn.send(logits)
+            conn.send(worker.step(inputs))
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()
