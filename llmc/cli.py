@@ -144,15 +144,18 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
 @click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not share KV blocks between requests with a common prefix.")
 @click.option("--rank-timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may be silent before the engine fails.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20, show_default=True,
+              help="Largest request body accepted; a larger one gets 413 before it is parsed.")
 @_clean_errors
-def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching, rank_timeout):
+def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching, rank_timeout,
+          max_request_bytes):
     """Serve ENGINE over an OpenAI-compatible HTTP API."""
     from llmc.runtime.api_server import serve as run_server
 
     if _serve_as_torchrun_rank(engine, rank_timeout):
         return
     run_server(
-        engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+        engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_request_bytes=max_request_bytes,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
         enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout,
     )
