@@ -36,49 +36,78 @@ any_json = st.recursive(
 )
 
 
-def field(typed):
-    """A field's value: mostly of its type (in range or not), sometimes anything JSON holds."""
-    return typed | typed | any_json
-
-
-token = st.integers(-3, 330)
-number = st.floats(-3, 3) | st.sampled_from([0.0, 1e-40, 1e-5, 1e38, -1e38, 1e300, float("nan"), float("inf")])
-SAMPLING = {
-    "model": st.sampled_from(["tiny-llama", "gpt-4"]),
-    "max_tokens": st.integers(-2, 6) | st.sampled_from([10**30, 2**63]),
-    "temperature": number,
-    "top_p": number,
-    "top_k": st.integers(-3, 400) | st.just(10**30),
-    "min_p": number,
-    "presence_penalty": number,
-    "frequency_penalty": number,
-    "repetition_penalty": number | st.sampled_from([1e-38, 1e-30]),
-    "seed": st.integers(-(2**64), 2**65),
-    "stop": text | st.lists(text, max_size=20),
+token = st.integers(0, 319)
+valid_text = st.text(max_size=12)
+# In range, extremes included: each of these must be served (200).
+VALID = {
+    "model": st.just("tiny-llama"),
+    "max_tokens": st.integers(1, 6) | st.just(10**30),
+    "temperature": st.floats(0, 2) | st.sampled_from([1e-40, 1e-5, 1e5, 1e300]),
+    "top_p": st.floats(1e-12, 1) | st.just(1e-300),
+    "top_k": st.integers(-1, 400) | st.just(10**30),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.01, 10) | st.sampled_from([1e-38, 1e-5, 1e38]),
+    "seed": st.integers(-(2**63), 2**64 - 1),
+    "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=16),
     "stop_token_ids": st.lists(token, max_size=5),
-    "logit_bias": st.dictionaries(token.map(str) | text, st.floats(-150, 150) | number, max_size=4),
+    "logit_bias": st.dictionaries(token.map(str), st.floats(-100, 100), max_size=6),
     "ignore_eos": st.booleans(),
-    "n": st.integers(0, 2),
+    "n": st.just(1),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
 }
-prompt = text | st.lists(token, max_size=12) | st.lists(text, max_size=3) | st.lists(st.lists(token, max_size=4), max_size=3)
-completion_bodies = st.fixed_dictionaries(
-    {"prompt": field(prompt)},
-    optional={**{k: field(v) for k, v in SAMPLING.items()}, "logprobs": field(st.integers(-1, 25)), "echo": field(st.booleans())},
+# Out of range or of another type.
+number = st.floats(-1e3, 1e3) | st.sampled_from([-1e-40, 1e400, float("nan"), float("inf"), -float("inf")])
+HOSTILE = {
+    "model": text,
+    "max_tokens": st.integers(-(2**70), 0) | st.floats(),
+    "temperature": number,
+    "top_p": number,
+    "top_k": st.integers(-(2**70), -2),
+    "min_p": number,
+    "presence_penalty": number,
+    "frequency_penalty": number,
+    "repetition_penalty": number | st.just(0),
+    "seed": st.integers(2**64, 2**70) | st.integers(-(2**70), -(2**63) - 1),
+    "stop": st.lists(text, max_size=20) | st.text(min_size=257, max_size=300),
+    "stop_token_ids": st.lists(st.integers(-(2**70), 2**70), max_size=3),
+    "logit_bias": st.dictionaries(text | st.integers(-5, 400).map(str), number, max_size=4),
+    "n": st.integers(-3, 5),
+}
+
+
+def bodies(required_valid: dict, required_hostile: dict, valid: dict, hostile: dict):
+    """Half all-valid bodies, half with each field valid, hostile, or anything JSON holds."""
+    def mixed(name, strategy):
+        return strategy | hostile.get(name, any_json) | any_json
+
+    return st.fixed_dictionaries(required_valid, optional=valid) | st.fixed_dictionaries(
+        {k: mixed(k, v) for k, v in required_hostile.items()}, optional={k: mixed(k, v) for k, v in valid.items()}
+    )
+
+
+prompt = valid_text | st.lists(token, min_size=1, max_size=12) | st.lists(valid_text, min_size=1, max_size=3) | st.lists(st.lists(token, min_size=1, max_size=4), min_size=1, max_size=3)
+completion_bodies = bodies(
+    {"prompt": prompt},
+    {"prompt": prompt | text | st.lists(st.integers(-(2**70), 2**70), max_size=4) | st.lists(text, max_size=3)},
+    {**VALID, "logprobs": st.integers(0, 20), "echo": st.booleans()},
+    {**HOSTILE, "logprobs": st.integers(-3, -1) | st.integers(21, 2**70)},
 )
-part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | text, "text": field(text)})
-message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system"]) | text, "content": field(text | st.lists(part, max_size=3))}
-)
-chat_bodies = st.fixed_dictionaries(
-    {"messages": field(st.lists(message, max_size=3))},
-    optional={
-        **{k: field(v) for k, v in SAMPLING.items()},
-        "max_completion_tokens": field(st.integers(-2, 6)),
-        "logprobs": field(st.booleans()),
-        "top_logprobs": field(st.integers(-1, 25)),
-    },
+message = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant", "system"]),
+    "content": valid_text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": valid_text}), max_size=3),
+})
+hostile_message = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant"]) | text,
+    "content": text | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | text, "text": text | any_json}), max_size=3) | any_json,
+})
+chat_bodies = bodies(
+    {"messages": st.lists(message, min_size=1, max_size=3)},
+    {"messages": st.lists(message | hostile_message, max_size=3)},
+    {**VALID, "max_completion_tokens": st.integers(1, 6), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20)},
+    {**HOSTILE, "max_completion_tokens": st.integers(-3, 0), "top_logprobs": st.integers(21, 99)},
 )
 
 
