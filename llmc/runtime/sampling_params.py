@@ -57,11 +57,11 @@ class SamplingParams:
         self.logit_bias = dict(self.logit_bias or {})
         checks = [
             ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            ("temperature", _finite(self.temperature) and self.temperature >= 0, f"temperature must be a finite number >= 0 (0 for greedy), got {self.temperature!r}"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0 and finite (0, or below {GREEDY_BELOW:g}, for greedy), got {self.temperature!r}"),
             ("top_k", _is_int(self.top_k) and self.top_k >= -1, f"top_k must be an integer >= 1, or 0 / -1 to disable it, got {self.top_k!r}"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
-            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}"),
             ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
             ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
             ("seed", self.seed is None or (_is_int(self.seed) and -(1 << 63) <= self.seed < 1 << 64), f"seed must be an integer in [-2**63, 2**64), or None, got {self.seed!r}"),
