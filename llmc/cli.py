@@ -145,11 +145,13 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
 @click.option("--max-num-seqs", type=int, default=None, help="Most requests in flight. [default: the engine's]")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not share KV blocks between requests with a common prefix.")
 @click.option("--rank-timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may be silent before the engine fails.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20, show_default=True,
+              help="Largest request body accepted; a larger one gets 413 before it is parsed.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM or Ctrl-C, seconds requests in flight get to finish; then they end with an error.")
 @_clean_errors
 def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_cache_tokens, max_num_seqs, no_prefix_caching,
-          rank_timeout, shutdown_timeout):
+          rank_timeout, shutdown_timeout, max_request_bytes):
     """Serve ENGINE over an OpenAI-compatible HTTP API.
 
     Exits with status 1 if the engine fails (a rank died or hung), after every request in flight got its error.
@@ -159,7 +161,7 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
     if _serve_as_torchrun_rank(engine, rank_timeout):
         return
     run_server(
-        engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+        engine, host=host, port=port, api_key=api_key, served_model_name=served_model_name, max_request_bytes=max_request_bytes,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
         enable_prefix_caching=not no_prefix_caching, rank_timeout=rank_timeout, shutdown_timeout=shutdown_timeout,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
@@ -15,7 +16,8 @@ from transformers.generation.logits_process import (
 
 import llmc
 from llmc import LLM, SamplingParams
-from llmc.runtime.sampler import apply_penalties, filter_logits
+from llmc.runtime.sampler import apply_penalties, filter_logits, sample
+from llmc.runtime.sampling_params import InvalidParam
 from llmc.runtime.sequence import Sequence
 
 from conftest import VOCAB
@@ -115,3 +117,67 @@ def test_stream_closed_early_frees_the_request(llm):
 def test_more_invalid_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(seed=2**64), "seed"),
+        (dict(max_tokens=True), "max_tokens"),
+        (dict(stop=["x"] * 17), "stop"),
+        (dict(stop="x" * 257), "stop"),
+        (dict(logit_bias={5: 100.5}), "logit_bias"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(logit_bias={5: float("nan")}), "logit_bias"),
+    ],
+)
+def test_non_finite_and_out_of_range_params_are_refused(kwargs, param):
+    with pytest.raises(InvalidParam) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(llm):
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 320\)"):
+        llm.generate("def", SamplingParams(logit_bias={VOCAB: 1.0}))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_logit_bias_is_added_to_the_logits(llm):
+    forced = llm.generate("def", SamplingParams(max_tokens=5, temperature=0, logit_bias={17: 100}))[0].token_ids
+    assert forced == [17] * 5
+    sampled = llm.generate("def", SamplingParams(max_tokens=5, temperature=1.0, seed=3, logit_bias={t: -100 for t in range(VOCAB) if t != 9}))[0]
+    assert sampled.token_ids == [9] * 5
+
+
+extreme = st.sampled_from([0.0, 1e-40, 1e-5, 1.0, 1e5, 1e38, 1e300])
+admitted = st.builds(
+    SamplingParams,
+    temperature=extreme,
+    top_k=st.integers(-1, 2 * VOCAB),
+    top_p=st.sampled_from([1e-12, 0.5, 1.0]),
+    min_p=st.sampled_from([0.0, 1e-12, 0.5, 1.0]),
+    repetition_penalty=st.sampled_from([1e-38, 1e-5, 1.0, 2.0, 1e38]),
+    presence_penalty=st.sampled_from([-2.0, 0.0, 2.0]),
+    frequency_penalty=st.sampled_from([-2.0, 0.0, 2.0]),
+    logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), st.sampled_from([-100.0, -1e-30, 100.0]), max_size=8),
+    bad_words_ids=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=2), max_size=3),
+    seed=st.integers(-(2**63), 2**64 - 1),
+    logprobs=st.sampled_from([None, 0, 20]),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(params=admitted, scale=st.sampled_from([1.0, 1e30, 3e38]), history=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6))
+def test_every_admitted_value_samples_a_token(params, scale, history):
+    """Whatever validation admits, even with logits near float32's limits, sampling gives a token in the vocabulary."""
+    logits = (torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(len(history))) * scale).clamp(-3e38, 3e38)
+    seqs = [Sequence(history[:1], params), Sequence(history, params)]
+    seqs[1].num_prompt_tokens = 1  # the rest is output, so presence and frequency penalties apply
+    tokens, logprobs = sample(logits, seqs)
+    assert all(0 <= t < VOCAB for t in tokens)
+    assert (logprobs == [None, None]) == (params.logprobs is None)

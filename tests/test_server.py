@@ -66,6 +66,7 @@ def engine(checkpoints, tmp_path_factory):
 def server(engine):
     llm = AsyncLLM(LLMEngine(engine))
     server = Server(build_app(llm, "tiny-llama"))
+    server.llm = llm
     yield server
     server.stop()
     llm.shutdown()
@@ -158,6 +159,235 @@ def test_bad_requests_get_openai_errors(server, body, status, message):
     assert r.status_code == status
     error = r.json()["error"]
     assert message in error["message"] and error["type"]
+
+
+def post(server, body: dict | str, path: str = "/v1/completions", timeout: float = 60) -> httpx.Response:
+    """POST a body as given: a str goes as is (NaN and Infinity literals, lone surrogate escapes), a dict as JSON."""
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ('{"prompt": "x", "temperature": NaN}', "temperature", "finite number"),
+        ('{"prompt": "x", "top_p": Infinity}', "top_p", "finite number"),
+        ('{"prompt": "x", "presence_penalty": -Infinity}', "presence_penalty", "finite number"),
+        ({"prompt": "x", "temperature": -1}, "temperature", "temperature must be >= 0 and finite"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty must be > 0 and finite"),
+        ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty", "in [-2, 2]"),
+        ({"prompt": "x", "seed": 2**64}, "seed", "seed must be an integer in [-2**63, 2**64)"),
+        ({"prompt": "x", "seed": -(2**63) - 1}, "seed", "seed must be an integer"),
+        ({"prompt": "x", "max_tokens": "3"}, "max_tokens", "valid integer"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens", "valid integer"),
+        ({"prompt": "x", "top_k": -2}, "top_k", "top_k must be an integer >= 1"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", "logprobs must be an integer in [0, 20]"),
+        ({"prompt": "x", "stop": ["a"] * 17}, "stop", "at most 16 strings"),
+        ({"prompt": "x", "stop": "a" * 257}, "stop", "at most 256 characters"),
+        ({"prompt": "x", "stop_token_ids": [1] * 1025}, "stop_token_ids", "at most 1024 items"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "keys must be token ids"),
+        ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary [0, 320)"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "numbers in [-100, 100]"),
+        ({"prompt": "x", "n": 2}, "n", "only n=1"),
+        ('{"prompt": "x\\ud800y"}', "prompt", "surrogates not allowed at character 1 ('\\ud800'): not valid Unicode"),
+        ('{"prompt": ["ok", "\\udfff"]}', "prompt", "not valid Unicode"),
+        ('{"prompt": "x", "stop": "\\ud800"}', "stop", "not valid Unicode"),
+        ('{"prompt": "x", "model": "\\ud800"}', "model", "not valid Unicode"),
+    ],
+)
+def test_every_sampling_field_is_checked(server, body, param, message):
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"messages": [{"role": "user", "content": "x\ud800"}]}, "messages", "messages.0.content: surrogates not allowed"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+         "content parts of type 'image_url' are not supported"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", "max_tokens must be"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs", "[0, 20]"),
+        ({"messages": []}, "messages", "at least 1 item"),
+    ],
+)
+def test_chat_fields_are_checked(server, body, param, message):
+    r = post(server, body, "/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        dict(temperature=1e-40),  # greedy, as any temperature below 1e-5
+        dict(temperature=1e-5, top_p=1e-9),
+        dict(temperature=1e300, min_p=1.0),
+        dict(repetition_penalty=1e-38),
+        dict(repetition_penalty=1e38, temperature=0.5),
+        dict(presence_penalty=-2, frequency_penalty=-2, repetition_penalty=1e-30, temperature=1e-5),
+        dict(logit_bias={str(t): 100 for t in range(320)}, temperature=3.0),
+        dict(logit_bias={str(t): -100 for t in range(320)}),
+        dict(seed=2**64 - 1, temperature=1.0),
+        dict(seed=-(2**63), top_k=10**30),
+        dict(max_tokens=10**30),
+    ],
+)
+def test_extreme_admitted_values_sample_and_leave_the_engine_well(server, client, expected, extreme):
+    r = post(server, {"prompt": PROMPTS[3], "max_tokens": 8, **extreme})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert httpx.get(server.url + "/health").status_code == 200
+    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    assert out.choices[0].text == expected[PROMPTS[0]]
+
+
+def test_tiny_temperature_is_greedy(server, expected):
+    r = post(server, {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1e-40})
+    assert r.json()["choices"][0]["text"] == expected[PROMPTS[0]]
+
+
+def test_logit_bias(server, engine):
+    greedy = LLM(engine).generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    forced = post(server, {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logit_bias": {"42": 100}, "logprobs": 0}).json()
+    assert forced["usage"]["completion_tokens"] == 6
+    tok = tokenizer()
+    assert forced["choices"][0]["logprobs"]["tokens"] == [tok.decode([42])] * 6
+    banned = post(server, {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logit_bias": {str(greedy[0]): -100}, "logprobs": 0}).json()
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != tok.decode([greedy[0]])
+
+
+def test_chat_content_parts_are_concatenated(client):
+    parts = [{"type": "text", "text": "def "}, {"type": "text", "text": "fib(n):"}]
+    as_parts = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
+    as_text = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "def fib(n):"}], max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+
+
+def test_a_prompt_list_runs_batched(server, expected):
+    """16 prompts in one non-streaming request are in flight together: about max_tokens steps, not 16 x."""
+    llm = server.llm
+    steps = llm.num_steps
+    r = post(server, {"prompt": [PROMPTS[i % 5] for i in range(16)], "max_tokens": 16, "temperature": 0})
+    assert [c["text"] for c in r.json()["choices"]] == [expected[PROMPTS[i % 5]] for i in range(16)]
+    assert llm.num_steps - steps < 3 * 16  # one after another would take 16 x 16 steps
+
+
+def test_disconnected_client_aborts_its_requests(server):
+    """A non-streaming client that goes away stops its requests within a step: the engine is idle, its KV blocks free."""
+    llm = server.llm
+    tokens = llm.num_step_requests
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, {"prompt": [PROMPTS[i % 5] for i in range(20)], "max_tokens": 120, "ignore_eos": True}, timeout=0.3)
+    gone = time.perf_counter()
+    while llm.engine.has_unfinished_requests() or llm.engine.block_manager.usage:
+        assert time.perf_counter() - gone < 0.5, "requests of a disconnected client still running"
+        time.sleep(0.01)
+    assert llm.num_step_requests - tokens < 20 * 120 / 2
+
+
+def test_a_huge_prompt_does_not_stall_other_requests(server, expected):
+    """While a 10 MB prompt is received, parsed and refused, /health and a stream in flight answer without a gap > 0.2 s."""
+    body = json.dumps({"prompt": "def fib(n): " * 850_000, "max_tokens": 4}).encode()
+    assert len(body) > 10_000_000
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            async def big():
+                await asyncio.sleep(0.05)
+                return await c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+
+            async def health(done):
+                gaps, last = [], time.perf_counter()
+                while not done.is_set():
+                    assert (await c.get("/health")).status_code == 200
+                    now = time.perf_counter()
+                    gaps.append(now - last)
+                    last = now
+                return gaps
+
+            async def stream():
+                gaps, text, last = [], "", time.perf_counter()
+                async with c.stream("POST", "/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 16, "temperature": 0, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        now = time.perf_counter()
+                        gaps.append(now - last)
+                        last = now
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                return gaps, text
+
+            done = asyncio.Event()
+            pings = asyncio.create_task(health(done))
+            streamed = asyncio.create_task(stream())
+            refused = await big()
+            done.set()
+            return refused, await pings, await streamed
+
+    refused, health_gaps, (stream_gaps, text) = asyncio.run(main())
+    assert refused.status_code == 400 and "characters" in refused.json()["error"]["message"]
+    assert max(health_gaps) < 0.2 and len(health_gaps) > 3
+    assert max(stream_gaps) < 0.2 and text == expected[PROMPTS[4]]
+
+
+def test_request_body_limit(engine):
+    """--max-request-bytes: a larger body gets 413 before it is parsed, by Content-Length or counted as it streams in."""
+    llm = AsyncLLM(LLMEngine(engine))
+    server = Server(build_app(llm, "tiny-llama", max_request_bytes=1 << 20))
+    try:
+        big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+        r = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+
+        def chunked():
+            for i in range(0, len(big), 64 << 10):
+                yield big[i:i + 64 << 10]
+
+        r = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["error"]["message"]
+        small = httpx.post(server.url + "/v1/completions", json={"prompt": "def", "max_tokens": 2})
+        assert small.status_code == 200 and httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+        llm.shutdown()
+
+
+class PoisonedEngine(LLMEngine):
+    """An engine whose processing of one kind of request (seed 666) raises after its third token, as a
+    bug in sampling, detokenization or stop matching would: no value that validation admits does so."""
+
+    def _finish_reason(self, seq, token, state):
+        if seq.params.seed == 666 and len(seq.output_token_ids) == 3:
+            raise RuntimeError("poisoned request")
+        return super()._finish_reason(seq, token, state)
+
+
+def test_a_request_that_fails_while_served_fails_alone(engine, expected):
+    llm = AsyncLLM(PoisonedEngine(engine))
+    server = Server(build_app(llm, "tiny-llama"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = client.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True)
+        text = ""
+        for i, chunk in enumerate(stream):
+            text += chunk.choices[0].text if chunk.choices else ""
+            if i == 1:  # while that stream is in flight: a poisoned request, non-streaming then streaming
+                r = post(server, {"prompt": "def", "max_tokens": 8, "seed": 666})
+                assert r.status_code == 500 and "RuntimeError: poisoned request" in r.json()["error"]["message"]
+                lines = post(server, {"prompt": "def", "max_tokens": 8, "seed": 666, "stream": True}).text.split("\n\n")
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                assert "poisoned request" in events[-1]["error"]["message"] and "[DONE]" not in lines[-2]
+                assert httpx.get(server.url + "/health").status_code == 200
+        assert text == expected[PROMPTS[2]]
+        assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.usage == 0
+        assert client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=0).choices[0].text == expected[PROMPTS[0]]
+    finally:
+        server.stop()
+        llm.shutdown()
 
 
 def test_bad_requests_do_not_disturb_others(server, client, expected):

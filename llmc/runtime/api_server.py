@@ -2,7 +2,9 @@
 
 Endpoints: /v1/completions, /v1/chat/completions (SSE streaming for both), /v1/models, /health,
 /metrics (Prometheus). Errors come back as OpenAI's error object with a 4xx status; a bad request
-never disturbs the others.
+never disturbs the others, and a request that fails while being served fails alone (500, or an error
+event in its stream). The event loop only moves bytes: tokenizing and chat templating run on threads,
+a body over max_request_bytes is refused (413) as it arrives, and a client that goes away aborts its requests.
 
 Failure is loud: if the engine fails, every request in flight ends with an error (a stream with an
 error event) and `serve` stops the server and raises, so that `llmc serve` exits non-zero and a
@@ -17,7 +19,7 @@ import logging
 import secrets
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -34,19 +36,58 @@ from llmc.runtime.openai_protocol import (
     CompletionRequest,
     chat_logprobs,
     completion_logprobs,
+    error_body,
     error_response,
     sse,
     usage_dict,
+    validation_error,
 )
 from llmc.runtime.outputs import RequestOutput
+from llmc.runtime.sampling_params import InvalidParam, SamplingParams
+
+T = TypeVar("T")
+# A prompt of 128k tokens is ~0.5 MB of text, ~1 MB as token ids in JSON: 16 MiB leaves room for any
+# engine's prompt (or a list of them) while bounding what one request makes the server read and parse.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 log = logging.getLogger("llmc")
 
 
-def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 before anything parses it, by its
+    Content-Length, or (chunked) as soon as the bytes received so far exceed it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> str:
+        return f"request body is larger than this server's limit of {self.max_bytes} bytes (`llmc serve --max-request-bytes`)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(413, self.too_large())(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # the body is read before the endpoint runs: no response has begun
+                raise StarletteHTTPException(413, self.too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="llmc", version=__import__("llmc").__version__)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.state.draining = False  # set while the server shuts down: new requests get 503
     app.state.metrics = metrics = ServerMetrics(llm)
+    engine = llm.engine
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -59,8 +100,8 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
-        return error_response(400, f"invalid request: {problems}")
+        problems, param = validation_error(e.errors())
+        return error_response(400, f"invalid request: {problems}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -80,10 +121,19 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "not_found_error", "model", "model_not_found")
 
-    def start(prompt, params) -> AsyncIterator[RequestOutput]:
-        """A request's outputs; a bad prompt raises APIError now, before the response begins."""
+    def checked(params: SamplingParams) -> SamplingParams:
         try:
-            return metrics.track(llm.generate(prompt, params))
+            engine.check_params(params)
+        except InvalidParam as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return params
+
+    async def start(prompts: list, params: SamplingParams) -> list[AsyncIterator[RequestOutput]]:
+        """The requests' outputs; a bad prompt raises APIError now, before the response begins.
+        Tokenizing runs on a thread: a long prompt must not stall the other requests' streams."""
+        try:
+            token_ids = await asyncio.to_thread(lambda: [engine.tokenize(p) for p in prompts])
+            return [metrics.track(llm.generate(ids, params)) for ids in token_ids]
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
 
@@ -104,13 +154,13 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llmc", "max_model_len": llm.engine.max_seq_len}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = checked(req.sampling_params(req.max_tokens, req.logprobs))
         prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else req.prompt
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        streams = [start(p, params) for p in prompts]
+        streams = await start(prompts, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(i: int, out: RequestOutput, text: str) -> dict:
@@ -124,6 +174,9 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
             async def events():
                 usage = [0, 0]
                 async for i, out in merge(streams):
+                    if out.error:
+                        yield failed(out)
+                        return
                     if out.delta_text or out.finished:
                         yield sse({**base, "choices": [choice(i, out, out.delta_text)]})
                     if out.finished:
@@ -134,7 +187,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(ending_in_error_event(events()), media_type="text/event-stream")
-        finals = [await last(s) for s in streams]
+        finals = await unless_disconnected(request, gather(*(last(s) for s in streams)))
         return {
             **base,
             "choices": [choice(i, out, (prompts[i] if req.echo and isinstance(prompts[i], str) else "") + out.text) for i, out in enumerate(finals)],
@@ -142,23 +195,29 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        names = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens", "logprobs": "top_logprobs"}
+        params = checked(req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
         tokenizer = llm.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"`{model_name}` has no chat template in its tokenizer; use /v1/completions", param="messages")
+        messages = [m.for_template() for m in req.messages]
         try:
-            prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages], tokenize=False, add_generation_prompt=True)
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # the template's own error, e.g. a role it does not accept
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        stream = start(prompt, params)
+        [stream] = await start([prompt], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": model_name}
         if req.stream:
             async def events():
                 first = True
                 async for out in stream:
+                    if out.error:
+                        yield failed(out)
+                        return
                     delta = {"role": "assistant", "content": out.delta_text} if first else {"content": out.delta_text}
                     if out.delta_text or first or out.finished:
                         chunk = {"index": 0, "delta": delta, "finish_reason": out.finish_reason, "logprobs": None}
@@ -169,7 +228,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(ending_in_error_event(events()), media_type="text/event-stream")
-        out = await last(stream)
+        [out] = await unless_disconnected(request, gather(last(stream)))
         message = {"role": "assistant", "content": out.text}
         logprobs = {"content": chat_logprobs(tokenizer, out, req.top_logprobs or 0)} if out.logprobs is not None else None
         return {
@@ -182,11 +241,49 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
     return app
 
 
+def failed(out: RequestOutput) -> str:
+    """The stream event of a request that failed while being served."""
+    return sse(error_body(f"request failed: {out.error}", "server_error"))
+
+
 async def last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """A request's final output; one that failed while being served raises APIError 500 with its reason."""
     out = None
     async for out in outputs:
         pass
+    if out.error:
+        raise APIError(500, f"request failed: {out.error}", "server_error")
     return out
+
+
+async def gather(*requests: Awaitable[T]) -> list[T]:
+    """Await all at once (a prompt list runs batched); if one fails, the others are cancelled (aborted)."""
+    tasks = [asyncio.ensure_future(r) for r in requests]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await a non-streaming response's work; if its client goes away first, cancel the work, which
+    aborts its requests in the engine at once instead of computing tokens for nobody."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():  # nobody is left to read a response
+        raise APIError(499, "client disconnected")
+    return task.result()
 
 
 async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -227,7 +324,7 @@ async def ending_in_error_event(events: AsyncIterator[str]) -> AsyncIterator[str
     except Exception as e:
         if not isinstance(e, (EngineDeadError, ShutdownError)):
             log.exception("a streaming request failed")
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield sse(error_body(str(e), "server_error"))
 
 
 class Server(uvicorn.Server):
@@ -272,13 +369,14 @@ class Server(uvicorn.Server):
 
 
 def serve(engine_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          served_model_name: str | None = None, shutdown_timeout: float = 30.0, **engine_kwargs) -> None:
+          served_model_name: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          shutdown_timeout: float = 30.0, **engine_kwargs) -> None:
     """Serve until SIGTERM or Ctrl-C (then drain, see `Server`); raises EngineDeadError if the engine fails."""
     from llmc.runtime.llm_engine import LLMEngine
 
     llm = AsyncLLM(LLMEngine(engine_dir, **engine_kwargs))
     name = served_model_name or str(engine_dir).rstrip("/").split("/")[-1]
     try:
-        Server(llm, build_app(llm, name, api_key), shutdown_timeout, host=host, port=port, log_level="info").run()
+        Server(llm, build_app(llm, name, api_key, max_request_bytes), shutdown_timeout, host=host, port=port, log_level="info").run()
     finally:
         llm.shutdown()

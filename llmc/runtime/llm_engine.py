@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections import deque
 from pathlib import Path
@@ -16,13 +18,14 @@ from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor
 from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.outputs import RequestOutput, RequestState
-from llmc.runtime.sampler import sample
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampler import greedy_tokens, sample_one
+from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.worker import torchrun_rank
 from llmc.runtime.sequence import Sequence
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+log = logging.getLogger("llmc")
 
 
 class LLMEngine:
@@ -95,9 +98,28 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self.scheduler_of: dict[str, Scheduler] = {}
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string is at least as long as its text)."""
+        return max(map(len, self.tokenizer.get_vocab()))
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Prompt text or token ids -> checked token ids (raises ValueError naming the problem)."""
+        """Prompt text or token ids -> checked token ids (raises ValueError naming the problem).
+
+        A text too long to fit in max_seq_len tokens of max_token_chars characters each is refused
+        before the tokenizer sees it, so that a huge prompt costs nothing.
+        """
         if isinstance(prompt, str):
+            try:
+                prompt.encode()
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt is not valid Unicode: {e.reason} at character {e.start} ({prompt[e.start:e.end]!r}); send UTF-8 text") from None
+            most = (self.max_seq_len - 1) * self.max_token_chars
+            if len(prompt) > most:
+                raise ValueError(
+                    f"prompt has {len(prompt)} characters, more than the engine's {self.max_seq_len} tokens per request can hold "
+                    f"(at most {most} characters); shorten the prompt or rebuild with a larger --max-seq-len"
+                )
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
@@ -113,10 +135,17 @@ class LLMEngine:
             )
         return ids
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids within this engine's vocabulary (raises InvalidParam)."""
+        vocab = self.config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidParam("logit_bias", f"logit_bias has token ids outside the vocabulary [0, {vocab})")
+
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
     ) -> str:
         """Queue a request (token ids from `tokenize`); returns its id."""
+        self.check_params(params)
         seq = Sequence(prompt_token_ids, params, request_id)
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in flight")
@@ -156,23 +185,34 @@ class LLMEngine:
         live = [i for i, seq in enumerate(sampled) if seq.request_id in self.requests]  # not aborted meanwhile
         if len(live) < len(sampled):
             logits, sampled = logits[live], [sampled[i] for i in live]
-        tokens, logprobs = sample(logits, sampled)
+        # Each request's sampling, detokenization and stop matching: one that fails ends alone, with its error.
+        logits = logits.float()
         outputs = []
-        for seq, token, token_logprobs in zip(sampled, tokens, logprobs):
+        for seq, row, greedy_token in zip(sampled, logits, greedy_tokens(logits)):
             state = self.requests[seq.request_id]
-            seq.token_ids.append(token)
-            delta = state.append(token, token_logprobs)
-            reason = self._finish_reason(seq, token, state)
-            if reason:
-                scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
-                del self.scheduler_of[seq.request_id]
-            outputs.append(state.output(delta))
+            try:
+                token, token_logprobs = sample_one(row, seq, greedy_token)
+                seq.token_ids.append(token)
+                delta = state.append(token, token_logprobs)
+                reason = self._finish_reason(seq, token, state)
+                if reason:
+                    self._finish(scheduler, seq, reason)
+                outputs.append(state.output(delta))
+            except Exception as e:
+                log.exception("request %s failed; ending it alone", seq.request_id)
+                if seq.request_id in self.requests:
+                    self._finish(scheduler, seq, "error")
+                outputs.append(state.failed(f"{type(e).__name__}: {e}"))
         return outputs
 
     def shutdown(self) -> None:
         """Stop the engine's rank processes (if any); the engine cannot step afterwards."""
         self.executor.shutdown()
+
+    def _finish(self, scheduler: Scheduler, seq: Sequence, reason: str) -> None:
+        scheduler.finish(seq, reason)
+        del self.requests[seq.request_id]
+        del self.scheduler_of[seq.request_id]
 
     def _finish_reason(self, seq: Sequence, token: int, state: RequestState) -> str | None:
         p = seq.params

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from llmc.runtime.outputs import RequestOutput
-from llmc.runtime.sampling_params import SamplingParams
+from llmc.runtime.sampling_params import InvalidParam, SamplingParams
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer (or UTF-8 response) can take."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{e.reason} at character {e.start} ({text[e.start:e.end]!r}): not valid Unicode; send UTF-8 text") from None
+    return text
+
+
+# Request fields are checked strictly (no "1" for 1, no true for 1) and numbers must be finite: Python's
+# JSON parser accepts NaN and Infinity. Ranges are SamplingParams' to check (one place, for the library too).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class APIError(Exception):
@@ -18,34 +33,46 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: Text | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Number = 1.0
+    top_p: Number = 1.0
     top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    min_p: Number = 0.0
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    repetition_penalty: Number = 1.0
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=1024)] | None = None
+    logit_bias: dict[str, Number] | None = None  # JSON keys are strings: token ids in decimal
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] = {}) -> SamplingParams:
+        """This request's SamplingParams; an invalid value raises APIError 400 naming the request's field
+        (`names` maps SamplingParams' names to this endpoint's where they differ)."""
         if self.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise APIError(400, f"logit_bias keys must be token ids (decimal integers), got {key[:40]!r}", param="logit_bias")
+            bias[int(key)] = value
         try:
             return SamplingParams(
                 max_tokens=16 if max_tokens is None else max_tokens,
@@ -59,30 +86,65 @@ class SamplingRequest(BaseModel):
                 seed=self.seed,
                 stop=self.stop or [],
                 stop_token_ids=self.stop_token_ids or [],
+                logit_bias=bias,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
             )
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except InvalidParam as e:
+            raise APIError(400, str(e), param=names.get(e.param, e.param)) from None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
 
 
+def _text_part(kind: str) -> str:
+    if kind != "text":
+        raise ValueError(f"content parts of type {kind[:40]!r} are not supported; send text parts ({{'type': 'text', 'text': ...}})")
+    return kind
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Annotated[str, AfterValidator(_text_part)]
+    text: Text
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Text
+    content: Text | list[TextPart] | None = None  # OpenAI's content parts: only text ones here, concatenated
+
+    def for_template(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "".join(part.text for part in self.content)
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """FastAPI's errors of a request body -> (a message naming each bad field, the first bad field).
+
+    Locations lose pydantic's union-branch labels ("str", "list[int]", "function-after[...]"); where one
+    branch of a union got further than a type mismatch, the other branches' mismatches are left out. So
+    `{"content": [{"type": "image_url"}]}` reads `messages.0.content.0.type: ... not supported ...`."""
+    def path(err) -> str:
+        keep = [str(p) for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool")))]
+        return ".".join(keep) or "body"
+
+    deeper = [path(e) for e in errors if not e["type"].endswith("_type")]
+    kept = [e for e in errors if not (e["type"].endswith("_type") and any(d.startswith(path(e)) for d in deeper))]
+    message = "; ".join(dict.fromkeys(f"{path(e)}: {e['msg'].removeprefix('Value error, ')}" for e in kept))
+    return message, next((str(e["loc"][1]) for e in kept if len(e["loc"]) > 1), None)
 
 
 def sse(obj: dict) -> str:

@@ -17,9 +17,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort"; None while running
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort", "error"; None while running
     delta_text: str = ""  # text added since the previous output of this request (for streaming)
     logprobs: list[dict[int, float]] | None = None  # per token: {chosen and top-n token id: logprob}
+    error: str | None = None  # why the request failed (finish_reason "error"); the engine went on with the others
 
     @property
     def finished(self) -> bool:
@@ -57,4 +58,12 @@ class RequestState:
             finish_reason=seq.finish_reason,
             delta_text=delta_text,
             logprobs=self.logprobs,
+        )
+
+    def failed(self, error: str) -> RequestOutput:
+        """The last output of a request whose processing raised: what it had, and the error."""
+        seq = self.seq
+        return RequestOutput(
+            request_id=seq.request_id, prompt=self.prompt, prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids, text=self.detokenizer.text, finish_reason="error", error=error,
         )

@@ -1,4 +1,8 @@
-"""Next-token sampling: penalties, bad words, temperature, top-k, top-p, min-p; each request with its own generator."""
+"""Next-token sampling: penalties, bad words, logit bias, temperature, top-k, top-p, min-p; each request with its own generator.
+
+Every value SamplingParams admits samples without error: logits that penalties overflow are clamped, the
+temperature divides logits whose maximum is 0, and a distribution that is still not finite falls back to argmax.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +31,19 @@ def ban_bad_words(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return row.index_fill(0, torch.tensor(banned, dtype=torch.long), float("-inf")) if banned else row
 
 
+def adjust_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Penalties, bad words and logit bias; +inf (an overflowing penalty) becomes the largest float, NaN impossible."""
+    p = seq.params
+    row = apply_penalties(row, seq) if p.penalized else row
+    row = ban_bad_words(row, seq) if p.bad_words_ids else row
+    if seq.logit_bias is not None:
+        row = row.index_add(0, *seq.logit_bias)
+    return row.nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
+
+
 def filter_logits(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p as -inf masks."""
-    row = row / p.temperature
+    row = (row - row.max()) / p.temperature  # <= 0 with a 0 at the top: no overflow, whatever the temperature
     if 0 < p.top_k < row.numel():
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
@@ -51,21 +65,28 @@ def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, float]
     return {token: logprobs[token].item(), **dict(zip(ids.tolist(), values.tolist()))}
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row, batched (numpy's argmax is vectorized: 10x torch's on CPU)."""
+    return logits.float().cpu().numpy().argmax(-1).tolist()
+
+
+def sample_one(row: torch.Tensor, seq: Sequence, greedy_token: int) -> tuple[int, dict[int, float] | None]:
+    """One sequence's next token from its logits row (float32) given the row's argmax; and its logprobs if asked for."""
+    p = seq.params
+    token = greedy_token
+    if p.penalized or p.bad_words_ids or p.logit_bias or not p.greedy:  # else the argmax stands
+        adjusted = adjust_logits(row, seq)
+        token = int(adjusted.argmax())
+        if not p.greedy:
+            probs = filter_logits(adjusted, p).softmax(-1)
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                token = int(torch.multinomial(probs, 1, generator=seq.generator).item())
+    logprobs = top_logprobs(row.log_softmax(-1), token, p.logprobs) if p.logprobs is not None else None
+    return token, logprobs
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [len(seqs), vocab] -> one token id per sequence, and its logprobs where asked for."""
     logits = logits.float()
-    tokens = logits.cpu().numpy().argmax(-1).tolist()  # numpy's argmax is vectorized: 10x torch's on CPU
-    logprobs: list[dict[int, float] | None] = [None] * len(seqs)
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.penalized or p.bad_words_ids or not p.greedy:  # else the batched argmax above stands
-            row = apply_penalties(logits[i], seq) if p.penalized else logits[i]
-            row = ban_bad_words(row, seq) if p.bad_words_ids else row
-            if p.greedy:
-                tokens[i] = int(row.argmax())
-            else:
-                probs = filter_logits(row, p).softmax(-1)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
-        if p.logprobs is not None:
-            logprobs[i] = top_logprobs(logits[i].log_softmax(-1), tokens[i], p.logprobs)
-    return tokens, logprobs
+    picks = [sample_one(logits[i], seq, token) for i, (seq, token) in enumerate(zip(seqs, greedy_tokens(logits)))]
+    return [t for t, _ in picks], [lp for _, lp in picks]

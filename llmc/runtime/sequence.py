@@ -31,6 +31,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks so far (the block manager's memo)
         self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache has already seen
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        bias = params.logit_bias  # as tensors once, for the sampler's index_add at every step
+        self.logit_bias = (torch.tensor(list(bias)), torch.tensor(list(bias.values()), dtype=torch.float32)) if bias else None
 
     def __len__(self) -> int:
         return len(self.token_ids)

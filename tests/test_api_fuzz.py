@@ -1,0 +1,162 @@
+"""Property-based tests of the HTTP API: whatever the body, a request gets an answer (never a 5xx, never a
+hang), and the server goes on serving correctly (a greedy control request keeps its reference answer).
+
+Bodies come from hypothesis strategies over the request models' fields: mostly values of the right type,
+in and out of range, mixed with values of any JSON type, NaN and Infinity literals, huge integers and
+lone surrogates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import llmc
+from llmc.runtime.api_server import build_app
+from llmc.runtime.async_llm import AsyncLLM
+from llmc.runtime.llm_engine import LLMEngine
+
+from conftest import tokenizer
+from test_server import CHAT_TEMPLATE, Server
+
+CONTROL = {"prompt": "def fib(n):", "max_tokens": 8, "temperature": 0}
+CASES = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+
+surrogates = st.characters(categories=["Cs"])
+text = st.text(max_size=12) | st.builds("".join, st.lists(st.characters() | surrogates, max_size=6))
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+token = st.integers(0, 319)
+valid_text = st.text(max_size=12)
+# In range, extremes included: each of these must be served (200).
+VALID = {
+    "model": st.just("tiny-llama"),
+    "max_tokens": st.integers(1, 6) | st.just(10**30),
+    "temperature": st.floats(0, 2) | st.sampled_from([1e-40, 1e-5, 1e5, 1e300]),
+    "top_p": st.floats(1e-12, 1) | st.just(1e-300),
+    "top_k": st.integers(-1, 400) | st.just(10**30),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.01, 10) | st.sampled_from([1e-38, 1e-5, 1e38]),
+    "seed": st.integers(-(2**63), 2**64 - 1),
+    "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=16),
+    "stop_token_ids": st.lists(token, max_size=5),
+    "logit_bias": st.dictionaries(token.map(str), st.floats(-100, 100), max_size=6),
+    "ignore_eos": st.booleans(),
+    "n": st.just(1),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+# Out of range or of another type.
+number = st.floats(-1e3, 1e3) | st.sampled_from([-1e-40, 1e400, float("nan"), float("inf"), -float("inf")])
+HOSTILE = {
+    "model": text,
+    "max_tokens": st.integers(-(2**70), 0) | st.floats(),
+    "temperature": number,
+    "top_p": number,
+    "top_k": st.integers(-(2**70), -2),
+    "min_p": number,
+    "presence_penalty": number,
+    "frequency_penalty": number,
+    "repetition_penalty": number | st.just(0),
+    "seed": st.integers(2**64, 2**70) | st.integers(-(2**70), -(2**63) - 1),
+    "stop": st.lists(text, max_size=20) | st.text(min_size=257, max_size=300),
+    "stop_token_ids": st.lists(st.integers(-(2**70), 2**70), max_size=3),
+    "logit_bias": st.dictionaries(text | st.integers(-5, 400).map(str), number, max_size=4),
+    "n": st.integers(-3, 5),
+}
+
+
+def bodies(required_valid: dict, required_hostile: dict, valid: dict, hostile: dict):
+    """Half all-valid bodies, half with each field valid, hostile, or anything JSON holds."""
+    def mixed(name, strategy):
+        return strategy | hostile.get(name, any_json) | any_json
+
+    return st.fixed_dictionaries(required_valid, optional=valid) | st.fixed_dictionaries(
+        {k: mixed(k, v) for k, v in required_hostile.items()}, optional={k: mixed(k, v) for k, v in valid.items()}
+    )
+
+
+prompt = valid_text | st.lists(token, min_size=1, max_size=12) | st.lists(valid_text, min_size=1, max_size=3) | st.lists(st.lists(token, min_size=1, max_size=4), min_size=1, max_size=3)
+completion_bodies = bodies(
+    {"prompt": prompt},
+    {"prompt": prompt | text | st.lists(st.integers(-(2**70), 2**70), max_size=4) | st.lists(text, max_size=3)},
+    {**VALID, "logprobs": st.integers(0, 20), "echo": st.booleans()},
+    {**HOSTILE, "logprobs": st.integers(-3, -1) | st.integers(21, 2**70)},
+)
+message = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant", "system"]),
+    "content": valid_text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": valid_text}), max_size=3),
+})
+hostile_message = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant"]) | text,
+    "content": text | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | text, "text": text | any_json}), max_size=3) | any_json,
+})
+chat_bodies = bodies(
+    {"messages": st.lists(message, min_size=1, max_size=3)},
+    {"messages": st.lists(message | hostile_message, max_size=3)},
+    {**VALID, "max_completion_tokens": st.integers(1, 6), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20)},
+    {**HOSTILE, "max_completion_tokens": st.integers(-3, 0), "top_logprobs": st.integers(21, 99)},
+)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints, tmp_path_factory):
+    """A server on a tiny engine (32 tokens per request, so that any max_tokens ends soon), its control answer."""
+    ckpt = shutil.copytree(checkpoints["llama"], tmp_path_factory.mktemp("c") / "llama")
+    tok = tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(ckpt)
+    engine = llmc.build(ckpt, tmp_path_factory.mktemp("e") / "tiny-llama", max_seq_len=32, max_batch_tokens=64, log=lambda _: None)
+    llm = AsyncLLM(LLMEngine(engine))
+    server = Server(build_app(llm, "tiny-llama"))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        reference = client.post("/v1/completions", json=CONTROL).json()["choices"][0]["text"]
+        yield client, reference, llm
+    server.stop()
+    llm.shutdown()
+
+
+def check(served, counter, path: str, body: dict) -> None:
+    client, reference, llm = served
+    content = json.dumps(body)  # NaN and Infinity as Python writes them; lone surrogates as \ud800 escapes
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (content, r.text)
+    if r.status_code == 200 and body.get("stream") is True:
+        events = [e for e in r.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e[:12] for e in events), (content, r.text)
+    elif r.status_code != 200:
+        error = r.json()["error"]
+        assert error["message"] and error["type"]
+    if next(counter) % 10 == 0:
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/completions", json=CONTROL).json()["choices"][0]["text"] == reference
+        assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return itertools.count(1)
+
+
+@CASES
+@given(body=completion_bodies)
+def test_any_completion_request_gets_an_answer(served, counter, body):
+    check(served, counter, "/v1/completions", body)
+
+
+@CASES
+@given(body=chat_bodies)
+def test_any_chat_request_gets_an_answer(served, counter, body):
+    check(served, counter, "/v1/chat/completions", body)
