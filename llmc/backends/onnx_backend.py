@@ -35,6 +35,12 @@ def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
         raise ValueError(f"the ONNX backend builds float32 or float16 engines, not {dtype}; give --dtype float32 or float16")
 
 
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: its ONNX models, and (where a model has weights) their external data."""
+    models = {part["onnx"] for part in record["program"] if "onnx" in part}
+    return models, {f"{model}.data" for model in models}
+
+
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 

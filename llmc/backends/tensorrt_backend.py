@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmc.backends.onnx_backend import check_build as check_onnx_build
+from llmc.backends.onnx_backend import check_build as check_onnx_build, rank_files as onnx_rank_files
 from llmc.engine import EngineConfig, EngineError
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
@@ -35,6 +35,12 @@ def builder():
         except ImportError:
             continue
     raise ValueError("the TensorRT backend needs `tensorrt` or `tensorrt_rtx`: pip install 'llmc[tensorrt]'")
+
+
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: the ONNX form's, and the TensorRT engine built from each of its models."""
+    required, optional = onnx_rank_files(record)
+    return required | {built["engine"] for built in record["tensorrt"]}, optional
 
 
 def write_rank(gm, rank_dir: Path, ctx) -> dict:

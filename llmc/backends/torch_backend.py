@@ -30,6 +30,11 @@ def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
     """Every build the passes accept runs on the torch backend."""
 
 
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: those it must have, and those it may have."""
+    return {PROGRAM, WEIGHTS}, set()
+
+
 def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
     rank_dir.mkdir(parents=True, exist_ok=True)
     (rank_dir / PROGRAM).write_text(json.dumps(graph_to_json(gm.graph), indent=1) + "\n")
