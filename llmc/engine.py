@@ -192,13 +192,17 @@ class ConfigSchema(_Schema):
                              f"{self.kv_cache.num_layers} layers in all")
         if not all(0 <= t < self.vocab_size for t in self.eos_token_ids):
             raise ValueError(f"eos_token_ids must be token ids in [0, vocab_size={self.vocab_size})")
-        if self.kv_cache.dtype not in (self.dtype, "float8_e4m3fn"):
-            raise ValueError(f"kv_cache.dtype {self.kv_cache.dtype} is neither dtype {self.dtype} nor float8_e4m3fn")
+        fp8_cache = self.quantization is not None and self.quantization.kv_cache_dtype == "fp8"
+        if self.kv_cache.dtype != ("float8_e4m3fn" if fp8_cache else self.dtype):
+            raise ValueError(f"kv_cache.dtype {self.kv_cache.dtype} is not the engine's dtype {self.dtype}, or float8_e4m3fn "
+                             "with quantization.kv_cache_dtype fp8")
+        block = self.kv_cache.block_size
+        sequence_tokens = -(-self.limits.max_seq_len // block) * block
         for r, rank in enumerate(self.ranks):
             kv = rank.kv_cache
             if kv.num_layers != layers[r // tp] or kv.head_dim != self.kv_cache.head_dim or kv.num_kv_heads > self.kv_cache.num_kv_heads:
                 raise ValueError(f"ranks[{r}].kv_cache {kv.model_dump()} does not match kv_cache and mapping.pp_layers")
-            cache_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * ITEMSIZE[self.kv_cache.dtype] * self.limits.max_seq_len
+            cache_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * ITEMSIZE[self.kv_cache.dtype] * sequence_tokens
             if cache_bytes > MAX_SEQUENCE_CACHE_BYTES:
                 raise ValueError(f"ranks[{r}]: one max_seq_len sequence's KV cache would take {cache_bytes / (1 << 30):.0f} GiB "
                                  f"(at most {MAX_SEQUENCE_CACHE_BYTES >> 30} GiB)")

@@ -116,8 +116,8 @@ def graph_to_json(graph: torch.fx.Graph) -> dict:
 
 def _resolve(name: str, where: str, allowed: frozenset[str]):
     if name not in allowed:
-        raise GraphFormatError(_rebuild_msg(f"{where}: call target {name!r} is not allowed (a program calls only "
-                                            f"the ops llmc's passes emit, llmc/backends/allowed_ops.py)"))
+        raise GraphFormatError(f"{where}: call target {name!r} is not allowed (a program calls only the ops llmc's "
+                               "passes emit, llmc/backends/allowed_ops.py); rebuild the engine with this llmc")
     if name in _PY_FUNCS:
         return _PY_FUNCS[name]
     parts = name.split(".")

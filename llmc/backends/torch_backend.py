@@ -47,9 +47,12 @@ def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
 def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphModule:
     try:
         graph = graph_from_json(json.loads((rank_dir / PROGRAM).read_text()), device)
+    except (GraphFormatError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise EngineError(f"cannot load {rank_dir / PROGRAM}: {e}") from None
+    try:
         weights = load_file(rank_dir / WEIGHTS, device=str(device))
-    except (GraphFormatError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, SafetensorError) as e:
-        raise EngineError(f"cannot load {rank_dir}: {e}") from None
+    except SafetensorError as e:
+        raise EngineError(f"cannot load {rank_dir / WEIGHTS}: {e}; rebuild the engine") from None
     read = {n.target for n in graph.nodes if n.op == "get_attr"}
     if read != weights.keys():
         raise EngineError(f"{rank_dir / WEIGHTS} does not hold exactly the weights {rank_dir / PROGRAM} reads: it lacks "
