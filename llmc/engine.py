@@ -98,10 +98,13 @@ class Mapping(_Schema):
     pp_layers: list[int] = Field(min_length=1, max_length=MAX_RANKS)
 
 
-class StageTensor(_Schema):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+class StageOutput(_Schema):
     shape: list[int] = Field(max_length=8)  # -1: the step's token count
     dtype: Literal["float32", "bfloat16", "float16", "int64", "int32"]
+
+
+class StageInput(StageOutput):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class OnnxModel(_Schema):
@@ -139,8 +142,8 @@ BACKEND_RECORDS = {"onnx": OnnxProgram, "tensorrt": TensorRTProgram}
 
 class Rank(_Schema):
     kv_cache: RankKVCache
-    pp_inputs: list[StageTensor]
-    pp_outputs: list[StageTensor]
+    pp_inputs: list[StageInput]
+    pp_outputs: list[StageOutput]
     passes: list[dict[str, Any]]
     backend: dict[str, Any] = Field(default_factory=dict)
 
@@ -185,6 +188,8 @@ class ConfigSchema(_Schema):
     @model_validator(mode="after")
     def _consistent(self) -> "ConfigSchema":
         tp, pp, layers = self.mapping.tp, self.mapping.pp, self.mapping.pp_layers
+        if tp * pp > MAX_RANKS:
+            raise ValueError(f"mapping tp={tp} x pp={pp} is more than {MAX_RANKS} ranks")
         if len(self.ranks) != tp * pp:
             raise ValueError(f"ranks has {len(self.ranks)} entries, but mapping tp={tp} x pp={pp} needs {tp * pp}")
         if len(layers) != pp or sum(layers) != self.kv_cache.num_layers:
@@ -207,12 +212,12 @@ class ConfigSchema(_Schema):
                 raise ValueError(f"ranks[{r}]: one max_seq_len sequence's KV cache would take {cache_bytes / (1 << 30):.0f} GiB "
                                  f"(at most {MAX_SEQUENCE_CACHE_BYTES >> 30} GiB)")
             for kind in ("pp_inputs", "pp_outputs"):
-                for spec in getattr(rank, kind):
+                for i, spec in enumerate(getattr(rank, kind)):
                     numel = 1
                     for d in spec.shape:
                         numel *= self.limits.max_batch_tokens if d == -1 else d
                     if not all(d == -1 or d >= 1 for d in spec.shape) or numel > MAX_STAGE_ELEMENTS:
-                        raise ValueError(f"ranks[{r}].{kind} {spec.name}: bad shape {spec.shape}")
+                        raise ValueError(f"ranks[{r}].{kind}[{i}]: bad shape {spec.shape}")
             if self.backend in BACKEND_RECORDS:
                 try:
                     BACKEND_RECORDS[self.backend].model_validate(rank.backend)

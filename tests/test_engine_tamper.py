@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import llmc
+import llmc.engine as engine_module
 from llmc import LLM
 from llmc.engine import EngineConfig, EngineError, file_digest, verify_files
 
@@ -81,6 +82,7 @@ BAD_VALUES = [
     ("mapping.tp", 2.0, r"mapping\.tp: Input should be a valid integer"),
     ("mapping.tp", True, r"mapping\.tp: Input should be a valid integer"),
     ("mapping.pp", 0, r"mapping\.pp: Input should be greater than or equal to 1"),
+    ("mapping", {"tp": 1024, "pp": 1024, "pp_layers": [2]}, r"mapping tp=1024 x pp=1024 is more than 1024 ranks"),
     ("mapping.pp_layers", [1], r"pp_layers \[1\] must be 1 stages holding kv_cache.num_layers=2"),
     ("limits", "big", r"limits: Input should be a valid dictionary"),
     ("limits.max_seq_len", 1e12, r"limits\.max_seq_len: Input should be a valid integer"),
@@ -98,8 +100,8 @@ BAD_VALUES = [
     ("ranks", "rank0", r"ranks: Input should be a valid list"),
     ("ranks.0.kv_cache.num_layers", 1, r"ranks\[0\]\.kv_cache .* does not match"),
     ("ranks.0.kv_cache", None, r"ranks\[0\]\.kv_cache: Input should be"),
-    ("ranks.0.pp_inputs", [{"name": "h", "shape": [1 << 20, 1 << 20], "dtype": "float32"}], r"ranks\[0\]\.pp_inputs h: bad shape"),
-    ("ranks.0.pp_inputs", [{"name": "h", "shape": [-1, 0], "dtype": "float32"}], r"ranks\[0\]\.pp_inputs h: bad shape"),
+    ("ranks.0.pp_inputs", [{"name": "h", "shape": [1 << 20, 1 << 20], "dtype": "float32"}], r"ranks\[0\]\.pp_inputs\[0\]: bad shape"),
+    ("ranks.0.pp_inputs", [{"name": "h", "shape": [-1, 0], "dtype": "float32"}], r"ranks\[0\]\.pp_inputs\[0\]: bad shape"),
     ("ranks.0.pp_inputs", [{"name": "h; import os", "shape": [-1], "dtype": "float32"}], r"ranks\[0\]\.pp_inputs\[0\]\.name"),
     ("ranks.0.pp_inputs", [{"name": "h", "shape": [-1], "dtype": "object"}], r"ranks\[0\]\.pp_inputs\[0\]\.dtype"),
     ("ranks.0.backend", None, r"ranks\[0\]\.backend: Input should be a valid dictionary"),
@@ -126,6 +128,18 @@ def test_bad_config_value_is_named(copied, path, value, match):
     set_at(raw, path, value)
     write_config(copied, raw)
     assert_refused(copied, match)
+
+
+def test_schema_sets_are_the_builders():
+    """The schema's fixed sets are written out (serving imports neither the frontend nor the passes): they must
+    be what the builder writes."""
+    from llmc.backends import BACKENDS
+    from llmc.frontend.export import DTYPES
+    from llmc.passes.quantize import QUANT_MODES
+    from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
+
+    assert set(engine_module.BACKEND_NAMES) == set(BACKENDS) and set(engine_module.MODEL_DTYPES) == set(DTYPES)
+    assert set(engine_module.QUANT_MODES) == set(QUANT_MODES) and set(KV_CACHE_DTYPES) == {"fp8"}
 
 
 def test_kv_cache_of_absurd_size_is_refused(copied):
@@ -388,3 +402,36 @@ def test_tokenizer_remote_code_is_never_run(copied, monkeypatch):
         load(copied)  # transformers may fall back to the tokenizer.json it has, or refuse
     except (ValueError, OSError) as e:
         assert "trust_remote_code" in str(e) or "evil" in str(e)
+
+
+# ONNX engines
+
+@pytest.fixture(scope="module")
+def onnx_engine(checkpoints, tmp_path_factory) -> Path:
+    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("tamper-onnx") / "engine", max_seq_len=64, backend="onnx",
+                      log=lambda _: None)
+
+
+def test_onnx_rank_files_are_required(onnx_engine, tmp_path):
+    copied = shutil.copytree(onnx_engine, tmp_path / "engine")
+    raw = read_config(copied)
+    assert {"rank0/model.onnx", "rank0/model.onnx.data"} <= raw["files"].keys()
+    del raw["files"]["rank0/model.onnx"]
+    write_config(copied, raw)
+    assert_refused(copied, r"missing rank0/model\.onnx")
+
+
+def test_onnx_external_data_outside_the_engine_is_refused(onnx_engine, tmp_path):
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    copied = shutil.copytree(onnx_engine, tmp_path / "engine")
+    outside = shutil.copy(copied / "rank0/model.onnx.data", tmp_path / "outside.data")
+    model = onnx.load(str(copied / "rank0/model.onnx"), load_external_data=False)
+    for tensor in filter(uses_external_data, _get_all_tensors(model)):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(outside)
+    onnx.save(model, str(copied / "rank0/model.onnx"))
+    rehash(copied)
+    assert_refused(copied, rf"model\.onnx: tensor '.*' reads its data from '{re.escape(str(outside))}', not model\.onnx\.data")

@@ -132,12 +132,21 @@ def _resolve(name: str, where: str, allowed: frozenset[str]):
     return op
 
 
+def bind_arguments(op, args: tuple, kwargs: dict) -> dict | None:
+    """The call's arguments by name, as the op's schema binds them; None where they do not bind."""
+    try:
+        bound = normalize_function(op, args, kwargs, normalize_to_only_use_kwargs=True)
+    except (TypeError, RuntimeError, ValueError):
+        return None
+    return bound.kwargs if bound else None
+
+
 def _check_sizes(op, names: tuple[str, ...], args: tuple, kwargs: dict, where: str) -> None:
-    bound = normalize_function(op, args, kwargs, normalize_to_only_use_kwargs=True)
+    bound = bind_arguments(op, args, kwargs)
     if bound is None:
         raise GraphFormatError(where + f": arguments do not match {op._schema}")
     for name in names:
-        value = bound.kwargs.get(name)
+        value = bound.get(name)
         if isinstance(value, int) and not 0 <= value <= MAX_REPEATS:
             raise GraphFormatError(where + f": {name}={value} is out of range [0, {MAX_REPEATS}]")
 

@@ -124,10 +124,8 @@ def _Log(trt):
 
 
 def load_engines(rank_dir: Path, record: dict) -> list:
-    """The rank's deserialized engines; a clear EngineError where this machine cannot run them."""
-    if not isinstance(record.get("tensorrt"), list):
-        raise EngineError(f"{rank_dir}: the engine's record lists no TensorRT engines (an older llmc built it); "
-                          "rebuild the engine")
+    """The rank's deserialized engines (their list checked by the engine's schema); a clear EngineError where this
+    machine cannot run them."""
     return [_load_engine(rank_dir, built) for built in record["tensorrt"]]
 
 
@@ -154,7 +152,7 @@ def _load_engine(rank_dir: Path, built: dict):
 
 
 def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
-    load_engines(rank_dir, config.ranks[rank].get("backend", {}))
+    load_engines(rank_dir, config.ranks[rank]["backend"])
     raise EngineError(
         f"the TensorRT engines of {rank_dir} load, but llmc's runtime has no TensorRT step runner yet (no GPU was available "
         "to develop one): run the engines with TensorRT directly, or build with --backend onnx"

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from torch.fx.operator_schemas import normalize_function
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_linears
-from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
+from llmc.backends.graph_format import GraphFormatError, bind_arguments, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
 from llmc.engine import EngineError
 
@@ -69,8 +68,8 @@ def check_cache_access(graph: fx.Graph, num_layers: int, rank_dir: Path) -> None
     for node in graph.nodes:
         if node.target is not ATTENTION:
             continue
-        bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-        kv_cache, layer = (bound.kwargs.get(k) if bound else None for k in ("kv_cache", "layer"))
+        bound = bind_arguments(node.target, node.args, node.kwargs) or {}
+        kv_cache, layer = bound.get("kv_cache"), bound.get("layer")
         if not (isinstance(kv_cache, fx.Node) and kv_cache.op == "placeholder" and kv_cache.target == "kv_cache"):
             raise EngineError(f"{rank_dir / PROGRAM}: node {node.name!r} attends over {kv_cache}, not the kv_cache input; "
                               "rebuild the engine")
