@@ -323,7 +323,7 @@ def test_weight_of_wrong_shape_or_dtype_is_named(copied, edit):
     assert_refused(copied, r"rank0: the program fails on a one-token step")
 
 
-def test_unread_and_missing_weights_are_named(copied, tmp_path):
+def test_unread_and_missing_weights_are_named(copied):
     edit_weights(copied, lambda w: w.update(extra=torch.zeros(2)))
     assert_refused(copied, r"does not hold exactly the weights .* reads: it lacks \[\], and has unread \['extra'\]")
     edit_weights(copied, lambda w: w.pop("model.norm.weight"))
@@ -398,10 +398,7 @@ def test_tokenizer_remote_code_is_never_run(copied, monkeypatch):
     config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
     (copied / "tokenizer/tokenizer_config.json").write_text(json.dumps(config))
     rehash(copied)
-    try:
-        load(copied)  # transformers may fall back to the tokenizer.json it has, or refuse
-    except (ValueError, OSError) as e:
-        assert "trust_remote_code" in str(e) or "evil" in str(e)
+    load(copied)  # the tokenizer.json it has; trusting the code would look for tokenizer/evil.py and fail
 
 
 # ONNX engines

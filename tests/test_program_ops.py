@@ -63,6 +63,19 @@ def test_programs_call_only_allow_listed_ops(arch, tmp_path):
             assert loaded <= PROGRAM_OPS | load_time_ops, f"{arch} {build}: loading inserts {sorted(loaded - PROGRAM_OPS)}"
 
 
+HEADER = '''"""Every op overload a program in an llmc engine may call: exactly those llmc's passes emit for the
+tested architectures in every tested build mode. The engine loader refuses any other target
+(llmc/backends/graph_format.py), and the ops loading inserts (prepacked linears) are never read from a file.
+
+Generated; tests/test_program_ops.py checks it. After checking that a new op is safe with hostile constant
+arguments, regenerate with:
+
+    PYTHONPATH=. python3 tests/test_program_ops.py > llmc/backends/allowed_ops.py
+"""
+
+'''
+
+
 def main() -> None:
     import time
 
@@ -75,10 +88,7 @@ def main() -> None:
                 start = time.perf_counter()
                 ops |= program_ops(checkpoint, root / f"{arch}-{build}", options)
                 print(f"{arch} {build}: {time.perf_counter() - start:.1f} s, {len(ops)} ops so far", file=sys.stderr)
-    print(f'"""Every op overload a program in an llmc engine may call: exactly those llmc\'s passes emit for the\n'
-          f'tested architectures in every tested build mode (tests/test_program_ops.py, which regenerates this file).\n'
-          f'The engine loader refuses any other target (llmc/backends/graph_format.py)."""\n\n'
-          f"PROGRAM_OPS = frozenset({{\n" + "".join(f'    "{op}",\n' for op in sorted(ops)) + "})")
+    print(HEADER + "PROGRAM_OPS = frozenset({\n" + "".join(f'    "{op}",\n' for op in sorted(ops)) + "})")
 
 
 if __name__ == "__main__":

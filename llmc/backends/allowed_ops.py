@@ -1,6 +1,12 @@
 """Every op overload a program in an llmc engine may call: exactly those llmc's passes emit for the
-tested architectures in every tested build mode (tests/test_program_ops.py, which regenerates this file).
-The engine loader refuses any other target (llmc/backends/graph_format.py)."""
+tested architectures in every tested build mode. The engine loader refuses any other target
+(llmc/backends/graph_format.py), and the ops loading inserts (prepacked linears) are never read from a file.
+
+Generated; tests/test_program_ops.py checks it. After checking that a new op is safe with hostile constant
+arguments, regenerate with:
+
+    PYTHONPATH=. python3 tests/test_program_ops.py > llmc/backends/allowed_ops.py
+"""
 
 PROGRAM_OPS = frozenset({
     "aten.add.Tensor",
