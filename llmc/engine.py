@@ -60,7 +60,8 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int64": 8, "int32": 4}
 BACKEND_NAMES = ("torch", "onnx", "tensorrt")
 QUANT_MODES = ("fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only")
-COLLECTIVES = ("llmc::all_reduce", "llmc::all_gather")
+COLLECTIVES = {"llmc::all_reduce": set(), "llmc::all_gather": {"full_size"}}  # and their int arguments
+TENSORRT_BUILDERS = ("tensorrt", "tensorrt_rtx")
 
 
 def _range(lo: int, hi: int):
@@ -112,10 +113,16 @@ class OnnxModel(_Schema):
 
 
 class Collective(_Schema):
-    collective: Literal[COLLECTIVES]
+    collective: Literal[tuple(COLLECTIVES)]
     input: str
     output: str
     args: dict[str, int]
+
+    @model_validator(mode="after")
+    def _arguments(self) -> "Collective":
+        if set(self.args) != COLLECTIVES[self.collective]:
+            raise ValueError(f"{self.collective} takes the arguments {sorted(COLLECTIVES[self.collective])}, not {sorted(self.args)}")
+        return self
 
 
 class OnnxProgram(BaseModel):
@@ -129,8 +136,9 @@ class OnnxProgram(BaseModel):
 class TensorRTEngine(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     engine: str = Field(pattern=r"^[A-Za-z0-9_]+\.engine$")
-    package: str
+    package: Literal[TENSORRT_BUILDERS]  # imported to load the engine: never another module
     version: str
+    target: str | list[str]
 
 
 class TensorRTProgram(OnnxProgram):

@@ -432,3 +432,24 @@ def test_onnx_external_data_outside_the_engine_is_refused(onnx_engine, tmp_path)
     onnx.save(model, str(copied / "rank0/model.onnx"))
     rehash(copied)
     assert_refused(copied, rf"model\.onnx: tensor '.*' reads its data from '{re.escape(str(outside))}', not model\.onnx\.data")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda raw: raw.update(backend="tensorrt") or raw["ranks"][0]["backend"].update(
+        tensorrt=[{"engine": "model.engine", "package": "antigravity", "version": "1", "target": "sm_90"}]),
+     r"tensorrt\[0\]\.package: Input should be 'tensorrt' or 'tensorrt_rtx'"),
+    (lambda raw: raw["ranks"][0]["backend"]["program"].append(
+        {"collective": "llmc::all_gather", "input": "logits", "output": "x", "args": {"size": 1}}),
+     r"llmc::all_gather takes the arguments \['full_size'\], not \['size'\]"),
+    (lambda raw: raw["ranks"][0]["backend"]["program"].append({"onnx": "../../model.onnx"}),
+     r"program\[1\]"),
+], ids=["tensorrt-package", "collective-args", "onnx-path"])
+def test_onnx_backend_record_is_checked(onnx_engine, tmp_path, edit, match):
+    """The runner imports the TensorRT package a record names, calls its collectives with the record's
+    arguments, and opens its models: a record names only what llmc writes."""
+    copied = shutil.copytree(onnx_engine, tmp_path / "engine")
+    raw = read_config(copied)
+    edit(raw)
+    write_config(copied, raw)
+    with pytest.raises(EngineError, match=match):
+        EngineConfig.load(copied)
