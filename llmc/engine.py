@@ -15,9 +15,9 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 SCHEMA_VERSION = 3
 CONFIG = "config.json"
@@ -129,7 +129,10 @@ class OnnxProgram(BaseModel):
     """What the ONNX and TensorRT runners read of a rank's backend record (the rest is a report)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    program: list[OnnxModel | Collective] = Field(min_length=1)
+    # Each step an ONNX model or a collective, told apart by its "onnx" key (so errors name the one meant).
+    program: list[Annotated[Annotated[OnnxModel, Tag("onnx")] | Annotated[Collective, Tag("collective")],
+                            Discriminator(lambda part: "onnx" if isinstance(part, dict) and "onnx" in part else "collective")]
+                  ] = Field(min_length=1)
     outputs: list[str] = Field(min_length=1)
 
 
@@ -243,12 +246,15 @@ def check_relative_path(rel: str) -> None:
 
 
 def _schema_errors(e: ValidationError) -> str:
-    def where(loc) -> str:
-        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    """pydantic's first errors as `field: problem (got value)`."""
 
-    lines = [err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" and not err["loc"]
-             else f"{where(err['loc'])}: {err['msg']} (got {repr(err['input'])[:60]})" for err in e.errors()[:3]]
-    return "; ".join(lines) + (f"; and {e.error_count() - 3} more" if e.error_count() > 3 else "")
+    def line(err) -> str:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] == "value_error" else f" (got {repr(err['input'])[:60]})"
+        return f"{where}: {msg}{got}" if where else msg
+
+    return "; ".join(map(line, e.errors()[:3])) + (f"; and {e.error_count() - 3} more" if e.error_count() > 3 else "")
 
 
 @dataclass
