@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     config = EngineConfig.load(args.engine)
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.engine) / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.engine) / "tokenizer", trust_remote_code=False)
     trace = make_trace(args, config.vocab_size, tokenizer)
     limit = config.limits["max_seq_len"]
     for r in trace:

@@ -88,7 +88,7 @@ def build(
         from transformers import AutoTokenizer
 
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
-        samples = calibration_samples(AutoTokenizer.from_pretrained(ckpt.path), calib_data, calib_samples, seq_len)
+        samples = calibration_samples(AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False), calib_data, calib_samples, seq_len)
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")

@@ -91,7 +91,7 @@ class HFScorer:
         from llmc.frontend.checkpoint import resolve_model_path
 
         path = resolve_model_path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.max_window = self.model.config.get_text_config().max_position_embeddings
 

@@ -127,7 +127,7 @@ def test_onnx_engine_without_a_program_is_a_clear_error(engines, tmp_path):
     config = json.loads((engine / "config.json").read_text())
     del config["ranks"][0]["backend"]["program"]
     (engine / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EngineError, match="has no ONNX program.*rebuild the engine"):
+    with pytest.raises(EngineError, match=r"ranks\[0\]\.backend: program: Field required.*Rebuild the engine"):
         LLM(engine)
 
 

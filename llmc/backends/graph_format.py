@@ -3,9 +3,11 @@
 An engine is stored as this JSON (the program) plus safetensors (the weights).
 Why not ``torch.save`` / ``torch.export.save``: those go through pickle, so
 loading an engine could run arbitrary code.  Here loading only ever builds
-nodes whose targets are in an allow-list (``torch.ops.{aten,prims,llmc}`` and
-a few ``operator`` functions), and constants are plain JSON values or tagged
-objects (``{"dtype": "float32"}``) that are checked against fixed tables.
+nodes whose targets are in an allow-list: by default ``allowed_ops.PROGRAM_OPS``,
+exactly the op overloads llmc's passes emit (never a namespace: ``aten`` alone
+has ops that read and write files, such as ``aten.from_file``).  Constants are
+plain JSON values or tagged objects (``{"dtype": "float32"}``) that are checked
+against fixed tables.
 Being one JSON object per node, a program can also be diffed and reviewed.
 
     {"format": "llmc.fx/1",
@@ -24,6 +26,9 @@ import re
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
+
+from llmc.backends.allowed_ops import PROGRAM_OPS
 
 FORMAT = "llmc.fx/1"
 _OPS = ("placeholder", "get_attr", "call_function", "output")
@@ -34,6 +39,10 @@ _PY_FUNCS = {f"operator.{n}": getattr(operator, n) for n in (
     "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg",
     "eq", "ne", "lt", "le", "gt", "ge")}
 _PY_NAMES = {fn: name for name, fn in _PY_FUNCS.items()}
+# The allowed ops' int arguments that size an allocation rather than index into one (a program's other
+# sizes are its inputs' and weights'): bounded, so that no constant asks for petabytes.
+MAX_REPEATS = 1024
+SIZE_ARGUMENTS = {"aten.repeat_interleave.self_int": ("repeats", "output_size")}
 
 
 def _table(kind: type) -> dict:
@@ -105,13 +114,15 @@ def graph_to_json(graph: torch.fx.Graph) -> dict:
     return {"format": FORMAT, "nodes": nodes}
 
 
-def _resolve(name: str, where: str):
+def _resolve(name: str, where: str, allowed: frozenset[str]):
+    if name not in allowed:
+        raise GraphFormatError(f"{where}: call target {name!r} is not allowed (a program calls only the ops llmc's "
+                               "passes emit, llmc/backends/allowed_ops.py); rebuild the engine with this llmc")
     if name in _PY_FUNCS:
         return _PY_FUNCS[name]
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in _NAMESPACES:
-        raise GraphFormatError(_rebuild_msg(f"{where}: call target {name!r} is not allowed "
-                                            f"(only {'/'.join(_NAMESPACES)} ops and some operator.*)"))
+        raise GraphFormatError(_rebuild_msg(f"{where}: call target {name!r} is not an op"))
     try:
         op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError):
@@ -119,6 +130,25 @@ def _resolve(name: str, where: str):
     if not isinstance(op, torch._ops.OpOverload):
         raise GraphFormatError(_rebuild_msg(f"{where}: unknown op {name!r}"))
     return op
+
+
+def bind_arguments(op, args: tuple, kwargs: dict) -> dict | None:
+    """The call's arguments by name, as the op's schema binds them; None where they do not bind."""
+    try:
+        bound = normalize_function(op, args, kwargs, normalize_to_only_use_kwargs=True)
+    except (TypeError, RuntimeError, ValueError):
+        return None
+    return bound.kwargs if bound else None
+
+
+def _check_sizes(op, names: tuple[str, ...], args: tuple, kwargs: dict, where: str) -> None:
+    bound = bind_arguments(op, args, kwargs)
+    if bound is None:
+        raise GraphFormatError(where + f": arguments do not match {op._schema}")
+    for name in names:
+        value = bound.get(name)
+        if isinstance(value, int) and not 0 <= value <= MAX_REPEATS:
+            raise GraphFormatError(where + f": {name}={value} is out of range [0, {MAX_REPEATS}]")
 
 
 def _dec(v, nodes: dict, device: torch.device, where: str):
@@ -147,9 +177,10 @@ def _dec(v, nodes: dict, device: torch.device, where: str):
     raise GraphFormatError(where + f": bad value {v!r}")
 
 
-def graph_from_json(obj: dict, device: torch.device | str = "cpu") -> torch.fx.Graph:
+def graph_from_json(obj: dict, device: torch.device | str = "cpu", allowed: frozenset[str] = PROGRAM_OPS) -> torch.fx.Graph:
     """Rebuild the graph. Every torch.device constant found in args/kwargs is replaced by `device`
-    (engines are built on one device and run on another). Only allow-listed targets resolve."""
+    (engines are built on one device and run on another). Only targets in `allowed` resolve
+    ("aten.add.Tensor", "operator.getitem"; llmc's by default)."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("nodes"), list):
         raise GraphFormatError(_rebuild_msg(f"not an {FORMAT} graph"))
     device = torch.device(device)
@@ -164,7 +195,7 @@ def graph_from_json(obj: dict, device: torch.device | str = "cpu") -> torch.fx.G
             raise GraphFormatError(where + ": duplicate node name")
         op, target = rec["op"], rec["target"]
         if op == "call_function":
-            target = _resolve(target, where)
+            target = _resolve(target, where, allowed)
         elif not {"placeholder": _ident(target), "output": target == "output",
                   "get_attr": bool(_ATTR_PATH.fullmatch(target))}[op]:
             raise GraphFormatError(where + f": invalid {op} target {target!r}")
@@ -172,6 +203,8 @@ def graph_from_json(obj: dict, device: torch.device | str = "cpu") -> torch.fx.G
             raise GraphFormatError(where + f": invalid keyword argument names {list(rec['kwargs'])}")
         args = tuple(_dec(a, nodes, device, where) for a in rec["args"])
         kwargs = {k: _dec(v, nodes, device, where) for k, v in rec["kwargs"].items()}
+        if op == "call_function" and rec["target"] in SIZE_ARGUMENTS:
+            _check_sizes(target, SIZE_ARGUMENTS[rec["target"]], args, kwargs, where)
         node = graph.create_node(op, target, args, kwargs, name=rec["name"])
         if node.name != rec["name"]:
             raise GraphFormatError(where + f": name is not a valid fx node name (became {node.name!r})")

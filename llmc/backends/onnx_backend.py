@@ -35,6 +35,12 @@ def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
         raise ValueError(f"the ONNX backend builds float32 or float16 engines, not {dtype}; give --dtype float32 or float16")
 
 
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: its ONNX models, and (where a model has weights) their external data."""
+    models = {part["onnx"] for part in record["program"] if "onnx" in part}
+    return models, {f"{model}.data" for model in models}
+
+
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
     from llmc.backends.onnx_export import export_rank
 
@@ -43,6 +49,23 @@ def write_rank(gm, rank_dir: Path, ctx) -> dict:
 
 def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
     return OnnxRunner(rank_dir, config, rank, num_blocks, torch.device(device))
+
+
+def check_external_data(path: Path) -> None:
+    """ORT reads a model's weights from whatever files its tensors name: each must be the model's own FILE.data
+    (a file of the engine's list), never a path elsewhere."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and the like
+        raise EngineError(f"cannot load {path}: {e}; rebuild the engine") from None
+    for tensor in _get_all_tensors(model):
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location")
+        if uses_external_data(tensor) and location != f"{path.name}.data":
+            raise EngineError(f"{path}: tensor {tensor.name!r} reads its data from {location!r}, not {path.name}.data; "
+                              "rebuild the engine")
 
 
 class SegmentSession:
@@ -78,13 +101,12 @@ class OnnxRunner:
             raise EngineError(f"the ONNX backend runs on cpu or cuda, not {device}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        record = config.ranks[rank].get("backend", {})
-        if "program" not in record:
-            raise EngineError(f"{rank_dir}: the engine's record has no ONNX program (an older llmc built it); rebuild the engine")
+        record = config.ranks[rank]["backend"]  # its program and outputs checked by the engine's schema
         self.program = []  # the segments' sessions, and the records of the collectives between them
         for part in record["program"]:
             if "onnx" in part:
                 path = rank_dir / part["onnx"]
+                check_external_data(path)
                 try:
                     self.program.append(SegmentSession(ort.InferenceSession(str(path), options, providers=providers)))
                 except Exception as e:  # ORT raises its own exception types for bad models

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmc.backends.onnx_backend import check_build as check_onnx_build
+from llmc.backends.onnx_backend import check_build as check_onnx_build, rank_files as onnx_rank_files
 from llmc.engine import EngineConfig, EngineError
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
@@ -35,6 +35,12 @@ def builder():
         except ImportError:
             continue
     raise ValueError("the TensorRT backend needs `tensorrt` or `tensorrt_rtx`: pip install 'llmc[tensorrt]'")
+
+
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: the ONNX form's, and the TensorRT engine built from each of its models."""
+    required, optional = onnx_rank_files(record)
+    return required | {built["engine"] for built in record["tensorrt"]}, optional
 
 
 def write_rank(gm, rank_dir: Path, ctx) -> dict:
@@ -118,10 +124,8 @@ def _Log(trt):
 
 
 def load_engines(rank_dir: Path, record: dict) -> list:
-    """The rank's deserialized engines; a clear EngineError where this machine cannot run them."""
-    if not isinstance(record.get("tensorrt"), list):
-        raise EngineError(f"{rank_dir}: the engine's record lists no TensorRT engines (an older llmc built it); "
-                          "rebuild the engine")
+    """The rank's deserialized engines (their list checked by the engine's schema); a clear EngineError where this
+    machine cannot run them."""
     return [_load_engine(rank_dir, built) for built in record["tensorrt"]]
 
 
@@ -148,7 +152,7 @@ def _load_engine(rank_dir: Path, built: dict):
 
 
 def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
-    load_engines(rank_dir, config.ranks[rank].get("backend", {}))
+    load_engines(rank_dir, config.ranks[rank]["backend"])
     raise EngineError(
         f"the TensorRT engines of {rank_dir} load, but llmc's runtime has no TensorRT step runner yet (no GPU was available "
         "to develop one): run the engines with TensorRT directly, or build with --backend onnx"

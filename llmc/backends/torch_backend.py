@@ -18,16 +18,22 @@ from safetensors.torch import load_file, save_file
 import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_linears
-from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
+from llmc.backends.graph_format import GraphFormatError, bind_arguments, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
 from llmc.engine import EngineError
 
 PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"
+ATTENTION = torch.ops.llmc.paged_attention.default
 
 
 def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
     """Every build the passes accept runs on the torch backend."""
+
+
+def rank_files(record: dict) -> tuple[set[str], set[str]]:
+    """A rank directory's files: those it must have, and those it may have."""
+    return {PROGRAM, WEIGHTS}, set()
 
 
 def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
@@ -40,21 +46,65 @@ def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
 def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphModule:
     try:
         graph = graph_from_json(json.loads((rank_dir / PROGRAM).read_text()), device)
+    except (GraphFormatError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise EngineError(f"cannot load {rank_dir / PROGRAM}: {e}") from None
+    try:
         weights = load_file(rank_dir / WEIGHTS, device=str(device))
-    except (GraphFormatError, json.JSONDecodeError, SafetensorError) as e:
-        raise EngineError(f"cannot load {rank_dir}: {e}") from None
-    missing = {n.target for n in graph.nodes if n.op == "get_attr"} - weights.keys()
-    if missing:
-        raise EngineError(f"{rank_dir / WEIGHTS} lacks weights the program reads: {sorted(missing)[:5]}")
+    except SafetensorError as e:
+        raise EngineError(f"cannot load {rank_dir / WEIGHTS}: {e}; rebuild the engine") from None
+    read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    if read != weights.keys():
+        raise EngineError(f"{rank_dir / WEIGHTS} does not hold exactly the weights {rank_dir / PROGRAM} reads: it lacks "
+                          f"{sorted(read - weights.keys())[:5]}, and has unread {sorted(weights.keys() - read)[:5]}; rebuild the engine")
     gm = fx.GraphModule(weights, graph)
     if torch.device(device).type == "cpu" and cpu_kernels.load():  # compiled (first use only) now, not mid-step
         prepack_linears(gm)
     return gm
 
 
+def check_cache_access(graph: fx.Graph, num_layers: int, rank_dir: Path) -> None:
+    """Every paged attention reads and writes the rank's KV cache input, at one of its num_layers layers
+    (the kernels index the cache by these constants)."""
+    for node in graph.nodes:
+        if node.target is not ATTENTION:
+            continue
+        bound = bind_arguments(node.target, node.args, node.kwargs) or {}
+        kv_cache, layer = bound.get("kv_cache"), bound.get("layer")
+        if not (isinstance(kv_cache, fx.Node) and kv_cache.op == "placeholder" and kv_cache.target == "kv_cache"):
+            raise EngineError(f"{rank_dir / PROGRAM}: node {node.name!r} attends over {kv_cache}, not the kv_cache input; "
+                              "rebuild the engine")
+        if type(layer) is not int or not 0 <= layer < num_layers:
+            raise EngineError(f"{rank_dir / PROGRAM}: node {node.name!r} reads layer {layer!r} of a KV cache of "
+                              f"{num_layers} layers (config.json ranks[].kv_cache.num_layers); rebuild the engine")
+
+
 def make_runner(rank_dir: Path, config, rank: int, num_blocks: int, device: torch.device | str):
     from llmc.runtime.model_runner import ModelRunner
 
     gm = load_rank(rank_dir, device)
+    check_cache_access(gm.graph, config.ranks[rank]["kv_cache"]["num_layers"], rank_dir)
     inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    return ModelRunner(step_function(gm, device, f"rank{rank}"), inputs, config, rank, num_blocks, torch.device(device))
+    runner = ModelRunner(step_function(gm, device, f"rank{rank}"), inputs, config, rank, num_blocks, torch.device(device))
+    probe_step(runner, config, rank, rank_dir)
+    return runner
+
+
+def probe_step(runner, config, rank: int, rank_dir: Path) -> None:
+    """Run one one-token step as the rank loads: a weight of the wrong shape or dtype, or a program that does not
+    take the step's inputs, fails here, named, not on the first request. The KV cache is zeroed after."""
+    from llmc.runtime.model_runner import prepare_inputs
+    from llmc.runtime.sampling_params import SamplingParams
+    from llmc.runtime.sequence import Sequence
+
+    seq = Sequence([0], SamplingParams())
+    seq.block_table = [0]
+    inputs, _ = prepare_inputs([(seq, 1)], config.kv_cache["block_size"])
+    for spec in config.ranks[rank]["pp_inputs"]:
+        inputs[spec["name"]] = torch.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=getattr(torch, spec["dtype"]))
+    try:
+        runner.run(inputs)
+    except Exception as e:  # whatever the program's ops raise on it
+        raise EngineError(f"{rank_dir}: the program fails on a one-token step ({type(e).__name__}: {str(e)[:300]}); "
+                          "rebuild the engine") from None
+    finally:
+        runner.kv_cache.zero_()

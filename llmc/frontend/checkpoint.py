@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llmc.engine import TOKENIZER_FILES
+
 # Architectures tested against transformers in llmc's suite. Others are tried (most HF causal LMs
 # trace the same way) and fail with a clear error if a pass cannot handle them.
 TESTED_ARCHITECTURES = (
@@ -24,17 +26,6 @@ TESTED_ARCHITECTURES = (
     "GPTNeoXForCausalLM",
 )
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 class CheckpointError(ValueError):

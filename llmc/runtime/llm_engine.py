@@ -58,7 +58,7 @@ class LLMEngine:
         verify_files(self.engine_dir, config)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir / "tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir / "tokenizer", trust_remote_code=False)
         self.device = torch.device(device)
 
         limits = config.limits

@@ -55,7 +55,7 @@ class _TokenizerModel:
     def initialize(self, args):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path(args, "tokenizer_dir"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path(args, "tokenizer_dir"), trust_remote_code=False)
 
 
 class Preprocessing(_TokenizerModel):

@@ -1,0 +1,95 @@
+"""The engine loader's op allow-list (llmc/backends/allowed_ops.py) is exactly what llmc's pipeline emits.
+
+Every tested architecture is built in every mode the tests build (dtypes, tp, pp, each quantization
+mode, the FP8 KV cache); each rank's program must call only allow-listed ops. A new pass or
+architecture that emits a new op fails here: check that the op cannot be abused by a hostile engine
+(no files, processes, storage, raw memory), then regenerate the list:
+
+    PYTHONPATH=. python3 tests/test_program_ops.py > llmc/backends/allowed_ops.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import ARCHITECTURES, make_checkpoint  # noqa: E402
+
+BUILDS = {
+    "float32": {},
+    "bfloat16": dict(dtype="bfloat16"),
+    "float16": dict(dtype="float16"),
+    "tp2": dict(tp=2),
+    "pp2": dict(pp=2),
+    **{f"quant-{mode}": dict(quant=mode) for mode in ("fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only")},
+    "kv-fp8": dict(kv_cache_dtype="fp8"),
+    "bfloat16-tp2-fp8-kv-fp8": dict(dtype="bfloat16", tp=2, quant="fp8", kv_cache_dtype="fp8"),
+}
+
+
+def call_targets(program: dict) -> set[str]:
+    return {node["target"] for node in program["nodes"] if node["op"] == "call_function"}
+
+
+def program_ops(checkpoint: Path, out: Path, options: dict) -> set[str]:
+    """The targets of every call in every rank program of `checkpoint` built with `options`."""
+    import llmc
+
+    engine = llmc.build(checkpoint, out, max_seq_len=64, calib_samples=2, log=lambda _: None, **options)
+    return set().union(*(call_targets(json.loads(p.read_text())) for p in engine.glob("rank*/program.json")))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_programs_call_only_allow_listed_ops(arch, tmp_path):
+    from llmc.backends import torch_backend
+    from llmc.backends.allowed_ops import PROGRAM_OPS
+    from llmc.backends.graph_format import graph_to_json
+    from llmc.plugins.linear import PREPACKED
+
+    # What loading inserts on CPU (prepacked linears) is never read from a file, so it is not in PROGRAM_OPS.
+    load_time_ops = {str(prepacked) for prepacked, _ in PREPACKED.values()}
+    checkpoint = make_checkpoint(arch, tmp_path / "checkpoint")
+    for build, options in BUILDS.items():
+        new = program_ops(checkpoint, tmp_path / build, options) - PROGRAM_OPS
+        assert not new, (f"{arch} {build} calls ops the engine loader refuses: {sorted(new)}. Check that each is safe with "
+                         "hostile constant arguments, then regenerate llmc/backends/allowed_ops.py (see this file's docstring)")
+        for rank_dir in (tmp_path / build).glob("rank*"):
+            loaded = call_targets(graph_to_json(torch_backend.load_rank(rank_dir).graph))
+            assert loaded <= PROGRAM_OPS | load_time_ops, f"{arch} {build}: loading inserts {sorted(loaded - PROGRAM_OPS)}"
+
+
+HEADER = '''"""Every op overload a program in an llmc engine may call: exactly those llmc's passes emit for the
+tested architectures in every tested build mode. The engine loader refuses any other target
+(llmc/backends/graph_format.py), and the ops loading inserts (prepacked linears) are never read from a file.
+
+Generated; tests/test_program_ops.py checks it. After checking that a new op is safe with hostile constant
+arguments, regenerate with:
+
+    PYTHONPATH=. python3 tests/test_program_ops.py > llmc/backends/allowed_ops.py
+"""
+
+'''
+
+
+def main() -> None:
+    import time
+
+    ops: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for arch in ARCHITECTURES:
+            checkpoint = make_checkpoint(arch, root / arch)
+            for build, options in BUILDS.items():
+                start = time.perf_counter()
+                ops |= program_ops(checkpoint, root / f"{arch}-{build}", options)
+                print(f"{arch} {build}: {time.perf_counter() - start:.1f} s, {len(ops)} ops so far", file=sys.stderr)
+    print(HEADER + "PROGRAM_OPS = frozenset({\n" + "".join(f'    "{op}",\n' for op in sorted(ops)) + "})")
+
+
+if __name__ == "__main__":
+    main()
