@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
-from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_linears
 from llmc.backends.graph_format import GraphFormatError, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
@@ -47,7 +46,7 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
     if missing:
         raise EngineError(f"{rank_dir / WEIGHTS} lacks weights the program reads: {sorted(missing)[:5]}")
     gm = fx.GraphModule(weights, graph)
-    if torch.device(device).type == "cpu" and cpu_kernels.load():  # compiled (first use only) now, not mid-step
+    if torch.device(device).type == "cpu":
         prepack_linears(gm)
     return gm
 
