@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -70,9 +71,11 @@ def references():
     """Within it, CPU calls of every llmc op run its reference, as with LLMC_DISABLE_KERNELS=1 (to compare the two)."""
     library = torch.library.Library("llmc", "IMPL")
     try:
-        for op, fn in REFERENCES.items():
-            if has_kernel(op):
-                library.impl(op._opname, fn, "CPU")
+        with warnings.catch_warnings():  # that these override the kernels is the point
+            warnings.filterwarnings("ignore", "Warning only once for all operators")
+            for op, fn in REFERENCES.items():
+                if has_kernel(op):
+                    library.impl(op._opname, fn, "CPU")
         yield
     finally:
         library._destroy()
