@@ -184,7 +184,18 @@ LEVEL_SCRIPT = textwrap.dedent("""
     args = attention_args()
     expected = paged_attention(**{**args, "kv_cache": args["kv_cache"].clone()})
     errors["attention"] = (torch.ops.llmc.paged_attention(**args) - expected).abs().max().item()
-    print(json.dumps({**info, "errors": errors}))
+    # The torch backend prepacks only the linears whose prepacked op has a kernel here.
+    from llmc.plugins.linear import prepack_linears
+    from llmc.plugins.quant_formats import quantize_fp8_weight
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    q, scale = quantize_fp8_weight(torch.randn(16, 16))
+    for name, t in (("w", torch.randn(16, 16)), ("q", q), ("scale", scale)):
+        root.register_buffer(name, t)
+    x = graph.placeholder("x")
+    h = graph.call_function(torch.ops.llmc.linear.default, (x, graph.get_attr("w"), None))
+    graph.output(graph.call_function(torch.ops.llmc.fp8_linear.default, (h, graph.get_attr("q"), graph.get_attr("scale"), None, None)))
+    prepacked = prepack_linears(torch.fx.GraphModule(root, graph))
+    print(json.dumps({**info, "errors": errors, "prepacked": prepacked}))
 """)
 
 
@@ -204,5 +215,19 @@ def test_lower_levels_and_disabled_kernels(env):
     assert info["level"] == level
     expected = KERNELS[level] if level else set()
     assert {op for op, runs in info["ops"].items() if runs == "kernel"} == expected
-    assert (info["ops"]["llmc::fp8_linear"] == "kernel, as llmc::fp8_prepacked_linear") == (level == "avx512")
+    assert info["ops"]["llmc::fp8_linear"] == "reference"
+    assert info["prepacked"] == (1 if level else 0)  # llmc::linear, not the FP8 one: its kernel needs AVX-512
     assert all(error < (2e-2 if "bfloat16" in name else 1e-5) for name, error in info["errors"].items()), info["errors"]
+
+
+def test_llmc_env_shows_the_choice():
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+
+    result = CliRunner().invoke(main, ["env"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"kernels     {cpu_kernels.load()}: " in result.output and f"_C_{cpu_kernels.load()}." in result.output
+    assert any(line.split() == ["llmc::paged_attention", "C++", "kernel"] for line in lines)
+    assert any(line.split() == ["llmc::vocab_embedding", "reference", "(plain", "torch)"] for line in lines)
