@@ -25,9 +25,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        raise SystemExit("the C++ kernels are unavailable (LLMC_DISABLE_KERNELS=1 or no compiler): nothing to measure")
+    kernel_op = torch.ops.llmc.gated_activation.default
+    if not cpu_kernels.has_kernel(kernel_op):
+        raise SystemExit("the C++ kernels are unavailable (LLMC_DISABLE_KERNELS=1): nothing to measure")
 
     results = {}
     gen = torch.Generator().manual_seed(0)
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
 
                     return 1000 * min(timeit.repeat(step, number=1, repeat=args.repeats))
 
-                reference, kernel = run(gated_activation), run(kernels.gated_activation)
+                reference, kernel = run(gated_activation), run(kernel_op._op)
                 results[f"{str(dtype).removeprefix('torch.')}/{rows}x{args.ffn}/{act}"] = {
                     "reference_ms": round(reference, 3), "kernel_ms": round(kernel, 3), "speedup": round(reference / kernel, 2)}
     print(json.dumps({"threads": args.threads, "layers": args.layers, "results": results}, indent=2))

@@ -6,7 +6,7 @@ Formats: fp32 (llmc::prepacked_linear), fp8 and nvfp4 weight-only, W8A8 and W4A4
 each prepacked as the torch backend loads it (llmc::fp8_prepacked_linear / llmc::nvfp4_prepacked_linear). Each layer has its own random weights, so a pass over the
 stack streams them from memory as a real decode step does (they do not fit in the caches).
 Times are the best of --repeats runs. Reported per format: time of one pass over the layers' linears (through the op, and calling the
-kernel directly, which leaves out the dispatcher), per shape the time per call and the GB/s of
+kernel at its C++ entry point as the generated step does, which leaves out OpOverload's Python call), per shape the time per call and the GB/s of
 weight bytes read (packed values and scales), and the LM head in fp32, fp8 and nvfp4. The
 `tokens_per_s_linears` lines are 1 / (layers + LM head): an upper bound for the whole model.
 """
@@ -37,18 +37,18 @@ def shapes(hidden: int, ffn: int, q_heads: int, kv_heads: int) -> dict:
 def make(fmt: str, n: int, k: int, gen: torch.Generator):
     """(op, kernel, args after x, bytes read per call) for one random [n, k] weight."""
     w = torch.randn(n, k, generator=gen) * 0.02
-    ops, kernels = torch.ops.llmc, cpu_kernels.load()
+    ops = torch.ops.llmc  # the kernels: what the ops run on CPU, called at their C++ entry point as the step calls them
     if fmt == "fp32":  # as the torch backend runs it: prepacked at load
-        return ops.prepacked_linear, kernels.prepacked_linear, (prepack_weight(w), None, n), w.numel() * 4
+        return ops.prepacked_linear, ops.prepacked_linear.default._op, (prepack_weight(w), None, n), w.numel() * 4
     if fmt in ("fp8", "w8a8"):
         q, scale = quantize_fp8_weight(w)
         input_scale = torch.tensor(4.0 / 448) if fmt == "w8a8" else None
         args = (prepack_quantized(q), scale, input_scale, None, n)
-        return ops.fp8_prepacked_linear, kernels.fp8_prepacked_linear, args, q.numel() + 4 * n
+        return ops.fp8_prepacked_linear, ops.fp8_prepacked_linear.default._op, args, q.numel() + 4 * n
     packed, block_scale, global_scale = quantize_nvfp4(w)
     input_global_scale = nvfp4_global_scale(torch.tensor(4.0)) if fmt == "w4a4" else None
     args = (prepack_quantized(packed), prepack_quantized(block_scale), global_scale, input_global_scale, None, n)
-    return ops.nvfp4_prepacked_linear, kernels.nvfp4_prepacked_linear, args, packed.numel() + block_scale.numel()
+    return ops.nvfp4_prepacked_linear, ops.nvfp4_prepacked_linear.default._op, args, packed.numel() + block_scale.numel()
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -113,8 +113,9 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if cpu_kernels.load() is None:
-        raise SystemExit("the C++ kernels are unavailable (LLMC_DISABLE_KERNELS=1 or no compiler): nothing to measure")
+    if not cpu_kernels.has_kernel(torch.ops.llmc.fp8_prepacked_linear.default):
+        raise SystemExit(f"no quantized-linear kernels here (LLMC_DISABLE_KERNELS=1, or a CPU without AVX-512: "
+                         f"{cpu_kernels.load()}): nothing to measure")
     formats = args.formats.split(",")
     unknown = set(formats) - set(FORMATS)
     if unknown:

@@ -167,6 +167,28 @@ def serve(engine, host, port, api_key, served_model_name, kv_cache_memory, kv_ca
     )
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env(as_json):
+    """Show the CPU's features, the C++ kernel library chosen for it, and what each llmc op runs on CPU."""
+    from llmc.plugins import cpu_kernels
+
+    info = cpu_kernels.environment()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"cpu         {info['cpu']}")
+    click.echo(f"features    {' '.join(info['features']) or 'none of ' + ' '.join(cpu_kernels.FEATURES)}")
+    click.echo(f"torch       {info['torch']}, CPU capability {info['torch_cpu_capability']}")
+    if info["level"]:
+        click.echo(f"kernels     {info['level']}: {info['library']}")
+    else:
+        click.echo("kernels     none: LLMC_DISABLE_KERNELS=1, every op runs its plain-torch reference")
+    click.echo("ops on CPU")
+    for op, runs in info["ops"].items():
+        click.echo(f"  {op:32s} {'reference (plain torch)' if runs == 'reference' else 'C++ ' + runs}")
+
+
 @main.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")

@@ -25,9 +25,8 @@ def dense(q, k, v, window):
 
 
 def kernel(*args):
-    module = cpu_kernels.load()
-    assert module is not None, "the C++ kernels did not build"
-    return module.paged_attention(*args)
+    assert cpu_kernels.has_kernel(torch.ops.llmc.paged_attention.default), "no C++ kernel for this CPU"
+    return torch.ops.llmc.paged_attention(*args)
 
 
 @pytest.mark.parametrize("impl", [reference, kernel], ids=["reference", "cpu-kernel"])
@@ -124,18 +123,6 @@ def test_rope_folded_into_attention_equals_rotary_then_attention(dtype, rotary_d
     assert torch.equal(got, expected)
 
 
-def test_op_runs_the_kernel_on_cpu(monkeypatch):
-    calls = []
-    module = cpu_kernels.load()
-    monkeypatch.setattr(cpu_kernels, "load", lambda: calls.append(1) or module)
-    q, k, v = torch.randn(1, HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM)
-    cache = torch.zeros(1, 2, 1, BLOCK, KV_HEADS, DIM)
-    i32 = dict(dtype=torch.int32)
-    torch.ops.llmc.paged_attention(q, k, v, cache, 0, torch.tensor([0]), torch.zeros(1, 1, **i32),
-                                   torch.tensor([1], **i32), torch.tensor([0, 1], **i32), 0.5, 0)
-    assert calls == [1]
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 40])
 @pytest.mark.parametrize("in_features", [70, 71])
@@ -204,7 +191,6 @@ def test_rotary_embedding_kernel_matches_reference(dtype, tol):
     got = torch.ops.llmc.rotary_embedding(x, cos, sin)
     assert got.shape == x.shape and got.dtype == dtype
     torch.testing.assert_close(got, rotary_embedding(x, cos, sin), rtol=tol, atol=tol)
-    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, False), got)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
@@ -224,7 +210,6 @@ def test_interleaved_rotary_embedding_kernel_matches_reference(dtype, tol):
     assert got.shape == x.shape and got.dtype == dtype
     torch.testing.assert_close(rotary_embedding(x, cos, sin, True), expected, rtol=0, atol=0)
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(cpu_kernels.load().rotary_embedding(x, cos, sin, True), got)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -234,7 +219,6 @@ def test_rms_norm_kernel_matches_reference(dtype, tol):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 7, 96, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     torch.testing.assert_close(torch.ops.llmc.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
-    torch.testing.assert_close(cpu_kernels.load().rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -245,9 +229,9 @@ def test_add_rms_norm_kernel_matches_reference(dtype, tol):
     x, r = (torch.randn(3, 5, 64, generator=g).to(dtype) for _ in range(2))
     w = torch.randn(64, generator=g).to(dtype)
     normed, total = add_rms_norm(x, r, w, 1e-6)
-    for got in (torch.ops.llmc.add_rms_norm(x, r, w, 1e-6), cpu_kernels.load().add_rms_norm(x, r, w, 1e-6)):
-        assert torch.equal(got[1], total)
-        torch.testing.assert_close(got[0], normed, rtol=tol, atol=tol)
+    got = torch.ops.llmc.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(got[1], total)
+    torch.testing.assert_close(got[0], normed, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -257,7 +241,7 @@ def test_add_layer_norm_kernel_matches_reference(dtype, tol):
     g = torch.Generator().manual_seed(3)
     x, residual = (torch.randn(1, 5, 48, generator=g).to(dtype) for _ in range(2))
     w, b = torch.randn(48, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
-    (y, h), (y_ref, h_ref) = cpu_kernels.load().add_layer_norm(x, residual, w, b, 1e-5), add_layer_norm(x, residual, w, b, 1e-5)
+    (y, h), (y_ref, h_ref) = torch.ops.llmc.add_layer_norm(x, residual, w, b, 1e-5), add_layer_norm(x, residual, w, b, 1e-5)
     assert torch.equal(h, h_ref)
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
 
@@ -282,12 +266,12 @@ def test_gated_activation_kernel_matches_reference(dtype, rtol, act, rows, merge
     got = torch.ops.llmc.gated_activation(gate, up, act)
     assert got.shape == gate.shape and got.dtype == dtype
     torch.testing.assert_close(got, gated_activation(gate, up, act), rtol=rtol, atol=atol)
-    torch.testing.assert_close(cpu_kernels.load().gated_activation(gate, up, act), got, rtol=0, atol=0)
 
 
-def test_gated_activation_falls_back_to_the_reference_without_kernels(monkeypatch):
+def test_references_context_runs_the_references():
     from llmc.plugins.activations import gated_activation
 
-    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     gate, up = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
-    assert torch.equal(torch.ops.llmc.gated_activation(gate, up, "gelu"), gated_activation(gate, up, "gelu"))
+    with cpu_kernels.references():
+        assert torch.equal(torch.ops.llmc.gated_activation(gate, up, "gelu"), gated_activation(gate, up, "gelu"))
+    assert cpu_kernels.has_kernel(torch.ops.llmc.gated_activation.default)

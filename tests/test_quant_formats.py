@@ -14,9 +14,8 @@ from llmc.plugins.quant_linear import prepack_quantized
 
 
 def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the C++ kernels did not build"
-    return module
+    assert cpu_kernels.has_kernel(torch.ops.llmc.fp8_prepacked_linear.default), "no C++ kernel for this CPU"
+    return torch.ops.llmc
 
 
 def e4m3_codes() -> torch.Tensor:

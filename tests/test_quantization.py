@@ -59,20 +59,15 @@ def step_logits(engine_dir, prompt: list[int]) -> torch.Tensor:
         scorer.close()
 
 
-def reference_logits(engine_dir, prompt: list[int], monkeypatch) -> torch.Tensor:
+def reference_logits(engine_dir, prompt: list[int]) -> torch.Tensor:
     """step_logits with the ops' plain-torch references instead of the C++ kernels."""
-    monkeypatch.setenv("LLMC_DISABLE_KERNELS", "1")
-    cpu_kernels.load.cache_clear()
-    try:
+    with cpu_kernels.references():
         return step_logits(engine_dir, prompt)
-    finally:
-        monkeypatch.delenv("LLMC_DISABLE_KERNELS")
-        cpu_kernels.load.cache_clear()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_quantized_engine_generates_and_kernels_match_reference(quant_engines, arch, mode, monkeypatch):
+def test_quantized_engine_generates_and_kernels_match_reference(quant_engines, arch, mode):
     """Every mode builds and generates; the C++ kernels give the plain-torch reference ops' logits."""
     engine = quant_engines[arch, mode]
     config = EngineConfig.load(engine)
@@ -83,7 +78,7 @@ def test_quantized_engine_generates_and_kernels_match_reference(quant_engines, a
 
     prompt = list(range(3, 40))
     # fp32 sums in another order; W8A8/W4A4 inputs are quantized identically by both.
-    torch.testing.assert_close(step_logits(engine, prompt), reference_logits(engine, prompt, monkeypatch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step_logits(engine, prompt), reference_logits(engine, prompt), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,7 +138,7 @@ def test_pipeline_parallel_quantized_engine_equals_single_rank(quant_checkpoints
 
 
 @pytest.mark.parametrize("mode, tolerance", [("fp8", 0.05), ("nvfp4", 0.15)])
-def test_bfloat16_quantized_engine_kernels_match_reference(quant_checkpoints, tmp_path, monkeypatch, mode, tolerance):
+def test_bfloat16_quantized_engine_kernels_match_reference(quant_checkpoints, tmp_path, mode, tolerance):
     """bf16 activations through the quantized kernels and an FP8 cache: the reference ops' logits, to bf16's precision
     as W8A8 and W4A4 amplify it. The kernels compute in fp32, the reference in bf16, and re-quantizing every linear's
     input carries a rounding difference across a quantization step (an FP4 step is up to a third of a value): measured
@@ -155,7 +150,7 @@ def test_bfloat16_quantized_engine_kernels_match_reference(quant_checkpoints, tm
 
     engine, fp32 = build("bf16", dtype="bfloat16"), build("fp32")
     prompt = list(range(3, 40))
-    got, want, fp32_logits = step_logits(engine, prompt), reference_logits(engine, prompt, monkeypatch), step_logits(fp32, prompt)
+    got, want, fp32_logits = step_logits(engine, prompt), reference_logits(engine, prompt), step_logits(fp32, prompt)
     assert (got - want).abs().max() <= tolerance * want.abs().max()
     assert (got - fp32_logits).abs().max() <= 1.25 * (want - fp32_logits).abs().max()
 

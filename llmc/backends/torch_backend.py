@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
-from llmc.plugins import cpu_kernels
 from llmc.plugins.linear import prepack_linears
 from llmc.backends.graph_format import GraphFormatError, bind_arguments, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
@@ -57,7 +56,7 @@ def load_rank(rank_dir: Path, device: torch.device | str = "cpu") -> fx.GraphMod
         raise EngineError(f"{rank_dir / WEIGHTS} does not hold exactly the weights {rank_dir / PROGRAM} reads: it lacks "
                           f"{sorted(read - weights.keys())[:5]}, and has unread {sorted(weights.keys() - read)[:5]}; rebuild the engine")
     gm = fx.GraphModule(weights, graph)
-    if torch.device(device).type == "cpu" and cpu_kernels.load():  # compiled (first use only) now, not mid-step
+    if torch.device(device).type == "cpu":
         prepack_linears(gm)
     return gm
 

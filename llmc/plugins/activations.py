@@ -23,13 +23,5 @@ def gated_activation(gate, up, act):
     return ACTIVATIONS[act](gate) * up
 
 
-def gated_activation_cpu(gate, up, act):
-    kernels = cpu_kernels.load()
-    if kernels is None or act not in ACTIVATIONS or gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() == 0:
-        return gated_activation(gate, up, act)
-    return kernels.gated_activation(gate, up, act)
-
-
-torch.library.impl("llmc::gated_activation", "CompositeExplicitAutograd", gated_activation)
-torch.library.impl("llmc::gated_activation", "CPU", gated_activation_cpu)
+cpu_kernels.reference("llmc::gated_activation", gated_activation)
 torch.library.register_fake("llmc::gated_activation", lambda gate, up, act: torch.empty_like(gate))

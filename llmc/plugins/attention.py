@@ -43,45 +43,37 @@ torch.library.define(
 )
 
 
-def apply_rope(x, cos, sin, interleaved, rotate=rotary.rotary_embedding):
-    """x [1, heads, T, head_dim] with `rotate` (a rotary_embedding) on its first rotary_dim channels."""
+def apply_rope(x, cos, sin, interleaved):
+    """x [1, heads, T, head_dim] with RoPE on its first rotary_dim channels."""
     dim = cos.shape[-1]
     cos, sin = cos.view(1, 1, -1, dim), sin.view(1, 1, -1, dim)
     if dim == x.shape[-1]:
-        return rotate(x, cos, sin, interleaved)
-    return torch.cat((rotate(x[..., :dim], cos, sin, interleaved), x[..., dim:]), dim=-1)
+        return rotary.rotary_embedding(x, cos, sin, interleaved)
+    return torch.cat((rotary.rotary_embedding(x[..., :dim], cos, sin, interleaved), x[..., dim:]), dim=-1)
 
 
 def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                    k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False, rotate=rotary.rotary_embedding):
+                    k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False):
     if cos is not None:
-        q, k = apply_rope(q, cos, sin, rotary_interleaved, rotate), apply_rope(k, cos, sin, rotary_interleaved, rotate)
+        q, k = apply_rope(q, cos, sin, rotary_interleaved), apply_rope(k, cos, sin, rotary_interleaved)
     write_kv_cache(k, v, kv_cache, layer, slot_mapping, k_scale, v_scale)
     return paged_attention_reference(
         q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, sliding_window, k_scale, v_scale
     )
 
 
-def paged_attention_cpu(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                        k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False):
-    kernels = cpu_kernels.load()
-    # The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill go to
-    # the reference, whose SDPA is a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama);
-    # RoPE there is the rotary kernel, which rounds as this kernel does.
-    if kernels is None or q.shape[2] > 8 * seq_lens.numel():
-        return paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
-                               sliding_window, k_scale, v_scale, cos, sin, rotary_interleaved, rotary.rotary_embedding_cpu)
-    return kernels.paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale,
-                                   sliding_window, k_scale, v_scale, cos, sin, rotary_interleaved)
-
-
 def paged_attention_fake(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc, scale, sliding_window,
                          k_scale=None, v_scale=None, cos=None, sin=None, rotary_interleaved=False):
-    return torch.empty_like(q)
+    return attention_output(q)
 
 
-torch.library.impl("llmc::paged_attention", "CompositeExplicitAutograd", paged_attention)
-torch.library.impl("llmc::paged_attention", "CPU", paged_attention_cpu)
+def attention_output(q):
+    """The op's output, like q: [1, heads, T, head_dim] as a view of [1, T, heads, head_dim] memory, what HF's
+    transpose(1, 2) after attention expects (and the layout of every implementation's result)."""
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])).transpose(1, 2)
+
+
+cpu_kernels.reference("llmc::paged_attention", paged_attention)
 torch.library.register_fake("llmc::paged_attention", paged_attention_fake)
 
 
@@ -99,7 +91,7 @@ def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_
                               k_scale=None, v_scale=None):
     """Attention of each sequence's new tokens over its cached context, one sequence at a time."""
     block_size = kv_cache.shape[3]
-    out = torch.empty_like(q)
+    out = attention_output(q)
     starts = query_start_loc.tolist()
     kv_scale = None if k_scale is None else torch.stack([k_scale, v_scale]).to(q.dtype).view(2, 1, 1, 1)
     for i, context_len in enumerate(seq_lens.tolist()):

@@ -1,37 +1,118 @@
-"""C++ CPU kernels for llmc's ops, compiled on first use with torch's extension builder and cached.
+"""What llmc's ops run on CPU tensors: a C++ kernel (csrc/), else the op's plain-torch reference.
 
-Set LLMC_DISABLE_KERNELS=1 to run the plain-torch reference implementations instead; without a
-working compiler that is what happens, with a warning.
+The kernels are compiled when llmc is installed (setup.py): the same sources once per ISA level, into
+llmc/_C_<level>. `load` (at import of llmc.plugins) loads the best level this CPU runs; the library
+registers its kernels with torch's dispatcher for CPU tensors, so `torch.ops.llmc.X` reaches C++
+directly. An op with no kernel at that level (the FP8 and NVFP4 linears need AVX-512) runs its reference,
+registered for every device with `reference`. A library that is missing or fails to load is an error:
+nothing falls back silently. LLMC_DISABLE_KERNELS=1 loads none, so every op runs its reference.
+`llmc env` shows what was chosen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import os
-import sys
 import warnings
-from pathlib import Path
 
-CSRC = Path(__file__).parent / "csrc"
-NAME = "llmc_cpu_kernels"
+import torch
+
+LEVELS = ("avx512bf16", "avx512", "avx2", "default")  # setup.py's, best first
+
+# op (OpOverload) -> its reference, the plain-torch definition of its numerics.
+REFERENCES: dict = {}
+
+
+def reference(qualname: str, fn) -> None:
+    """Register `fn` as the reference of op `qualname` ("llmc::name"): what runs where no kernel does."""
+    torch.library.impl(qualname, "CompositeExplicitAutograd", fn)
+    namespace, name = qualname.split("::")
+    REFERENCES[getattr(getattr(torch.ops, namespace), name).default] = fn
+
+
+def cpu_level() -> str:
+    """The best ISA level this CPU runs, as torch's own kernels see it (ATEN_CPU_CAPABILITY=avx2 or default lowers it)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "avx512bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+    return "avx2" if capability == "AVX2" else "default"
 
 
 @functools.cache
-def load():
+def load() -> str | None:
+    """Loads the kernel library for this CPU, once; returns its level (None with LLMC_DISABLE_KERNELS=1)."""
     if os.environ.get("LLMC_DISABLE_KERNELS") == "1":
         return None
-    try:
-        from torch.utils import cpp_extension
+    level = cpu_level()
+    spec = importlib.util.find_spec(f"llmc._C_{level}")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"llmc's C++ CPU kernels for {level} are not built: install llmc (`pip install -e .` in a "
+                          "checkout, again after editing llmc/plugins/csrc), or set LLMC_DISABLE_KERNELS=1 to run the "
+                          "plain-torch references")
+    torch.ops.load_library(spec.origin)
+    return level
 
-        build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
-        if not (build_dir / f"{NAME}.so").exists():
-            print("[llmc] compiling the CPU kernels (first use only, about a minute)...", file=sys.stderr, flush=True)
-        return cpp_extension.load(
-            name=NAME,
-            sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as e:  # no compiler, no ninja, a failed build: the reference still works
-        warnings.warn(f"llmc: C++ CPU kernels unavailable, using the plain-torch reference ({type(e).__name__}: {e})")
-        return None
+
+def has_kernel(op: torch._ops.OpOverload) -> bool:
+    """Whether CPU calls of `op` reach a C++ kernel (only the kernel library registers CPU implementations)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
+
+
+def cpu_functions() -> dict:
+    """op -> the Python function to call for it on CPU without a round trip through the dispatcher: its reference,
+    for each op that has no kernel here (llmc/backends/step_function.py; a kernel's direct call is `op._op`)."""
+    return {op: fn for op, fn in REFERENCES.items() if not has_kernel(op)}
+
+
+@contextlib.contextmanager
+def references():
+    """Within it, CPU calls of every llmc op run its reference, as with LLMC_DISABLE_KERNELS=1 (to compare the two)."""
+    library = torch.library.Library("llmc", "IMPL")
+    try:
+        with warnings.catch_warnings():  # that these override the kernels is the point
+            warnings.filterwarnings("ignore", "Warning only once for all operators")
+            for op, fn in REFERENCES.items():
+                if has_kernel(op):
+                    library.impl(op._opname, fn, "CPU")
+        yield
+    finally:
+        library._destroy()
+
+
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+            "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def environment() -> dict:
+    """What `llmc env` shows: the CPU, the kernel library loaded for it, and what each llmc op runs on CPU."""
+    cpu, flags = "unknown", set()
+    with contextlib.suppress(OSError):  # Linux's; elsewhere only torch's view below
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    from llmc.plugins.linear import PREPACKED
+
+    def runs(op) -> str:
+        if has_kernel(op):
+            return "kernel"
+        if op in PREPACKED and has_kernel(PREPACKED[op][0]):  # the torch backend rewrites it when it loads an engine
+            return f"kernel, as {PREPACKED[op][0].name()}"
+        return "reference"
+
+    level = load()
+    spec = importlib.util.find_spec(f"llmc._C_{level}") if level else None
+    return {
+        "cpu": cpu,
+        "features": [f for f in FEATURES if f in flags],
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "level": level,
+        "library": spec.origin if spec else None,
+        "ops": {op.name(): runs(op) for op in sorted(REFERENCES, key=lambda op: op.name())},
+    }

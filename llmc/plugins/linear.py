@@ -2,7 +2,7 @@
 runs as on CPU.
 
 Engines store W as [N, K], the layout every backend and pass reads. When the torch backend loads a
-rank onto a CPU with llmc's kernels, `prepack_linears` rewrites each llmc::linear into
+rank onto a CPU where llmc's kernel library has this kernel, `prepack_linears` rewrites each llmc::linear into
 llmc::prepacked_linear with W reordered once into column blocks of 16 output features (the layout
 of csrc/linear.cpp; oneDNN and IPEX prepack weights the same way). That one kernel serves decode,
 where it streams W at the memory's speed for 1 to 8+ rows alike, and prefill, where it is about as
@@ -24,7 +24,7 @@ from llmc.weights import set_weight
 BLOCK = 16  # output features per block: one AVX-512 vector of fp32
 
 torch.library.define("llmc::linear", "(Tensor x, Tensor w, Tensor? bias) -> Tensor")
-torch.library.impl("llmc::linear", "CompositeExplicitAutograd", F.linear)
+cpu_kernels.reference("llmc::linear", F.linear)
 torch.library.register_fake("llmc::linear", lambda x, w, bias: x.new_empty((*x.shape[:-1], w.shape[0])))
 
 torch.library.define("llmc::prepacked_linear", "(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor")
@@ -64,15 +64,7 @@ def prepacked_linear(x, w, bias, out_features):
     return F.linear(x, unpack_weight(w, out_features, x.shape[-1]).to(x.dtype), bias)
 
 
-def prepacked_linear_cpu(x, w, bias, out_features):
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        return prepacked_linear(x, w, bias, out_features)
-    return kernels.prepacked_linear(x, w, bias, out_features)
-
-
-torch.library.impl("llmc::prepacked_linear", "CompositeExplicitAutograd", prepacked_linear)
-torch.library.impl("llmc::prepacked_linear", "CPU", prepacked_linear_cpu)
+cpu_kernels.reference("llmc::prepacked_linear", prepacked_linear)
 torch.library.register_fake(
     "llmc::prepacked_linear", lambda x, w, bias, out_features: x.new_empty((*x.shape[:-1], out_features))
 )
@@ -90,7 +82,8 @@ register_prepacked(torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linea
 
 
 def prepack_linears(gm: fx.GraphModule) -> int:
-    """Rewrite every linear op of PREPACKED whose weights have a kernel into its prepacked op; returns how many.
+    """Rewrite every linear op of PREPACKED whose prepacked op has a C++ kernel on this CPU, and whose weights a kernel
+    takes, into its prepacked op; returns how many.
 
     A weight only such ops read, at the same argument, is replaced by its prepacked form; one that something else
     reads too (an LM head tied to the embedding) gets a prepacked copy beside it.
@@ -101,7 +94,7 @@ def prepack_linears(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in PREPACKED:
             continue
         prepacked_op, packers = PREPACKED[node.target]
-        if any(node.args[i].op != "get_attr" for i in packers):
+        if not cpu_kernels.has_kernel(prepacked_op) or any(node.args[i].op != "get_attr" for i in packers):
             continue
         for i, pack in packers.items():
             if (node.args[i].target, pack) not in packed:

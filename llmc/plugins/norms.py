@@ -19,15 +19,7 @@ def rms_norm(x, w, eps):
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rms_norm_cpu(x, w, eps):
-    kernels = cpu_kernels.load()
-    if kernels is None or x.dtype != w.dtype:
-        return rms_norm(x, w, eps)
-    return kernels.rms_norm(x, w, eps)
-
-
-torch.library.impl("llmc::rms_norm", "CompositeExplicitAutograd", rms_norm)
-torch.library.impl("llmc::rms_norm", "CPU", rms_norm_cpu)
+cpu_kernels.reference("llmc::rms_norm", rms_norm)
 torch.library.register_fake("llmc::rms_norm", lambda x, w, eps: torch.empty_like(x))
 
 
@@ -39,15 +31,7 @@ def add_rms_norm(x, residual, w, eps):
     return rms_norm(h, w, eps), h
 
 
-def add_rms_norm_cpu(x, residual, w, eps):
-    kernels = cpu_kernels.load()
-    if kernels is None or x.dtype != w.dtype or x.shape != residual.shape or x.dtype != residual.dtype:
-        return add_rms_norm(x, residual, w, eps)
-    return kernels.add_rms_norm(x, residual, w, eps)
-
-
-torch.library.impl("llmc::add_rms_norm", "CompositeExplicitAutograd", add_rms_norm)
-torch.library.impl("llmc::add_rms_norm", "CPU", add_rms_norm_cpu)
+cpu_kernels.reference("llmc::add_rms_norm", add_rms_norm)
 torch.library.register_fake("llmc::add_rms_norm", lambda x, residual, w, eps: (torch.empty_like(x), torch.empty_like(x)))
 
 
@@ -61,13 +45,5 @@ def add_layer_norm(x, residual, w, b, eps):
     return torch.nn.functional.layer_norm(h, (h.shape[-1],), w, b, eps), h
 
 
-def add_layer_norm_cpu(x, residual, w, b, eps):
-    kernels = cpu_kernels.load()
-    if kernels is None or not x.dtype == residual.dtype == w.dtype == b.dtype or x.shape != residual.shape:
-        return add_layer_norm(x, residual, w, b, eps)
-    return kernels.add_layer_norm(x, residual, w, b, eps)
-
-
-torch.library.impl("llmc::add_layer_norm", "CompositeExplicitAutograd", add_layer_norm)
-torch.library.impl("llmc::add_layer_norm", "CPU", add_layer_norm_cpu)
+cpu_kernels.reference("llmc::add_layer_norm", add_layer_norm)
 torch.library.register_fake("llmc::add_layer_norm", lambda x, residual, w, b, eps: (torch.empty_like(x), torch.empty_like(x)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from llmc.plugins import cpu_kernels
 from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4
 
 torch.library.define("llmc::fp8_embedding", "(Tensor weight, Tensor weight_scale, Tensor ids, ScalarType dtype) -> Tensor")
@@ -29,8 +30,8 @@ def nvfp4_embedding(weight, weight_scale, weight_global_scale, ids, dtype):
     return rows.view(*ids.shape, 2 * weight.shape[1])
 
 
-torch.library.impl("llmc::fp8_embedding", "CompositeExplicitAutograd", fp8_embedding)
-torch.library.impl("llmc::nvfp4_embedding", "CompositeExplicitAutograd", nvfp4_embedding)
+cpu_kernels.reference("llmc::fp8_embedding", fp8_embedding)
+cpu_kernels.reference("llmc::nvfp4_embedding", nvfp4_embedding)
 torch.library.register_fake(
     "llmc::fp8_embedding", lambda weight, weight_scale, ids, dtype: weight.new_empty((*ids.shape, weight.shape[1]), dtype=dtype)
 )

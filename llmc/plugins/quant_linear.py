@@ -71,16 +71,6 @@ def nvfp4_prepacked_linear(x, weight, weight_scale, weight_global_scale, input_g
     return nvfp4_linear(x, weight, weight_scale, weight_global_scale, input_global_scale, bias)
 
 
-def fp8_prepacked_linear_cpu(*args):
-    kernels = cpu_kernels.load()
-    return fp8_prepacked_linear(*args) if kernels is None else kernels.fp8_prepacked_linear(*args)
-
-
-def nvfp4_prepacked_linear_cpu(*args):
-    kernels = cpu_kernels.load()
-    return nvfp4_prepacked_linear(*args) if kernels is None else kernels.nvfp4_prepacked_linear(*args)
-
-
 def linear_fake(x, weight, *args):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -89,15 +79,13 @@ def prepacked_linear_fake(x, *args):
     return x.new_empty((*x.shape[:-1], args[-1]))
 
 
-for name, reference, cpu, fake in [
-    ("fp8_linear", fp8_linear, None, linear_fake),
-    ("nvfp4_linear", nvfp4_linear, None, linear_fake),
-    ("fp8_prepacked_linear", fp8_prepacked_linear, fp8_prepacked_linear_cpu, prepacked_linear_fake),
-    ("nvfp4_prepacked_linear", nvfp4_prepacked_linear, nvfp4_prepacked_linear_cpu, prepacked_linear_fake),
+for name, reference, fake in [
+    ("fp8_linear", fp8_linear, linear_fake),
+    ("nvfp4_linear", nvfp4_linear, linear_fake),
+    ("fp8_prepacked_linear", fp8_prepacked_linear, prepacked_linear_fake),
+    ("nvfp4_prepacked_linear", nvfp4_prepacked_linear, prepacked_linear_fake),
 ]:
-    torch.library.impl(f"llmc::{name}", "CompositeExplicitAutograd", reference)
-    if cpu is not None:
-        torch.library.impl(f"llmc::{name}", "CPU", cpu)
+    cpu_kernels.reference(f"llmc::{name}", reference)
     torch.library.register_fake(f"llmc::{name}", fake)
 
 register_prepacked(torch.ops.llmc.fp8_linear.default, torch.ops.llmc.fp8_prepacked_linear.default, {1: prepack_quantized})

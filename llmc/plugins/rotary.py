@@ -30,13 +30,5 @@ def rotary_embedding(x, cos, sin, interleaved=False):
     return x * cos + _rotate(x, interleaved) * sin
 
 
-def rotary_embedding_cpu(x, cos, sin, interleaved=False):
-    kernels = cpu_kernels.load()
-    if kernels is None or x.dim() != 4 or x.shape[-1] % 2 or not x.dtype == cos.dtype == sin.dtype:
-        return rotary_embedding(x, cos, sin, interleaved)
-    return kernels.rotary_embedding(x, cos, sin, interleaved)
-
-
-torch.library.impl("llmc::rotary_embedding", "CompositeExplicitAutograd", rotary_embedding)
-torch.library.impl("llmc::rotary_embedding", "CPU", rotary_embedding_cpu)
+cpu_kernels.reference("llmc::rotary_embedding", rotary_embedding)
 torch.library.register_fake("llmc::rotary_embedding", lambda x, cos, sin, interleaved=False: torch.empty_like(x))

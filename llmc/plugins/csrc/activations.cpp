@@ -5,18 +5,15 @@
 // tail, oneDNN's GELU for contiguous fp32 / bf16). AVX-512 or AVX2 as compiled for, else ATen's portable
 // per-lane loops. bf16 and fp16 are computed in fp32 and rounded after the activation and after the
 // product, as the reference's two ops round.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <torch/extension.h>
+// Inputs the kernel does not take (broadcast shapes, mixed dtypes) run the reference's ATen ops.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 #include <cmath>
+
+namespace llmc::activations_kernel {
 
 using at::vec::Vectorized;
 
@@ -39,7 +36,7 @@ struct GeluTanh {
 };
 
 template <typename T, typename Act>
-static Vectorized<T> gated(Vectorized<T> gate, Vectorized<T> up, Act act) {
+Vectorized<T> gated(Vectorized<T> gate, Vectorized<T> up, Act act) {
   if constexpr (at::is_reduced_floating_point_v<T>) {
     auto [g0, g1] = at::vec::convert_to_float<T>(gate);
     auto [a0, a1] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(act(g0), act(g1)));
@@ -52,7 +49,7 @@ static Vectorized<T> gated(Vectorized<T> gate, Vectorized<T> up, Act act) {
 
 // Rows of H values; gate and up rows may lie further apart (the halves of a merged gate/up linear).
 template <typename T, typename Act>
-static void gated_rows(const T* gate, int64_t gate_stride, const T* up, int64_t up_stride, T* out, int64_t rows,
+void gated_rows(const T* gate, int64_t gate_stride, const T* up, int64_t up_stride, T* out, int64_t rows,
                        int64_t H, Act act) {
   using Vec = Vectorized<T>;
   // Tasks of at least 16K values, torch's own threshold for threading GELU: smaller ones cost more to
@@ -68,7 +65,7 @@ static void gated_rows(const T* gate, int64_t gate_stride, const T* up, int64_t 
 }
 
 template <typename Act>
-static at::Tensor gated_activation_with(const at::Tensor& gate, const at::Tensor& up, Act act) {
+at::Tensor gated_activation_with(const at::Tensor& gate, const at::Tensor& up, Act act) {
   auto out = at::empty(gate.sizes(), gate.options());
   const int64_t H = gate.size(-1);
   if (out.numel() == 0) return out;
@@ -83,11 +80,19 @@ static at::Tensor gated_activation_with(const at::Tensor& gate, const at::Tensor
   return out;
 }
 
-at::Tensor gated_activation(at::Tensor gate, at::Tensor up, const std::string& act) {
-  TORCH_CHECK(gate.dim() >= 1 && gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
-              "gated_activation: gate and up must have one shape and dtype");
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, c10::string_view act) {
+  TORCH_CHECK(act == "silu" || act == "gelu" || act == "gelu_tanh", "gated_activation: unknown activation '", act,
+              "' (silu, gelu or gelu_tanh)");
+  if (gate.dim() == 0 || gate.sizes() != up.sizes() || gate.scalar_type() != up.scalar_type() ||
+      !at::isFloatingType(gate.scalar_type())) {
+    if (act == "silu") return at::silu(gate) * up;
+    return at::gelu(gate, act == "gelu" ? "none" : "tanh") * up;
+  }
   if (act == "silu") return gated_activation_with(gate, up, Silu{});
   if (act == "gelu") return gated_activation_with(gate, up, Gelu{});
-  TORCH_CHECK(act == "gelu_tanh", "gated_activation: unknown activation ", act);
   return gated_activation_with(gate, up, GeluTanh{});
 }
+
+}  // namespace llmc::activations_kernel
+
+TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("gated_activation", &llmc::activations_kernel::gated_activation); }

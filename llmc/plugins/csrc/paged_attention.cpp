@@ -3,19 +3,29 @@
 // sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with OpenMP.
 // An FP8 cache (float8_e4m3fn) holds k / k_scale and v / v_scale, saturated at 448 as torch's cast does.
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
-#include <torch/extension.h>
+// Steps that are mostly prefill, and mixed dtypes, take the reference's way in ATen ops (SDPA per sequence).
+// Every index the step program gives (layer, slots, block tables, sequence bounds) is checked against the
+// cache first: a malformed program gets an error, never a read or write outside the cache.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include "rotary.h"
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
-#ifdef __AVX512F__
+#ifdef CPU_CAPABILITY_AVX512
 #include <immintrin.h>
 #endif
 
+namespace llmc::rotary_kernel {
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved);
+}
+
+namespace llmc::paged_attention_kernel {
+
 template <typename cache_t>
-static cache_t to_cache(float x, float inv_scale) {
+cache_t to_cache(float x, float inv_scale) {
   if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn>)
     return static_cast<cache_t>(std::clamp(x * inv_scale, -448.f, 448.f));
   else
@@ -39,7 +49,7 @@ struct Rope {
 };
 
 template <typename scalar_t, typename cache_t>
-static void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
+void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
                         const at::Tensor& slot_mapping, float k_scale, float v_scale, const Rope<scalar_t>& rope) {
   const int64_t T = k.size(2), Hkv = k.size(1), D = k.size(3);
   const int64_t NB = cache.size(2), BS = cache.size(3);
@@ -64,14 +74,14 @@ static void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& ca
 // Cached rows are read in place, 16 values per vector. The scores reduce with a tree sum, not the
 // in-order one `omp simd reduction` compiles to (a chain of 16 dependent adds a key), and nothing is
 // staged through a buffer (store-forwarding stalls): each was a 2-3x slowdown, measured.
-#ifdef __AVX512F__
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const c10::BFloat16* p) {  // bf16 is fp32's upper half
+#ifdef CPU_CAPABILITY_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is fp32's upper half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-static inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 template <typename T>
-static inline __m512 load16(const T* p) {  // FP8
+inline __m512 load16(const T* p) {  // FP8
   float f[16];
   for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
   return _mm512_loadu_ps(f);
@@ -79,10 +89,10 @@ static inline __m512 load16(const T* p) {  // FP8
 #endif
 
 template <typename T>
-static float dot(const float* q, const T* k, int64_t n) {
+float dot(const float* q, const T* k, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#ifdef __AVX512F__
+#ifdef CPU_CAPABILITY_AVX512
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
   s = _mm512_reduce_add_ps(acc);
@@ -92,9 +102,9 @@ static float dot(const float* q, const T* k, int64_t n) {
 }
 
 template <typename T>
-static void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += p * v
+void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += p * v
   int64_t i = 0;
-#ifdef __AVX512F__
+#ifdef CPU_CAPABILITY_AVX512
   const __m512 pv = _mm512_set1_ps(p);
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
 #endif
@@ -102,7 +112,7 @@ static void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += 
 }
 
 template <typename scalar_t, typename cache_t>
-static void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
+void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
                    int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope, at::Tensor& out) {
   const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
@@ -152,32 +162,138 @@ static void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, 
   });
 }
 
-at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
-                           at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor seq_lens,
-                           at::Tensor query_start_loc, double scale, int64_t sliding_window,
-                           c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
-                           c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, bool rotary_interleaved) {
-  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
-  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 || q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache must have one dtype, or the cache be FP8");
-  TORCH_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()), "an FP8 cache, and only it, takes k_scale and v_scale");
-  const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "RoPE takes both cos and sin");
-  at::Tensor cos_rows, sin_rows;  // [T, rotary_dim], contiguous
-  if (cos.has_value()) {
-    cos_rows = cos->reshape({q.size(2), -1}).contiguous();
-    sin_rows = sin->reshape({q.size(2), -1}).contiguous();
-    TORCH_CHECK(cos_rows.scalar_type() == q.scalar_type() && sin_rows.sizes() == cos_rows.sizes(),
-                "cos and sin must be [num_tokens, rotary_dim] in q's dtype");
-    TORCH_CHECK(cos_rows.size(1) % 2 == 0 && cos_rows.size(1) <= q.size(3), "rotary_dim must be even and at most head_dim");
+// The program's indices, checked against the cache before anything is read or written.
+void check_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cache, int64_t layer,
+                const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& starts) {
+  TORCH_CHECK(cache.dim() == 6 && cache.size(1) == 2 && cache.is_contiguous(),
+              "paged_attention: kv_cache must be a contiguous [num_layers, 2, num_blocks, block_size, num_kv_heads, "
+              "head_dim] tensor, got ", cache.sizes());
+  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
+  TORCH_CHECK(0 <= layer && layer < cache.size(0), "paged_attention: layer ", layer, " is outside the cache's ",
+              cache.size(0), " layers");
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(3) == D, "paged_attention: q must be [1, num_heads, T, ", D,
+              "], got ", q.sizes());
+  const int64_t T = q.size(2);
+  for (const auto* x : {&k, &v})
+    TORCH_CHECK(x->dim() == 4 && x->size(0) == 1 && x->size(1) == Hkv && x->size(2) == T && x->size(3) == D,
+                "paged_attention: k and v must be [1, ", Hkv, ", ", T, ", ", D, "], got ", x->sizes());
+  TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, "paged_attention: ", q.size(1), " query heads for ", Hkv, " KV heads");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T, "paged_attention: slot_mapping must have one slot per token (", T,
+              "), got ", slots.sizes());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(0 <= slot[t] && slot[t] < NB * BS, "paged_attention: slot ", slot[t], " of token ", t,
+                " is outside the cache's ", NB * BS, " slots");
+  const int64_t S = lens.numel();
+  TORCH_CHECK(lens.dim() == 1 && starts.dim() == 1 && starts.size(0) == S + 1, "paged_attention: query_start_loc must have "
+              "num_seqs + 1 (", S + 1, ") entries, got ", starts.sizes());
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) >= S, "paged_attention: block_tables must be [num_seqs, max_blocks], got ",
+              tables.sizes());
+  const int32_t* start = starts.data_ptr<int32_t>();
+  const int32_t* len = lens.data_ptr<int32_t>();
+  TORCH_CHECK(start[0] == 0 && start[S] == T, "paged_attention: query_start_loc must run from 0 to ", T);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n_new = start[i + 1] - start[i], blocks = (static_cast<int64_t>(len[i]) + BS - 1) / BS;
+    TORCH_CHECK(0 <= n_new && n_new <= len[i], "paged_attention: sequence ", i, " has ", n_new, " new tokens and ",
+                len[i], " tokens of context");
+    TORCH_CHECK(blocks <= tables.size(1), "paged_attention: sequence ", i, " needs ", blocks,
+                " blocks; block_tables has ", tables.size(1));
+    const int32_t* table = tables.data_ptr<int32_t>() + i * tables.size(1);
+    for (int64_t b = 0; b < blocks; ++b)
+      TORCH_CHECK(0 <= table[b] && table[b] < NB, "paged_attention: block ", table[b], " of sequence ", i,
+                  " is outside the cache's ", NB, " blocks");
   }
+}
+
+// [1, T, H, D] memory viewed as [1, H, T, D]: what HF's transpose(1, 2) after attention expects (attention.py's
+// attention_output, the layout of every implementation's result).
+at::Tensor output_like(const at::Tensor& q) {
+  return at::empty({1, q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+}
+
+// The first `cos.size(-1)` channels of x [1, heads, T, head_dim] rotated (the reference's `apply_rope`).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  const int64_t dim = cos.size(-1);
+  auto c = cos.view({1, 1, -1, dim}), s = sin.view({1, 1, -1, dim});
+  if (dim == x.size(3)) return rotary_kernel::rotary_embedding(x, c, s, interleaved);
+  return at::cat({rotary_kernel::rotary_embedding(x.slice(3, 0, dim), c, s, interleaved), x.slice(3, dim)}, 3);
+}
+
+// The reference's write_kv_cache and paged_attention_reference in ATen: one SDPA per sequence.
+at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache,
+                               int64_t layer, const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens,
+                               const at::Tensor& starts, double scale, int64_t sliding_window,
+                               const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  const int64_t BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
+  const c10::optional<at::Tensor>* scales[] = {&k_scale, &v_scale};
+  const at::Tensor* news[] = {&k, &v};
+  for (int i = 0; i < 2; ++i) {
+    auto x = news[i]->select(0, 0).transpose(0, 1);
+    if (scales[i]->has_value()) x = x.to(at::kFloat) / **scales[i];  // FP8: torch's cast saturates at 448
+    cache.select(0, layer).select(0, i).view({-1, Hkv, D}).index_put_({slots}, x.to(cache.scalar_type()));
+  }
+  auto out = output_like(q);
+  const int32_t* start = starts.data_ptr<int32_t>();
+  const int32_t* len = lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < lens.numel(); ++i) {
+    const int64_t context = len[i], n_new = start[i + 1] - start[i];
+    auto blocks = tables.select(0, i).slice(0, 0, (context + BS - 1) / BS).to(at::kLong);
+    // [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context, d]
+    auto kv = cache.select(0, layer).index_select(1, blocks).flatten(1, 2).slice(1, 0, context).transpose(1, 2).to(q.scalar_type());
+    if (k_scale.has_value()) kv = kv * at::stack({*k_scale, *v_scale}).to(q.scalar_type()).view({2, 1, 1, 1});
+    c10::optional<at::Tensor> mask;
+    if (context != n_new || sliding_window > 0) {
+      auto query_pos = at::arange(context - n_new, context, q.options().dtype(at::kLong)).unsqueeze(1);
+      auto key_pos = at::arange(context, q.options().dtype(at::kLong)).unsqueeze(0);
+      auto allowed = key_pos <= query_pos;
+      if (sliding_window > 0) allowed = allowed & (key_pos > query_pos - sliding_window);
+      mask = allowed;
+    }
+    // 4-D inputs: SDPA sends 3-D ones to its slow math path on CPU.
+    out.slice(2, start[i], start[i + 1]).copy_(at::scaled_dot_product_attention(
+        q.slice(2, start[i], start[i + 1]), kv[0].unsqueeze(0), kv[1].unsqueeze(0), mask, 0.0, !mask.has_value(), scale,
+        /*enable_gqa=*/true));
+  }
+  return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor kv_cache, int64_t layer,
+                           const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
+                           const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                           const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                           bool rotary_interleaved) {
   auto slots = slot_mapping.to(at::kLong).contiguous();
   auto tables = block_tables.to(at::kInt).contiguous();
   auto lens = seq_lens.to(at::kInt).contiguous();
   auto starts = query_start_loc.to(at::kInt).contiguous();
-  // [1, T, H, D] memory viewed as [1, H, T, D]: what HF's transpose(1, 2) after attention expects.
-  auto out = at::empty({1, q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+  check_step(q, k, v, kv_cache, layer, slots, tables, lens, starts);
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()),
+              "paged_attention: an FP8 cache, and only it, takes k_scale and v_scale");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "paged_attention: RoPE takes both cos and sin");
+  const int64_t T = q.size(2);
+  at::Tensor cos_rows, sin_rows;  // [T, rotary_dim], contiguous
+  if (cos.has_value()) {
+    cos_rows = cos->reshape({T, -1}).contiguous();
+    sin_rows = sin->reshape({T, -1}).contiguous();
+    TORCH_CHECK(sin_rows.sizes() == cos_rows.sizes() && cos_rows.size(1) % 2 == 0 && cos_rows.size(1) <= q.size(3),
+                "paged_attention: cos and sin must be [num_tokens, rotary_dim], rotary_dim even and at most head_dim");
+  }
+  const auto dtype = q.scalar_type();
+  const bool one_dtype = k.scalar_type() == dtype && v.scalar_type() == dtype && (fp8 || kv_cache.scalar_type() == dtype) &&
+                         (!cos_rows.defined() || (cos_rows.scalar_type() == dtype && sin_rows.scalar_type() == dtype)) &&
+                         at::isFloatingType(dtype);
+  // The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill take the reference's
+  // SDPA, a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama); RoPE there is the rotary kernel.
+  if (!one_dtype || T > 8 * lens.numel()) {
+    at::Tensor qr = q, kr = k;
+    if (cos_rows.defined()) qr = apply_rope(q, cos_rows, sin_rows, rotary_interleaved), kr = apply_rope(k, cos_rows, sin_rows, rotary_interleaved);
+    return attention_reference(qr, kr, v, kv_cache, layer, slots, tables, lens, starts, scale, sliding_window, k_scale, v_scale);
+  }
+  const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
+  auto out = output_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention", [&] {
     Rope<scalar_t> rope;
     if (cos_rows.defined())
       rope = {cos_rows.data_ptr<scalar_t>(), sin_rows.data_ptr<scalar_t>(), cos_rows.size(1), rotary_interleaved};
@@ -192,3 +308,6 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor 
   return out;
 }
 
+}  // namespace llmc::paged_attention_kernel
+
+TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("paged_attention", &llmc::paged_attention_kernel::paged_attention); }

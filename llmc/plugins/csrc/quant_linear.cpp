@@ -13,19 +13,20 @@
 // mantissa 9..7) is the same number times 2^-8 (the biases are 7 and 15), also for subnormals, and the CPU converts
 // fp16 to fp32 exactly. The 2^8 goes into the output's scale.
 // E2M1 -> fp32: _mm512_permutexvar_ps looks up 16 codes in a 16-entry table at once.
-#include <torch/extension.h>
+//
+// Raw AVX-512 (F, BW, VL): the kernels exist in the AVX-512 libraries only. On other CPUs the ops run their
+// reference, and the torch backend keeps these layers unpacked (plugins/linear.py, `prepack_linears`).
+#ifdef CPU_CAPABILITY_AVX512
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
 #include <algorithm>
 #include <vector>
 #include <immintrin.h>
 #include "blocked_gemm.h"
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
-#error "quant_linear.cpp needs AVX-512 (F, BW, VL): build with -march=native on an AVX-512 CPU"
-#endif
-
-namespace {
+namespace llmc::quant_linear_kernel {
 
 constexpr float kE4M3Max = 448.0f, kE2M1Max = 6.0f, kFp16Bias = 256.0f;  // kFp16Bias: 2^(15 - 7)
 constexpr int64_t kGroup = 64, kVec = 16, kBlock = 16;  // outputs per group, per vector; NVFP4's block along K
@@ -248,6 +249,8 @@ bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defi
 
 // x as fp32 rows [M, K], in a copy the caller may quantize in place.
 at::Tensor input_rows(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
+              x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(x.size(-1) == K, op, ": input features ", x.size(-1), " do not match the weight's ", K);
   return x.reshape({-1, K}).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
@@ -271,10 +274,9 @@ at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
   return y.to(x.scalar_type()).view(shape);
 }
 
-}  // namespace
-
-at::Tensor fp8_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> in_scale,
-                                c10::optional<at::Tensor> bias, int64_t out_features) {
+at::Tensor fp8_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& bias,
+                                int64_t out_features) {
   const char* op = "fp8_prepacked_linear";
   TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, op, ": weight must be float8_e4m3fn, got ", w.scalar_type());
   const int64_t N = out_features, K = w.size(1);
@@ -295,9 +297,9 @@ at::Tensor fp8_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, 
   return finish(y, x);
 }
 
-at::Tensor nvfp4_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale, at::Tensor w_global_scale,
-                                  c10::optional<at::Tensor> in_global_scale, c10::optional<at::Tensor> bias,
-                                  int64_t out_features) {
+at::Tensor nvfp4_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                  const at::Tensor& w_global_scale, const c10::optional<at::Tensor>& in_global_scale,
+                                  const c10::optional<at::Tensor>& bias, int64_t out_features) {
   const char* op = "nvfp4_prepacked_linear";
   TORCH_CHECK(w.scalar_type() == at::kByte, op, ": weight must be uint8 (two E2M1 codes a byte), got ", w.scalar_type());
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat8_e4m3fn, op, ": weight_scale must be float8_e4m3fn");
@@ -321,3 +323,11 @@ at::Tensor nvfp4_prepacked_linear(at::Tensor x, at::Tensor w, at::Tensor w_scale
   quantized_gemm(weights, xf.data_ptr<float>(), M, K, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   return finish(y, x);
 }
+
+}  // namespace llmc::quant_linear_kernel
+
+TORCH_LIBRARY_IMPL(llmc, CPU, m) {
+  m.impl("fp8_prepacked_linear", &llmc::quant_linear_kernel::fp8_prepacked_linear);
+  m.impl("nvfp4_prepacked_linear", &llmc::quant_linear_kernel::nvfp4_prepacked_linear);
+}
+#endif  // CPU_CAPABILITY_AVX512

@@ -1,11 +1,30 @@
 // llmc::rotary_embedding for CPU: out = x * cos + rotate(x) * sin in one pass (rotary.h), for 4-D x of
 // any strides (queries and keys arrive as transposed or sliced views) and cos / sin broadcast to it.
-#include <torch/extension.h>
+// Other inputs (not 4-D, an odd last dimension, mixed dtypes) run the reference's ATen ops (plugins/rotary.py).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include "rotary.h"
 
-at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin, bool interleaved) {
-  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rotary_embedding: x must be 4-D with an even last dimension");
+namespace llmc::rotary_kernel {
+
+at::Tensor rotary_embedding_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "rotary_embedding: x's last dimension must be even, got ", x.sizes());
+  at::Tensor rotated;
+  if (interleaved) {
+    auto even = x.slice(-1, 0, c10::nullopt, 2), odd = x.slice(-1, 1, c10::nullopt, 2);
+    rotated = at::stack({-odd, even}, -1).flatten(-2);
+  } else {
+    const int64_t half = x.size(-1) / 2;
+    rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+  }
+  return x * cos + rotated * sin;
+}
+
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  if (x.dim() != 4 || x.size(3) % 2 || x.scalar_type() != cos.scalar_type() || x.scalar_type() != sin.scalar_type() ||
+      !at::isFloatingType(x.scalar_type()))
+    return rotary_embedding_reference(x, cos, sin, interleaved);
   auto out = at::empty_like(x);
   auto c = cos.expand_as(x), s = sin.expand_as(x);
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
@@ -25,3 +44,7 @@ at::Tensor rotary_embedding(at::Tensor x, at::Tensor cos, at::Tensor sin, bool i
   });
   return out;
 }
+
+}  // namespace llmc::rotary_kernel
+
+TORCH_LIBRARY_IMPL(llmc, CPU, m) { m.impl("rotary_embedding", &llmc::rotary_kernel::rotary_embedding); }

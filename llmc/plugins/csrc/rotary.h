@@ -6,6 +6,8 @@
 #pragma once
 #include <cstdint>
 
+namespace llmc {
+
 template <typename scalar_t, typename Row>
 inline scalar_t rope_channel(const Row& x, int64_t d, int64_t rotary_dim, bool interleaved, float cos, float sin) {
   const int64_t half = rotary_dim / 2;
@@ -16,3 +18,5 @@ inline scalar_t rope_channel(const Row& x, int64_t d, int64_t rotary_dim, bool i
   const scalar_t turned = rotated * sin;
   return static_cast<float>(straight) + static_cast<float>(turned);
 }
+
+}  // namespace llmc

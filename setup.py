@@ -1,0 +1,39 @@
+"""Builds llmc's C++ CPU kernels (llmc/plugins/csrc) with the package: the same sources compiled once per
+ISA level into llmc/_C_<level>, of which llmc/plugins/cpu_kernels.py loads the best one the CPU runs.
+Everything else is in pyproject.toml. The build needs the torch it runs with (pinned in both places)."""
+
+import os
+import platform
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+# level -> (ATen's CPU_CAPABILITY, which picks at::vec's vector width; the instruction sets), best first.
+X86_LEVELS = {
+    "avx512bf16": ("AVX512", AVX512 + ["-mavx512bf16"]),
+    "avx512": ("AVX512", AVX512),
+    "avx2": ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+}
+LEVELS = {**(X86_LEVELS if platform.machine().lower() in ("x86_64", "amd64") else {}), "default": ("DEFAULT", [])}
+
+
+def kernels(level: str, capability: str, flags: list[str]) -> CppExtension:
+    return CppExtension(
+        f"llmc._C_{level}",
+        ["llmc/plugins/csrc/library.cpp"],
+        depends=["llmc/plugins/csrc/*.cpp", "llmc/plugins/csrc/*.h"],
+        extra_compile_args=["-O3", "-g0", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *flags],
+        extra_link_args=["-fopenmp"],
+    )
+
+
+class BuildKernels(BuildExtension.with_options(use_ninja=False)):  # ninja would share one build file among them
+    """One translation unit per level: the levels build in parallel, one per core unless `-j` says otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.parallel = self.parallel or os.cpu_count()
+
+
+setup(ext_modules=[kernels(level, *spec) for level, spec in LEVELS.items()], cmdclass={"build_ext": BuildKernels})
