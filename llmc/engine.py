@@ -1,4 +1,4 @@
-"""The engine directory (DESIGN.md): config.json, tokenizer/, and one folder per rank.
+"""The engine directory (docs/design.md): config.json, tokenizer/, and one folder per rank.
 
 This module is the contract between the backends, which write engines, and the runtime, which
 reads them. Engines are shared artifacts, so loading one trusts nothing in it: config.json is

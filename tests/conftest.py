@@ -6,6 +6,8 @@ import functools
 from pathlib import Path
 
 import pytest
+
+import llmc  # noqa: F401  (before torch: llmc sets OpenMP's wait policy, which libgomp reads as torch loads)
 import torch
 
 torch.set_num_threads(2)

@@ -317,7 +317,11 @@ def edit_weights(engine_dir: Path, edit) -> None:
 @pytest.mark.parametrize("edit", [
     lambda w: w.update({"model.layers.0.self_attn.o_proj.weight": w["model.layers.0.self_attn.o_proj.weight"][:, :7].contiguous()}),
     lambda w: w.update({"model.layers.0.mlp.down_proj.weight": w["model.layers.0.mlp.down_proj.weight"].double()}),
-], ids=["shape", "dtype"])
+    # Read by C++ kernels, which must check sizes themselves: a short weight would be read past its end.
+    lambda w: w.update({"model.norm.weight": w["model.norm.weight"][:7].contiguous()}),
+    lambda w: w.update({"model.layers.1.input_layernorm.weight": w["model.layers.1.input_layernorm.weight"][:7].contiguous()}),
+    lambda w: w.update({"model.layers.0.mlp.gate_proj.weight_merged": w["model.layers.0.mlp.gate_proj.weight_merged"][:, :7].contiguous()}),
+], ids=["shape", "dtype", "norm-shape", "add-norm-shape", "gated-linear-shape"])
 def test_weight_of_wrong_shape_or_dtype_is_named(copied, edit):
     edit_weights(copied, edit)
     assert_refused(copied, r"rank0: the program fails on a one-token step")

@@ -1,6 +1,6 @@
 """A rank's graph as an ONNX program (build time only; the runtime never imports this module).
 
-The ONNX program computes DESIGN.md's step contract with one cache block per sequence, the block
+The ONNX program computes docs/design.md's step contract with one cache block per sequence, the block
 being a contiguous row of max_seq_len tokens: a call takes B sequences (rows of the cache) with the
 same number S of new tokens each, flat as `input_ids[1, B*S]`, and per layer the rows' caches
 `past_key_i`/`past_value_i` [B, kv_heads, max_seq_len, head_dim], which it returns updated as

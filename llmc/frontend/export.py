@@ -5,7 +5,7 @@ its parameters become `get_attr` nodes named as in the checkpoint. Weights are t
 safetensors into the GraphModule, one copy, in the dtype the traced graph expects.
 
 The traced program is a single flat sequence: `input_ids[1, T]`, `position_ids[1, T]` and
-`logits_indices[S]` in, logits `[1, S, vocab]` out. The attention pass turns it into DESIGN.md's
+`logits_indices[S]` in, logits `[1, S, vocab]` out. The attention pass turns it into docs/design.md's
 ragged, paged step.
 """
 

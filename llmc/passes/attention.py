@@ -1,4 +1,4 @@
-"""Attention: HF attention over a contiguous sequence -> llmc's paged-attention op (DESIGN.md's step).
+"""Attention: HF attention over a contiguous sequence -> llmc's paged-attention op (docs/design.md's step).
 
 Every `aten.scaled_dot_product_attention` of the traced graph becomes `llmc.paged_attention`, layer i
 reading and writing slice i of one KV-cache input. K and V are taken before HF's GQA expansion

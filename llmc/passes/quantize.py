@@ -1,4 +1,4 @@
-"""Quantize: linears become FP8 or NVFP4 linears over packed weights (DESIGN.md, "Quantization formats").
+"""Quantize: linears become FP8 or NVFP4 linears over packed weights (docs/design.md, "Quantization formats").
 
     fp8                 W8A8: E4M3 weights with a scale per output channel; the input quantized to E4M3
                         with a static per-tensor scale (calibrated amax / 448)

@@ -1,6 +1,6 @@
 """Paged attention: the one op through which every llmc program reads and writes its KV cache.
 
-It implements DESIGN.md's step contract for one layer. The step is a flat, ragged batch of T new
+It implements docs/design.md's step contract for one layer. The step is a flat, ragged batch of T new
 tokens from S sequences; sequence i owns the tokens query_start_loc[i]:query_start_loc[i+1] and has
 seq_lens[i] tokens of context once they are added. The op first writes the new keys and values into
 the cache at `slot_mapping` (slot = block * block_size + offset), then lets each new token attend to

@@ -1,4 +1,4 @@
-"""The step, both sides: the scheduler's work packed into DESIGN.md's flat step inputs (`prepare_inputs`,
+"""The step, both sides: the scheduler's work packed into docs/design.md's flat step inputs (`prepare_inputs`,
 on the driver), and one rank's program run on them with its KV cache (`ModelRunner`, on each rank)."""
 
 from __future__ import annotations
