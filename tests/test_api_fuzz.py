@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import llmc
 from llmc.runtime.api_server import build_app
 from llmc.runtime.async_llm import AsyncLLM
 from llmc.runtime.llm_engine import LLMEngine
 
-from conftest import tokenizer
-from test_server import CHAT_TEMPLATE, Server
+from test_server import Server, chat_engine
 
 CONTROL = {"prompt": "def fib(n):", "max_tokens": 8, "temperature": 0}
 CASES = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -114,12 +111,7 @@ chat_bodies = bodies(
 @pytest.fixture(scope="module")
 def served(checkpoints, tmp_path_factory):
     """A server on a tiny engine (32 tokens per request, so that any max_tokens ends soon), its control answer."""
-    ckpt = shutil.copytree(checkpoints["llama"], tmp_path_factory.mktemp("c") / "llama")
-    tok = tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(ckpt)
-    engine = llmc.build(ckpt, tmp_path_factory.mktemp("e") / "tiny-llama", max_seq_len=32, max_batch_tokens=64, log=lambda _: None)
-    llm = AsyncLLM(LLMEngine(engine))
+    llm = AsyncLLM(LLMEngine(chat_engine(checkpoints, tmp_path_factory, max_seq_len=32)))
     server = Server(build_app(llm, "tiny-llama"))
     with httpx.Client(base_url=server.url, timeout=30) as client:
         reference = client.post("/v1/completions", json=CONTROL).json()["choices"][0]["text"]

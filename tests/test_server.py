@@ -53,13 +53,18 @@ class Server:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoints, tmp_path_factory):
+def chat_engine(checkpoints, tmp_path_factory, max_seq_len: int):
+    """A tiny Llama engine whose tokenizer has CHAT_TEMPLATE."""
     ckpt = shutil.copytree(checkpoints["llama"], tmp_path_factory.mktemp("c") / "llama")
     tok = tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(ckpt)
-    return llmc.build(ckpt, tmp_path_factory.mktemp("e") / "tiny-llama", max_seq_len=128, max_batch_tokens=64, log=lambda _: None)
+    return llmc.build(ckpt, tmp_path_factory.mktemp("e") / "tiny-llama", max_seq_len=max_seq_len, max_batch_tokens=64, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints, tmp_path_factory):
+    return chat_engine(checkpoints, tmp_path_factory, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] = {}) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, names: dict[str, str] | None = None) -> SamplingParams:
         """This request's SamplingParams; an invalid value raises APIError 400 naming the request's field
         (`names` maps SamplingParams' names to this endpoint's where they differ)."""
         if self.n != 1:
@@ -91,7 +91,7 @@ class SamplingRequest(BaseModel):
                 logprobs=logprobs,
             )
         except InvalidParam as e:
-            raise APIError(400, str(e), param=names.get(e.param, e.param)) from None
+            raise APIError(400, str(e), param=(names or {}).get(e.param, e.param)) from None
 
 
 class CompletionRequest(SamplingRequest):
