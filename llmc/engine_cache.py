@@ -60,15 +60,16 @@ def checkpoint_hash(path: Path) -> str:
 def cached_engine(model: str | os.PathLike, log: Callable[[str], None] = print, verbose: bool = False, **options) -> Path:
     """The engine of checkpoint `model` (a HF directory or hub id) built with `options` (`llmc.build`'s);
     built into the cache the first time, reused after."""
-    from llmc.compiler import build, normalize_dtype
+    from llmc.compiler import build, checkpoint_dtype, normalize_dtype
     from llmc.frontend.checkpoint import Checkpoint
 
     unknown = set(options) - set(BUILD_OPTIONS)
     if unknown:
         raise TypeError(f"unknown build options: {', '.join(sorted(unknown))}")
-    if "dtype" in options:
-        options["dtype"] = normalize_dtype(options["dtype"])
-    ckpt_path = Checkpoint(model).path  # downloads a hub id; checks it is a causal LM
+    ckpt = Checkpoint(model)  # downloads a hub id; checks it is a causal LM
+    ckpt_path = ckpt.path
+    dtype = normalize_dtype(options.get("dtype", "float32"))
+    options["dtype"] = checkpoint_dtype(ckpt.config) if dtype == "auto" else dtype  # one engine for "auto" and its dtype
     if options.get("calib_data") is not None:
         options["calib_data"] = str(Path(options["calib_data"]).resolve())
     key_source = {
@@ -95,6 +96,7 @@ def cached_engine(model: str | os.PathLike, log: Callable[[str], None] = print, 
             os.rename(building / "engine", target)
         finally:
             shutil.rmtree(building, ignore_errors=True)
+    log(f"[llmc] engine cached at {target}")
     return target
 
 
