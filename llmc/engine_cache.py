@@ -75,7 +75,8 @@ def cached_engine(model: str | os.PathLike, log: Callable[[str], None] = print, 
     key_source = {
         "checkpoint": checkpoint_hash(ckpt_path),
         "calib_data": hashlib.sha256(Path(options["calib_data"]).read_bytes()).hexdigest() if options.get("calib_data") else None,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(options.items()) if k != "calib_data"},
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(_with_defaults(options, build).items())
+                    if k != "calib_data"},
         "schema_version": SCHEMA_VERSION,
         "llmc": __import__("llmc").__version__,
     }
@@ -123,6 +124,14 @@ def resolve_engine(model: str | os.PathLike, log: Callable[[str], None] = print,
             raise ValueError(f"{model} is an engine built with {name}={built[name]}, not {value}; drop the option, or give "
                              "the checkpoint to build an engine with it")
     return Path(model)
+
+
+def _with_defaults(options: dict, build) -> dict:
+    """Every build option, given or `build`'s default: the same engine has one key however it was asked for."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(build).parameters.items() if k in BUILD_OPTIONS}
+    return {**defaults, **options}
 
 
 def _usable(engine: Path) -> bool:

@@ -197,9 +197,9 @@ def test_llm_takes_a_checkpoint(checkpoints, tmp_path, monkeypatch):
     logged = []
     with llmc.LLM(checkpoints["qwen2"], max_model_len=32, tensor_parallel_size=1, log=logged.append) as llm:
         assert llm.engine.max_seq_len == 32 and llm.engine_dir.parent == tmp_path / "cache" / "engines"
-        first = llm.generate("def fib", llmc.SamplingParams(max_tokens=4))[0].token_ids
+        first = llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].token_ids
     with llmc.LLM(checkpoints["qwen2"], max_model_len=32, log=logged.append) as llm:
-        assert llm.generate("def fib", llmc.SamplingParams(max_tokens=4))[0].token_ids == first
+        assert llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].token_ids == first
     assert sum("building an engine" in m for m in logged) == 1 and any("using the cached engine" in m for m in logged)
     with pytest.raises(ValueError, match="is an engine built with quant=None, not fp8"):
         llmc.LLM(llm.engine_dir, quantization="fp8")
@@ -208,7 +208,8 @@ def test_llm_takes_a_checkpoint(checkpoints, tmp_path, monkeypatch):
 def test_unguarded_multi_rank_script_is_one_error(tp2_engine, tmp_path):
     script = tmp_path / "script.py"
     script.write_text(f"from llmc import LLM\nLLM({str(tp2_engine)!r}).generate('def')\n")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # this llmc
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert result.stderr.count("Traceback") == 1 and result.stderr.count("\n") < 30, result.stderr
     assert result.stderr.splitlines()[-1].endswith(
