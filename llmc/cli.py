@@ -85,7 +85,8 @@ def _build_options(fn):
         click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
                      help="Weights and compute dtype; auto is the checkpoint's own (its config's dtype), float32 if it names none."),
         click.option("--max-seq-len", "--max-model-len", "max_seq_len", type=click.IntRange(min=2), default=None,
-                     help="Longest request (prompt + output) in tokens. [default: model's, at most 4096]"),
+                     help="Longest request (prompt + output) in tokens; serving an engine directory, a cap up to the engine's. "
+                          "[default: model's, at most 4096]"),
         click.option("--max-batch-tokens", "--max-num-batched-tokens", "max_batch_tokens", type=click.IntRange(min=1), default=2048,
                      show_default=True, help="Token budget of one step."),
         click.option("--tp", "--tensor-parallel-size", "-tp", "tp", type=click.IntRange(min=1), default=1, show_default=True,
@@ -257,7 +258,7 @@ def serve(model, host, port, api_key, served_model_name, chat_template, kv_cache
         return
     _set_seed(seed)
     run_server(
-        str(engine), sock=sock, api_key=api_key, served_model_name=served_model_name or Path(model).name,
+        str(engine), sock=sock, api_key=api_key, served_model_name=served_model_name or (Path(model).name if Path(model).is_dir() else model),
         max_request_bytes=max_request_bytes, chat_template=template,
         log_stats_interval=0 if disable_log_stats else log_stats_interval,
         kv_cache_memory=kv_cache_memory, kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
