@@ -66,7 +66,7 @@ def test_readme_headline_tp8_pp2(engine, tmp_path):
     from llmc.cli import main
 
     sharded = tmp_path / "stdlib-llama-tp8-pp2"
-    result = CliRunner().invoke(main, ["build", str(MODEL), "-o", str(sharded), "--tp", "8", "--pp", "2"])
+    result = CliRunner().invoke(main, ["build", str(MODEL), "-o", str(sharded), "--tp", "8", "--pp", "2", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     args = ["generate", str(sharded), "--max-tokens", "24", "--json"] + [a for p in PROMPTS for a in ("-p", p)]
     result = CliRunner().invoke(main, args)

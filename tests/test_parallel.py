@@ -102,11 +102,12 @@ def test_each_rank_holds_its_share_of_the_weights(parallel_checkpoints, tmp_path
 
 
 def test_tp_that_does_not_divide_the_heads_names_the_values_that_do(parallel_checkpoints, tmp_path):
-    with pytest.raises(PassError, match=r"tp=3 does not divide the 8 attention heads.*tp can be 1, 2, 4, 8"):
+    """Checked against the checkpoint's config before tracing (the passes check the graph itself again)."""
+    with pytest.raises(ValueError, match=r"tp=3 does not divide the model's 8 attention heads.*tp can be 1, 2, 4, 8"):
         llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, tp=3, log=lambda _: None)
-    with pytest.raises(PassError, match=r"pp=5 exceeds the model's 2 layers"):
+    with pytest.raises(ValueError, match=r"pp=5 exceeds the model's 2 layers"):
         llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, pp=5, log=lambda _: None)
-    with pytest.raises(PassError, match=r"pp_layers \[3, 0\] must give each of the 2 stages"):
+    with pytest.raises(ValueError, match=r"pp_layers \[3, 0\] must give each of the 2 stages"):
         llmc.build(parallel_checkpoints["llama"], tmp_path / "e", max_seq_len=64, pp=2, pp_layers=[3, 0], log=lambda _: None)
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, TypeVar
 
 import uvicorn
@@ -30,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmc.runtime.async_llm import AsyncLLM, EngineDeadError, ShutdownError
 from llmc.runtime.metrics import ServerMetrics
+from llmc.runtime.stats_log import StatsLog, banner
 from llmc.runtime.openai_protocol import (
     APIError,
     ChatCompletionRequest,
@@ -334,9 +337,9 @@ class Server(uvicorn.Server):
 
     FLUSH_TIMEOUT = 5.0  # seconds for responses still being sent when uvicorn stops
 
-    def __init__(self, llm: AsyncLLM, app: FastAPI, shutdown_timeout: float = 30.0, **uvicorn_kwargs):
+    def __init__(self, llm: AsyncLLM, app: FastAPI, shutdown_timeout: float = 30.0, stats: StatsLog | None = None, **uvicorn_kwargs):
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=self.FLUSH_TIMEOUT, **uvicorn_kwargs))
-        self.llm, self.app, self.shutdown_timeout = llm, app, shutdown_timeout
+        self.llm, self.app, self.shutdown_timeout, self.stats = llm, app, shutdown_timeout, stats
         self.drain_deadline: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
@@ -347,7 +350,9 @@ class Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        """Every 0.1 s on the event loop: whether to stop."""
+        """Every 0.1 s on the event loop: whether to stop (and, when due, the stats line)."""
+        if self.stats is not None:
+            self.stats.tick()
         return self._done() or await super().on_tick(counter)
 
     def _done(self) -> bool:
@@ -368,15 +373,74 @@ class Server(uvicorn.Server):
             raise EngineDeadError(f"the engine stopped after an error: {self.llm.error}")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, made before the engine loads so that a busy port fails at once (ValueError)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; another server may hold the port (choose another --port)") from None
+    return sock
+
+
+def read_chat_template(template: str) -> str:
+    """`--chat-template`: a file's text, or the template itself; a Jinja syntax error is a ValueError now."""
+    import jinja2
+
+    path = Path(template)
+    if len(template) < 4096 and path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template {path}: cannot read it as UTF-8 text ({e})") from None
+    elif "{" not in template:
+        raise ValueError(f"--chat-template {template}: no such file, and not a Jinja template")
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template is not a valid Jinja template: {e.message} (line {e.lineno})") from None
+    return template
+
+
 def serve(engine_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          shutdown_timeout: float = 30.0, **engine_kwargs) -> None:
-    """Serve until SIGTERM or Ctrl-C (then drain, see `Server`); raises EngineDeadError if the engine fails."""
+          shutdown_timeout: float = 30.0, sock: socket.socket | None = None, chat_template: str | None = None,
+          log_stats_interval: float = 5.0, **engine_kwargs) -> None:
+    """Serve until SIGTERM or Ctrl-C (then drain, see `Server`); raises EngineDeadError if the engine fails.
+
+    `sock`, a bound socket (`listen`), is served instead of host:port. `chat_template` replaces the
+    tokenizer's. While requests run, a stats line is logged every `log_stats_interval` seconds (0: never).
+    """
     from llmc.runtime.llm_engine import LLMEngine
 
+    setup_logging()
+    sock = sock or listen(host, port)
+    host, port = sock.getsockname()[:2]
     llm = AsyncLLM(LLMEngine(engine_dir, **engine_kwargs))
+    if chat_template is not None:
+        llm.tokenizer.chat_template = chat_template
     name = served_model_name or str(engine_dir).rstrip("/").split("/")[-1]
     try:
-        Server(llm, build_app(llm, name, api_key, max_request_bytes), shutdown_timeout, host=host, port=port, log_level="info").run()
+        for line in banner(llm.engine, name, engine_dir):
+            log.info(line)
+        log.info("listening on http://%s:%d (OpenAI API under /v1)", f"[{host}]" if ":" in host else host, port)
+        app = build_app(llm, name, api_key, max_request_bytes)
+        stats = StatsLog(app.state.metrics, log_stats_interval) if log_stats_interval > 0 else None
+        server = Server(llm, app, shutdown_timeout, stats=stats, log_level="info")
+        server.run(sockets=[sock])
     finally:
         llm.shutdown()
+        sock.close()
+
+
+def setup_logging() -> None:
+    """llmc's log lines (banner, stats, warnings) on stderr with a time, as uvicorn's; once."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s llmc: %(message)s", "%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

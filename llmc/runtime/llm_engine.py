@@ -15,7 +15,7 @@ import torch
 
 from llmc.engine import EngineConfig, verify_files
 from llmc.runtime.block_manager import BlockManager
-from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor
+from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
 from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.outputs import RequestOutput, RequestState
 from llmc.runtime.sampler import greedy_tokens, sample_one
@@ -38,6 +38,8 @@ class LLMEngine:
 
     With pipeline parallelism, requests are spread over pp schedulers (vLLM's virtual engines) that
     share the KV blocks; each keeps one step in flight, so every stage works on some step at once.
+
+    `max_model_len` caps a request's tokens (prompt and output) below the engine's max_seq_len.
     """
 
     def __init__(
@@ -48,9 +50,11 @@ class LLMEngine:
         kv_cache_tokens: int | None = None,
         kv_cache_memory: float | None = None,
         max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         rank_timeout: float = 60.0,
     ):
+        exit_if_importing_main()
         if kv_cache_tokens is not None and kv_cache_memory is not None:
             raise ValueError("give the KV cache size as kv_cache_tokens or as kv_cache_memory, not both")
         self.engine_dir = Path(engine)
@@ -63,6 +67,13 @@ class LLMEngine:
 
         limits = config.limits
         self.max_seq_len = limits["max_seq_len"]
+        if max_model_len is not None:
+            if not 2 <= max_model_len <= self.max_seq_len:
+                raise ValueError(
+                    f"max_model_len must be in [2, {self.max_seq_len}] (the engine's max_seq_len), got {max_model_len}; "
+                    "rebuild the engine with a larger --max-seq-len for longer requests"
+                )
+            self.max_seq_len = max_model_len
         self.block_size = block_size = config.kv_cache["block_size"]
         itemsize = getattr(torch, config.kv_cache["dtype"]).itemsize
         bytes_per_token = max(
@@ -81,6 +92,8 @@ class LLMEngine:
                 "give it more memory, or build the engine with a smaller --max-seq-len"
             )
         num_blocks = -(-kv_cache_tokens // block_size)
+        _check_fits_in_memory(num_blocks * block_size * bytes_per_token, config.world_size, self.device)
+        self.kv_cache_tokens = num_blocks * block_size
         if config.world_size == 1:
             self.executor = LocalExecutor(self.engine_dir, config, num_blocks, self.device)
         else:
@@ -221,3 +234,18 @@ class LLMEngine:
         if len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
             return "length"
         return None
+
+
+def _check_fits_in_memory(bytes_per_rank: int, world_size: int, device: torch.device) -> None:
+    """A KV cache larger than the memory it would live in is an error now, not an allocation failure later."""
+    if device.type == "cuda":
+        available, what = torch.cuda.mem_get_info(device)[1], f"{device}'s"
+        needed = bytes_per_rank
+    else:
+        available, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's"
+        needed = bytes_per_rank * (1 if torchrun_rank() is not None else world_size)  # ranks started here share its memory
+    if needed > available:
+        raise ValueError(
+            f"a KV cache of {needed / (1 << 30):.4g} GiB does not fit in {what} {available / (1 << 30):.4g} GiB of memory; "
+            "give a smaller --kv-cache-memory or --kv-cache-tokens"
+        )
