@@ -125,7 +125,6 @@ def generate(engine, prompts, max_tokens, temperature, top_k, top_p, seed, as_js
         outputs = llm.generate(list(prompts), params)
         seconds = time.perf_counter() - start
     for out in outputs:
-        if as_json:
         completion = out.outputs[0]
         if as_json:
             click.echo(json.dumps({"prompt": out.prompt, "text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason}))

@@ -78,8 +78,8 @@ def test_onnx_engine_generates_torch_tokens(arch, engines):
 def assert_same_outputs(want, got):
     """The same tokens, and the same top logprobs within 1e-4."""
     for a, b in zip(want, got, strict=True):
-        assert b.token_ids == a.token_ids
-        for x, y in zip(a.logprobs, b.logprobs):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
 
 
@@ -100,7 +100,7 @@ def test_onnx_pipeline_parallel_matches(checkpoints, engines, tmp_path):
         want = llm.generate(PROMPTS, PARAMS)
     with LLM(engine, max_num_seqs=3) as llm:
         got = llm.generate(PROMPTS, PARAMS)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2-pp2"])

@@ -86,7 +86,7 @@ def client(server):
 def expected(engine):
     """What LLM.generate says, greedy, for each prompt: the server must say the same."""
     llm = LLM(engine)
-    return {p: o.text for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0)))}
+    return {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0)))}
 
 
 def test_completion(client, expected):
@@ -111,7 +111,7 @@ def test_chat_and_streaming_chat(client, engine):
     messages = [{"role": "user", "content": "def fib(n):"}]
     llm = LLM(engine)
     prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].text
+    want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
     out = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
     chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0, stream=True))
@@ -256,7 +256,7 @@ def test_tiny_temperature_is_greedy(server, expected):
 
 
 def test_logit_bias(server, engine):
-    greedy = LLM(engine).generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    greedy = LLM(engine).generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].token_ids
     forced = post(server, {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logit_bias": {"42": 100}, "logprobs": 0}).json()
     assert forced["usage"]["completion_tokens"] == 6
     tok = tokenizer()
