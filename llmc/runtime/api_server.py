@@ -265,6 +265,8 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         check_model(req.model)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if max_tokens == 0:  # only completions' echo scores a prompt without generating
+            raise APIError(400, f"{max_name} must be an integer >= 1, got 0", param=max_name)
         names = {"max_tokens": max_name, "logprobs": "top_logprobs"}
         params = checked(req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
         prompt = await chat_prompt(req.messages)

@@ -49,7 +49,8 @@ class ServerMetrics:
         try:
             async for out in outputs:
                 now = time.perf_counter()
-                total = sum(len(c.token_ids) for c in out.outputs)
+                # (the last output of a best_of request holds only the n it returns: its tokens were counted)
+                total = max(count, sum(len(c.token_ids) for c in out.outputs))
                 new = total - count
                 if last == start:  # the first output
                     self.ttft.observe(now - start)
