@@ -83,6 +83,20 @@ def assert_same_outputs(want, got):
             assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
 
 
+def test_onnx_prompt_logprobs_and_samples_match_torch(engines):
+    """Prompt logprobs (more logits rows than sequences in a step) and n samples of a prompt, as the torch engine's."""
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, prompt_logprobs=3, n=2)
+    outputs = {}
+    for kind in ("torch", "onnx"):
+        with LLM(engines["llama"][kind], max_num_seqs=3) as llm:
+            outputs[kind] = llm.generate(PROMPTS, params)
+    for want, got in zip(outputs["torch"], outputs["onnx"], strict=True):
+        assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(got.prompt_token_ids)
+        for x, y in zip(want.prompt_logprobs[1:], got.prompt_logprobs[1:], strict=True):
+            assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs] and len(got.outputs) == 2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_model_is_valid_onnx(arch, engines):
     path = engines[arch]["onnx"] / "rank0" / "model.onnx"

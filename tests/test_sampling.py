@@ -89,6 +89,34 @@ def test_stop_strings_and_stop_token_ids(llm):
     assert by_id.outputs[0].finish_reason == "stop" and by_id.outputs[0].token_ids == base.outputs[0].token_ids[: base.outputs[0].token_ids.index(base.outputs[0].token_ids[6]) + 1]
 
 
+def test_min_tokens_holds_off_stop_tokens_and_strings(llm):
+    base = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
+    stop_id = base.token_ids[1]
+    held = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id], min_tokens=6))[0].outputs[0]
+    assert stop_id not in held.token_ids[:6] and len(held.token_ids) > 6
+    assert held.finish_reason == "length" or (held.token_ids[-1] == stop_id and held.stop_reason == stop_id)
+    stop = base.text[:3]  # would stop at once
+    late = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop=[stop], min_tokens=6))[0].outputs[0]
+    assert late.text.startswith(stop) and len(late.token_ids) >= 6 and (late.finish_reason == "length" or late.stop_reason == stop)
+
+
+def test_n_and_best_of(llm):
+    prompt = list(range(5, 45))
+    every = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=5))[0]
+    assert [c.index for c in every.outputs] == list(range(5)) and all(c.cumulative_logprob is None for c in every.outputs)
+    scored = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=5, logprobs=0))[0]
+    assert [c.token_ids for c in scored.outputs] == [c.token_ids for c in every.outputs]  # seed + index per sample
+    for c in scored.outputs:
+        assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs)))
+    best = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=2, best_of=5))[0]
+    ranked = sorted(scored.outputs, key=lambda c: -c.cumulative_logprob)[:2]
+    assert [c.token_ids for c in best.outputs] == [c.token_ids for c in ranked] and [c.index for c in best.outputs] == [c.index for c in ranked]
+    scoring_only = llm.generate(prompt, SamplingParams(max_tokens=0, n=3, prompt_logprobs=1))[0]
+    assert [(c.token_ids, c.finish_reason) for c in scoring_only.outputs] == [([], "length")] * 3
+    assert len(scoring_only.prompt_logprobs) == len(prompt) and scoring_only.prompt_logprobs[0] is None
+    assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.usage == 0
+
+
 def test_logprobs_of_chosen_tokens(llm):
     out = llm.generate("import os", SamplingParams(max_tokens=6, temperature=0, logprobs=3))[0]
     assert len(out.outputs[0].logprobs) == 6
