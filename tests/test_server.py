@@ -482,13 +482,18 @@ def test_n_choices_and_streaming_n(client, expected):
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert [c.text for c in out.choices] == [expected[PROMPTS[0]]] * 2 + [expected[PROMPTS[1]]] * 2
     assert out.usage.completion_tokens == 4 * 16
-    sampled = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3)
+    # Samples that end at different steps (stop strings): each one's chunks, and its finish once.
+    sampled = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3, stop=["e", "a"])
     assert len({c.text for c in sampled.choices}) > 1  # each sample draws its own tokens
-    texts = {}
-    for chunk in client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3, stream=True):
+    assert len({c.finish_reason for c in sampled.choices}) > 1 or len({len(c.text) for c in sampled.choices}) > 1
+    texts, finishes = {}, []
+    for chunk in client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3,
+                                           stop=["e", "a"], stream=True):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
+            finishes += [c.index] if c.finish_reason else []
     assert [texts[i] for i in range(3)] == [c.text for c in sampled.choices]  # seeded: the same samples
+    assert sorted(finishes) == [0, 1, 2]
     chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, n=2)
     assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
 

@@ -220,7 +220,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if req.stream:
             async def events():
-                usage, sent = [0, 0], {}  # sent: per choice, the tokens its chunks carried so far
+                usage, sent, ended = [0, 0], {}, set()  # sent: per choice, the tokens its chunks carried so far
                 async for i, out in merge(streams):
                     if out.error:
                         yield failed(out)
@@ -230,8 +230,10 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
                         first = index not in sent
                         done = sent.get(index, 0)
                         text = (echoed(out) if req.echo and first else "") + c.delta_text
-                        if not (first or text or len(c.token_ids) > done or c.finished):
-                            continue
+                        if index in ended or not (first or text or len(c.token_ids) > done or c.finished):
+                            continue  # (a sample that finished stays in its request's outputs while others run)
+                        if c.finished:
+                            ended.add(index)
                         chunk = {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
                         if c.logprobs is not None:
                             part = CompletionOutput(c.index, "", c.token_ids[done:], None, c.logprobs[done:], None)
@@ -276,7 +278,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         tokenizer = llm.tokenizer
         if req.stream:
             async def events():
-                started = set()
+                started, ended = set(), set()
                 async for out in stream:
                     if out.error:
                         yield failed(out)
@@ -284,7 +286,9 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
                     for j, c in enumerate(out.outputs):
                         first = j not in started
                         delta = {"role": "assistant", "content": c.delta_text} if first else {"content": c.delta_text}
-                        if c.delta_text or first or c.finished:
+                        if j not in ended and (c.delta_text or first or c.finished):
+                            if c.finished:
+                                ended.add(j)
                             chunk = {"index": j, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}
                             yield sse({**base, "object": "chat.completion.chunk", "choices": [chunk]})
                             started.add(j)

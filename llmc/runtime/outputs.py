@@ -52,6 +52,7 @@ class SampleState:
         self.logprobs: Logprobs | None = [] if p.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if wants_cumulative else None
         self.delta = ""
+        self.flushed = False
         self.stop_reason: int | str | None = None
 
     def append(self, token: int, logprobs: dict[int, float] | None, logprob: float | None) -> None:
@@ -64,8 +65,9 @@ class SampleState:
 
     def output(self) -> CompletionOutput:
         seq = self.seq
-        if seq.finish_reason is not None:
+        if seq.finish_reason is not None and not self.flushed:
             self.delta += self.detokenizer.flush()
+            self.flushed = True
         out = CompletionOutput(
             index=seq.index, text=self.detokenizer.text, token_ids=seq.output_token_ids, cumulative_logprob=self.cumulative_logprob,
             logprobs=self.logprobs, finish_reason=seq.finish_reason, stop_reason=self.stop_reason, delta_text=self.delta,
