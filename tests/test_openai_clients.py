@@ -108,6 +108,7 @@ def lm_eval_run(model: str, model_args: dict, monkeypatch) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_scores_equal_its_hf_model(url, client, monkeypatch):
     model = client.models.list().data[0].id
     served = lm_eval_run("local-completions", {
