@@ -204,12 +204,13 @@ def generate(model, prompts, max_tokens, temperature, top_k, top_p, seed, as_jso
         outputs = llm.generate(list(prompts), params)
         seconds = time.perf_counter() - start
     for out in outputs:
+        completion = out.outputs[0]
         if as_json:
-            click.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+            click.echo(json.dumps({"prompt": out.prompt, "text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason}))
         else:
-            click.echo(out.prompt + click.style(out.text, bold=True))
+            click.echo(out.prompt + click.style(completion.text, bold=True))
             click.echo()
-    tokens = sum(len(o.token_ids) for o in outputs)
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     click.echo(f"[llmc] {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)", err=True)
 
 

@@ -51,7 +51,10 @@ VALID = {
     "stop_token_ids": st.lists(token, max_size=5),
     "logit_bias": st.dictionaries(token.map(str), st.floats(-100, 100), max_size=6),
     "ignore_eos": st.booleans(),
-    "n": st.just(1),
+    "n": st.integers(1, 3),
+    "best_of": st.integers(1, 4),
+    "min_tokens": st.integers(0, 1),
+    "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
 }
@@ -71,7 +74,9 @@ HOSTILE = {
     "stop": st.lists(text, max_size=20) | st.text(min_size=257, max_size=300),
     "stop_token_ids": st.lists(st.integers(-(2**70), 2**70), max_size=3),
     "logit_bias": st.dictionaries(text | st.integers(-5, 400).map(str), number, max_size=4),
-    "n": st.integers(-3, 5),
+    "n": st.integers(-3, 0) | st.integers(129, 2**70),
+    "best_of": st.integers(-3, 0) | st.integers(129, 2**70),
+    "min_tokens": st.integers(-(2**70), -1) | st.integers(10**6, 2**70),
 }
 
 

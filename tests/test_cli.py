@@ -197,9 +197,9 @@ def test_llm_takes_a_checkpoint(checkpoints, tmp_path, monkeypatch):
     logged = []
     with llmc.LLM(checkpoints["qwen2"], max_model_len=32, tensor_parallel_size=1, log=logged.append) as llm:
         assert llm.engine.max_seq_len == 32 and llm.engine_dir.parent == tmp_path / "cache" / "engines"
-        first = llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        first = llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
     with llmc.LLM(checkpoints["qwen2"], max_model_len=32, log=logged.append) as llm:
-        assert llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].token_ids == first
+        assert llm.generate("def fib", llmc.SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids == first
     assert sum("building an engine" in m for m in logged) == 1 and any("using the cached engine" in m for m in logged)
     with pytest.raises(ValueError, match="is an engine built with quant=None, not fp8"):
         llmc.LLM(llm.engine_dir, quantization="fp8")

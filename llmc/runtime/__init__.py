@@ -1,7 +1,7 @@
 """Load an engine and serve it: scheduler, KV blocks, sequences, sampler, the `LLM` API."""
 
 from llmc.runtime.llm import LLM
-from llmc.runtime.outputs import RequestOutput
+from llmc.runtime.outputs import CompletionOutput, RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]

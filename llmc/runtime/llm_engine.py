@@ -16,13 +16,13 @@ import torch
 from llmc.engine import EngineConfig, verify_files
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
-from llmc.runtime.model_runner import prepare_inputs
-from llmc.runtime.outputs import RequestOutput, RequestState
-from llmc.runtime.sampler import greedy_tokens, sample_one
+from llmc.runtime.model_runner import prepare_step
+from llmc.runtime.outputs import RequestOutput, RequestState, SampleState
+from llmc.runtime.sampler import greedy_tokens, prompt_logprobs, sample_one
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.worker import torchrun_rank
-from llmc.runtime.sequence import Sequence
+from llmc.runtime.sequence import Sequence, Status
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 log = logging.getLogger("llmc")
@@ -110,6 +110,7 @@ class LLMEngine:
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self.scheduler_of: dict[str, Scheduler] = {}
+        self.held: dict[str, list[Sequence]] = {}  # samples after a request's first, until its prompt is in the cache
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -157,66 +158,119 @@ class LLMEngine:
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
     ) -> str:
-        """Queue a request (token ids from `tokenize`); returns its id."""
+        """Queue a request (token ids from `tokenize`); returns its id.
+
+        A request of several samples (n, best_of) computes its prompt once: the first sample is scheduled
+        alone; the others follow once its prompt's K/V are in the cache, and share its full blocks."""
         self.check_params(params)
-        seq = Sequence(prompt_token_ids, params, request_id)
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already in flight")
-        self.requests[seq.request_id] = RequestState(seq, self.tokenizer, prompt)
+        first = Sequence(prompt_token_ids, params, request_id)
+        if first.request_id in self.requests:
+            raise ValueError(f"request id {first.request_id!r} is already in flight")
+        seqs = [first] + [Sequence(prompt_token_ids, params, first.request_id, i) for i in range(1, params.num_samples)]
+        if params.min_tokens:
+            ban = torch.tensor(sorted(self.eos_token_ids | set(params.stop_token_ids)), dtype=torch.long)
+            for seq in seqs:
+                seq.min_tokens_ban = ban
+        self.requests[first.request_id] = RequestState(seqs, self.tokenizer, prompt)
         scheduler = min(self.schedulers, key=lambda s: len(s.waiting) + len(s.running))
-        self.scheduler_of[seq.request_id] = scheduler
-        scheduler.add(seq)
-        return seq.request_id
+        self.scheduler_of[first.request_id] = scheduler
+        scheduler.add(first)
+        if len(seqs) > 1:
+            self.held[first.request_id] = seqs[1:]
+        return first.request_id
 
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.scheduler_of.pop(request_id).abort(state.seq)
+            scheduler = self.scheduler_of.pop(request_id)
+            for seq in self.held.pop(request_id, []):
+                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            for seq in state.seqs:
+                if not seq.is_finished:
+                    scheduler.abort(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """One in-flight batching step; returns an output for every request that got a new token.
+        """One in-flight batching step; returns an output for every request that got a new token (or prompt logprobs).
 
         Every scheduler without a step in flight submits one; then the oldest step's logits are sampled.
         """
-        busy = [s for s, _, _ in self.in_flight]
+        busy = [s for s, _, _, _ in self.in_flight]
         for scheduler in self.schedulers:
             if scheduler not in busy and scheduler.has_unfinished():
                 batch = scheduler.schedule()
                 if batch:
-                    inputs, sampled = prepare_inputs(batch, self.block_size)
+                    inputs, sampled, scored = prepare_step(batch, self.block_size)
                     self.executor.submit(inputs)
-                    self.in_flight.append((scheduler, batch, sampled))
+                    self.in_flight.append((scheduler, batch, sampled, scored))
         if not self.in_flight:
             raise RuntimeError("the scheduler could not make progress (KV cache too small for any request)")
-        scheduler, batch, sampled = self.in_flight.popleft()
-        logits = self.executor.result()[: len(sampled)]
+        scheduler, batch, sampled, scored = self.in_flight.popleft()
+        logits = self.executor.result()
         for seq, n in batch:
             seq.num_computed_tokens += n
-        live = [i for i, seq in enumerate(sampled) if seq.request_id in self.requests]  # not aborted meanwhile
-        if len(live) < len(sampled):
-            logits, sampled = logits[live], [sampled[i] for i in live]
-        # Each request's sampling, detokenization and stop matching: one that fails ends alone, with its error.
-        logits = logits.float()
-        outputs = []
-        for seq, row, greedy_token in zip(sampled, logits, greedy_tokens(logits)):
-            state = self.requests[seq.request_id]
+        # Each request's prompt scoring, sampling, detokenization and stop matching: one that fails ends alone, with its error.
+        touched: dict[str, RequestState] = {}
+        failed: dict[str, str] = {}
+        row = len(sampled)
+        for seq, lo, hi in scored:
+            rows, row = logits[row : row + hi - lo].float(), row + hi - lo
+            if self._live(seq):
+                try:
+                    seq.prompt_logprobs += prompt_logprobs(rows, seq.token_ids[lo + 1 : hi + 1], seq.params.prompt_logprobs)
+                except Exception as e:
+                    log.exception("request %s failed; ending it alone", seq.request_id)
+                    touched[seq.request_id] = self.requests[seq.request_id]
+                    failed[seq.request_id] = f"{type(e).__name__}: {e}"
+        live = [i for i, seq in enumerate(sampled) if self._live(seq) and seq.request_id not in failed]
+        rows = logits[: len(sampled)][live].float()
+        for seq, row, greedy_token in zip([sampled[i] for i in live], rows, greedy_tokens(rows)):
+            state = touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.request_id in failed:  # an earlier sample of the request failed this step
+                continue
             try:
+                if seq.index == 0 and seq.num_computed_tokens == seq.num_prompt_tokens:
+                    self._release_held(seq, scheduler)
+                if seq.params.max_tokens == 0:  # the prompt is scored: nothing to generate
+                    self._finish(scheduler, seq, "length")
+                    continue
                 token, token_logprobs = sample_one(row, seq, greedy_token)
                 seq.token_ids.append(token)
-                delta = state.append(token, token_logprobs)
-                reason = self._finish_reason(seq, token, state)
+                sample = state.samples[seq.index]
+                logprob = None
+                if sample.cumulative_logprob is not None:
+                    logprob = token_logprobs[token] if token_logprobs else row.log_softmax(-1)[token].item()
+                sample.append(token, token_logprobs, logprob)
+                reason = self._finish_reason(seq, token, sample)
                 if reason:
                     self._finish(scheduler, seq, reason)
-                outputs.append(state.output(delta))
             except Exception as e:
                 log.exception("request %s failed; ending it alone", seq.request_id)
-                if seq.request_id in self.requests:
-                    self._finish(scheduler, seq, "error")
-                outputs.append(state.failed(f"{type(e).__name__}: {e}"))
+                failed[seq.request_id] = f"{type(e).__name__}: {e}"
+        outputs = []
+        for request_id, state in touched.items():
+            if request_id in failed:
+                self.abort_request(request_id)
+                outputs.append(state.output(error=failed[request_id]))
+            else:
+                if state.finished:
+                    del self.requests[request_id], self.scheduler_of[request_id]
+                outputs.append(state.output())
         return outputs
+
+    def _live(self, seq: Sequence) -> bool:
+        """Not aborted (nor finished) since its step was scheduled."""
+        return seq.request_id in self.requests and not seq.is_finished
+
+    def _release_held(self, first: Sequence, scheduler: Scheduler) -> None:
+        """The request's first sample has computed its prompt: its other samples can share it now."""
+        for seq in self.held.pop(first.request_id, []):
+            if first.params.max_tokens == 0:
+                seq.status, seq.finish_reason = Status.FINISHED, "length"
+            else:
+                scheduler.add(seq)
 
     def shutdown(self) -> None:
         """Stop the engine's rank processes (if any); the engine cannot step afterwards."""
@@ -224,12 +278,14 @@ class LLMEngine:
 
     def _finish(self, scheduler: Scheduler, seq: Sequence, reason: str) -> None:
         scheduler.finish(seq, reason)
-        del self.requests[seq.request_id]
-        del self.scheduler_of[seq.request_id]
 
-    def _finish_reason(self, seq: Sequence, token: int, state: RequestState) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, sample: SampleState) -> str | None:
         p = seq.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or state.detokenizer.stopped:
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            sample.stop_reason = token if token in p.stop_token_ids else None
+            return "stop"
+        if sample.detokenizer.stopped:
+            sample.stop_reason = sample.detokenizer.stop_string
             return "stop"
         if len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
             return "length"
