@@ -55,6 +55,8 @@ def main():
 @click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Most requests in flight at once.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (heads and MLP split across them).")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages (contiguous layer ranges).")
+@click.option("--ep", type=int, default=1, show_default=True,
+              help="Expert-parallel ranks: each MoE layer's experts split across them (a stage has tp x ep ranks).")
 @click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
               help="torch (runs on CPU/GPU), onnx (ONNX Runtime) or tensorrt (serialized TensorRT engines).")
@@ -70,7 +72,7 @@ def main():
 @click.option("--verify-passes", is_flag=True, help="Check each pass's logits against the previous stage.")
 @click.option("--dump-graphs", type=click.Path(file_okay=False), default=None, help="Write each stage's graph as text here.")
 @_clean_errors
-def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, tp, pp, pp_layers, backend, quant,
+def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs, tp, pp, ep, pp_layers, backend, quant,
           kv_cache_dtype, calib_data, calib_samples, exclude, verify_passes, dump_graphs):
     """Compile MODEL (a Hugging Face directory or hub id) into an engine."""
     from llmc.compiler import build as build_engine
@@ -89,6 +91,7 @@ def build(model, output_dir, dtype, max_seq_len, max_batch_tokens, max_num_seqs,
         max_num_seqs=max_num_seqs,
         tp=tp,
         pp=pp,
+        ep=ep,
         pp_layers=pp_layers,
         backend=backend,
         quant=quant,
@@ -276,7 +279,8 @@ def inspect(engine, as_json):
     click.echo(f"engine      {engine}")
     click.echo(f"model       {config.architecture} ({config.model_type}), {config.dtype}, vocab {config.vocab_size}")
     click.echo(f"backend     {config.backend}, quantization {config.quantization or 'none'}")
-    click.echo(f"mapping     tp={config.mapping['tp']} pp={config.mapping['pp']}, layers per stage {config.mapping['pp_layers']}")
+    click.echo(f"mapping     tp={config.mapping['tp']} ep={config.mapping.get('ep', 1)} pp={config.mapping['pp']}, "
+               f"layers per stage {config.mapping['pp_layers']}")
     click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, {kv['dtype']}, blocks of {kv['block_size']}")
     click.echo(f"limits      max_seq_len {limits['max_seq_len']}, max_batch_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_num_seqs']}")
     click.echo(f"built       in {config.build.get('seconds')} s from {config.build.get('source')} (torch {config.build.get('torch')})")

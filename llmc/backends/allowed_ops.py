@@ -40,6 +40,7 @@ PROGRAM_OPS = frozenset({
     "llmc.add_rms_norm.default",
     "llmc.all_gather.default",
     "llmc.all_reduce.default",
+    "llmc.expert_all_reduce.default",
     "llmc.fp8_embedding.default",
     "llmc.fp8_linear.default",
     "llmc.gated_activation.default",
