@@ -24,6 +24,17 @@ TINY_CONFIGS = {
     "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, rotary_pct=0.5),
+    # Mixtures of experts (llmc::moe); save_pretrained writes their experts as per-expert keys.
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
 }
 ARCHITECTURES = list(TINY_CONFIGS)
 TOKENIZER_TEXT = (
