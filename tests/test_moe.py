@@ -138,3 +138,31 @@ def test_unsupported_expert_layout_is_a_build_error(tmp_path, monkeypatch):
     monkeypatch.setattr(modeling_mixtral.MixtralExperts, "__init__", with_bias)
     with pytest.raises(CheckpointError, match="MixtralExperts has expert biases, which llmc::moe does not compute"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
+
+
+def test_quantized_experts_are_the_dequantized_layer():
+    from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8_weight, quantize_nvfp4
+
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32, hidden=32, intermediate=16)
+    fp8 = [quantize_fp8_weight(e) for e in gate_up], [quantize_fp8_weight(e) for e in down]
+    (gu, gu_s), (dn, dn_s) = [[torch.stack(p) for p in zip(*parts)] for parts in fp8]
+    dequantized = [torch.stack([dequantize_fp8(q, s[:, None]) for q, s in zip(a, b)]) for a, b in ((gu, gu_s), (dn, dn_s))]
+    assert torch.equal(torch.ops.llmc.fp8_moe(x, ids, w, gu, gu_s, dn, dn_s, "silu", 0), moe(x, ids, w, *dequantized, "silu", 0))
+
+    nv = [[torch.stack(p) for p in zip(*[quantize_nvfp4(e) for e in t])] for t in (gate_up, down)]
+    dequantized = [torch.stack([dequantize_nvfp4(*parts) for parts in zip(*t)]) for t in nv]
+    assert torch.equal(torch.ops.llmc.nvfp4_moe(x, ids, w, *nv[0], *nv[1], "silu", 4), moe(x, ids, w, *dequantized, "silu", 4))
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4-weight-only"])
+def test_quantized_moe_builds_and_runs(quant, tmp_path):
+    checkpoint = make_checkpoint("qwen3_moe", tmp_path / "checkpoint")
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, quant=quant, calib_samples=2, ep=2,
+                        log=lambda _: None)
+    record = EngineConfig.load(engine).ranks[0]["passes"][-1]
+    assert record["pass"] == "quantize" and not any("experts" in name for name in record["kept"])
+    program = (engine / "rank0" / "program.json").read_text()
+    assert ("llmc.fp8_moe" if quant == "fp8" else "llmc.nvfp4_moe") in program and '"llmc.moe.default"' not in program
+    with LLM(engine) as llm:
+        out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert len(out.token_ids) == 8 and all(0 <= t < VOCAB for t in out.token_ids)
