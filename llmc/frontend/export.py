@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 
 import torch
 import torch.fx as fx
@@ -124,7 +123,7 @@ class CheckpointWeights:
 
     def __init__(self, ckpt: Checkpoint, model: torch.nn.Module):
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
         self.ckpt, self.model = ckpt, model
         transforms = get_model_conversion_mapping(model)
@@ -134,7 +133,7 @@ class CheckpointWeights:
         meta_state = model.state_dict()
         self.keys: dict[str, str] = {}  # parameter -> its one checkpoint key
         self.conversions: dict[str, WeightConverter] = {}  # parameter (the converter's first target) -> conversion
-        for key in sorted(ckpt.keys(), key=_natural):  # experts in order, as transformers stacks them
+        for key in sorted(ckpt.keys(), key=dot_natural_key):  # experts in order, as transformers stacks them
             name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
             if pattern is None:
                 self.keys[name] = key
@@ -159,11 +158,6 @@ class CheckpointWeights:
         while name not in self.converted and self.conversions:  # a conversion's other target (a split): run the rest
             self.get(next(iter(self.conversions)))
         return self.converted.pop(name, None)
-
-
-def _natural(key: str) -> list:
-    """`layers.10` after `layers.9`: transformers stacks per-expert keys in this order."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
