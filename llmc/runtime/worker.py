@@ -149,9 +149,9 @@ class Messages:
 def join_torchrun(config: EngineConfig, timeout: float) -> Messages:
     world = int(os.environ["WORLD_SIZE"])
     if world != config.world_size:
+        mapping = ", ".join(f"{k}={v}" for k, v in config.mapping.items() if k != "pp_layers")
         raise ValueError(
-            f"the engine has {config.world_size} ranks (tp={config.mapping['tp']}, ep={config.mapping.get('ep', 1)}, "
-            f"pp={config.mapping['pp']}) "
+            f"the engine has {config.world_size} ranks ({mapping}) "
             f"but torchrun started {world}; give torchrun --nnodes x --nproc-per-node = {config.world_size}"
         )
     init_process_group(int(os.environ["RANK"]), world, "env://", timeout)
