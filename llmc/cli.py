@@ -93,6 +93,8 @@ def _build_options(fn):
                      help="Tensor-parallel ranks (heads and MLP split across them)."),
         click.option("--pp", "--pipeline-parallel-size", "-pp", "pp", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Pipeline stages (contiguous layer ranges)."),
+        click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Expert-parallel ranks: each MoE layer's experts split across them (a stage has tp x ep ranks)."),
         click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]"),
         click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
                      help="torch (runs on CPU/GPU), onnx (ONNX Runtime) or tensorrt (serialized TensorRT engines)."),
@@ -115,7 +117,7 @@ def _build_kwargs(ctx: click.Context, explicit_only: bool) -> dict:
     """`llmc.build`'s keyword arguments from the build options (with explicit_only, those the user gave)."""
     from click.core import ParameterSource
 
-    names = ("dtype", "max_seq_len", "max_batch_tokens", "tp", "pp", "pp_layers", "backend", "quant", "kv_cache_dtype",
+    names = ("dtype", "max_seq_len", "max_batch_tokens", "tp", "pp", "ep", "pp_layers", "backend", "quant", "kv_cache_dtype",
              "calib_data", "calib_samples", "exclude")
     kwargs = {n: ctx.params[n] for n in names
               if not explicit_only or ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
@@ -392,7 +394,8 @@ def inspect(engine, as_json):
     click.echo(f"engine      {engine}")
     click.echo(f"model       {config.architecture} ({config.model_type}), {config.dtype}, vocab {config.vocab_size}")
     click.echo(f"backend     {config.backend}, quantization {config.quantization or 'none'}")
-    click.echo(f"mapping     tp={config.mapping['tp']} pp={config.mapping['pp']}, layers per stage {config.mapping['pp_layers']}")
+    click.echo(f"mapping     tp={config.mapping['tp']} ep={config.mapping.get('ep', 1)} pp={config.mapping['pp']}, "
+               f"layers per stage {config.mapping['pp_layers']}")
     click.echo(f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} kv heads x {kv['head_dim']}, {kv['dtype']}, blocks of {kv['block_size']}")
     click.echo(f"limits      max_seq_len {limits['max_seq_len']}, max_batch_tokens {limits['max_batch_tokens']}, max_num_seqs {limits['max_num_seqs']}")
     click.echo(f"built       in {config.build.get('seconds')} s from {config.build.get('source')} (torch {config.build.get('torch')})")

@@ -36,6 +36,7 @@ def build(
     block_size: int = 16,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     pp_layers: list[int] | None = None,
     backend: str = "torch",
     quant: str | None = None,
@@ -51,8 +52,10 @@ def build(
 ) -> Path:
     """Compile `model` (a HF directory or hub id) into an engine at `output_dir`; returns its path.
 
-    With tp x pp > 1 the engine has one directory per rank, each with only that rank's weights; the
-    whole model is in memory once, and each rank's shard while it is written.
+    With tp x ep x pp > 1 the engine has one directory per rank, each with only that rank's weights; the
+    whole model is in memory once, and each rank's shard while it is written. `ep` splits each MoE layer's
+    experts over ep ranks (and each expert over tp); attention and dense layers are replicated across them
+    (docs/design.md, Parallelism).
 
     `quant` (fp8, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
     `exclude`; `kv_cache_dtype="fp8"` stores the KV cache in FP8. Activation scales come from running
@@ -68,7 +71,7 @@ def build(
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size),
-                        ("tp", tp), ("pp", pp)):
+                        ("tp", tp), ("pp", pp), ("ep", ep)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     out = Path(output_dir)
@@ -78,6 +81,8 @@ def build(
         if not force:
             raise FileExistsError(f"{out} already holds an engine; give --force (force=True) to replace it, or another -o")
     writer = get_backend(backend)
+    if ep > 1 and backend != "torch":
+        raise ValueError(f"ep > 1 (expert parallelism) runs on the torch backend only, not {backend}")
 
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
@@ -103,24 +108,26 @@ def build(
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
     ctx = BuildContext(
-        ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp,
+        ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp, ep_size=ep,
         pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
         calibration_samples=samples,
     )
     pass_log = (lambda m: log(f"[llmc] {m}")) if verbose else (lambda m: None)
     gm, records = run_passes(gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=pass_log)
-    log(f"[llmc] {len(records)} whole-model passes in {time.perf_counter() - start:.1f} s; now {tp * pp} rank(s)")
+    log(f"[llmc] {len(records)} whole-model passes in {time.perf_counter() - start:.1f} s; now {tp * ep * pp} rank(s)")
 
     # Write beside the destination and swap in at the end: an interrupted build leaves no half engine.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         ranks = []
-        for rank in range(tp * pp):
-            rank_ctx = dataclasses.replace(ctx, tp_rank=rank % tp, pp_rank=rank // tp)
+        stage = tp * ep  # ranks per pipeline stage; rank = pp_rank * stage + ep_rank * tp + tp_rank
+        world = stage * pp
+        for rank in range(world):
+            rank_ctx = dataclasses.replace(ctx, tp_rank=rank % tp, ep_rank=rank % stage // tp, pp_rank=rank // stage)
             rank_gm, rank_records = run_passes(
                 _copy(gm), rank_ctx, PIPELINE[FIRST_RANK_PASS:], verify=verify_passes,
-                dump_dir=None if dump_graphs is None else Path(dump_graphs) / (f"rank{rank}" if tp * pp > 1 else ""),
+                dump_dir=None if dump_graphs is None else Path(dump_graphs) / (f"rank{rank}" if world > 1 else ""),
                 first_stage=FIRST_RANK_PASS + 1, log=(lambda m: log(f"[llmc] rank {rank}: {m}")) if verbose else (lambda m: None),
             )
             backend_record = writer.write_rank(rank_gm, staging / f"rank{rank}", rank_ctx)
@@ -132,8 +139,9 @@ def build(
                 "passes": rank_records,
                 **({"backend": backend_record} if backend_record else {}),
             })
-            if tp * pp > 1:
-                log(f"[llmc] rank {rank + 1}/{tp * pp} written (tp rank {rank_ctx.tp_rank}, pipeline stage {rank_ctx.pp_rank})")
+            if world > 1:
+                log(f"[llmc] rank {rank + 1}/{world} written (tp rank {rank_ctx.tp_rank}, ep rank {rank_ctx.ep_rank}, "
+                    f"pipeline stage {rank_ctx.pp_rank})")
         (staging / "tokenizer").mkdir()
         for f in tokenizer_files:
             shutil.copy2(f, staging / "tokenizer" / f.name)
@@ -146,7 +154,8 @@ def build(
             kv_cache={**ctx.kv_cache, "block_size": block_size},
             limits={"max_seq_len": max_seq_len, "max_batch_tokens": max_batch_tokens, "max_num_seqs": max_num_seqs},
             eos_token_ids=ckpt.eos_token_ids(),
-            mapping={"tp": tp, "pp": pp, "pp_layers": [ranks[s * tp]["kv_cache"]["num_layers"] for s in range(pp)]},
+            mapping={"tp": tp, **({"ep": ep} if ep > 1 else {}), "pp": pp,
+                     "pp_layers": [ranks[s * stage]["kv_cache"]["num_layers"] for s in range(pp)]},
             ranks=ranks,
             quantization=None if quant is None and kv_cache_dtype is None else {
                 "mode": quant,

@@ -94,6 +94,7 @@ class Limits(_Schema):
 
 class Mapping(_Schema):
     tp: int = _range(1, MAX_RANKS)
+    ep: int = Field(default=1, ge=1, le=MAX_RANKS)  # expert parallel: a pipeline stage has tp x ep ranks
     pp: int = _range(1, MAX_RANKS)
     pp_layers: list[int] = Field(min_length=1, max_length=MAX_RANKS)
 
@@ -197,11 +198,13 @@ class ConfigSchema(_Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConfigSchema":
-        tp, pp, layers = self.mapping.tp, self.mapping.pp, self.mapping.pp_layers
-        if tp * pp > MAX_RANKS:
-            raise ValueError(f"mapping tp={tp} x pp={pp} is more than {MAX_RANKS} ranks")
-        if len(self.ranks) != tp * pp:
-            raise ValueError(f"ranks has {len(self.ranks)} entries, but mapping tp={tp} x pp={pp} needs {tp * pp}")
+        tp, ep, pp, layers = self.mapping.tp, self.mapping.ep, self.mapping.pp, self.mapping.pp_layers
+        stage = tp * ep  # ranks per pipeline stage
+        mapping = f"tp={tp}{f' x ep={ep}' if ep > 1 else ''} x pp={pp}"
+        if stage * pp > MAX_RANKS:
+            raise ValueError(f"mapping {mapping} is more than {MAX_RANKS} ranks")
+        if len(self.ranks) != stage * pp:
+            raise ValueError(f"ranks has {len(self.ranks)} entries, but mapping {mapping} needs {stage * pp}")
         if len(layers) != pp or sum(layers) != self.kv_cache.num_layers:
             raise ValueError(f"mapping.pp_layers {layers} must be {pp} stages holding kv_cache.num_layers="
                              f"{self.kv_cache.num_layers} layers in all")
@@ -215,7 +218,7 @@ class ConfigSchema(_Schema):
         sequence_tokens = -(-self.limits.max_seq_len // block) * block
         for r, rank in enumerate(self.ranks):
             kv = rank.kv_cache
-            if kv.num_layers != layers[r // tp] or kv.head_dim != self.kv_cache.head_dim or kv.num_kv_heads > self.kv_cache.num_kv_heads:
+            if kv.num_layers != layers[r // stage] or kv.head_dim != self.kv_cache.head_dim or kv.num_kv_heads > self.kv_cache.num_kv_heads:
                 raise ValueError(f"ranks[{r}].kv_cache {kv.model_dump()} does not match kv_cache and mapping.pp_layers")
             cache_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * ITEMSIZE[self.kv_cache.dtype] * sequence_tokens
             if cache_bytes > MAX_SEQUENCE_CACHE_BYTES:
@@ -268,9 +271,9 @@ class EngineConfig:
     # max_seq_len, max_batch_tokens, max_num_seqs.
     limits: dict[str, int]
     eos_token_ids: list[int]
-    # tp, pp, and pp_layers (layers per pipeline stage).
+    # tp, ep (expert parallel; absent: 1), pp, and pp_layers (layers per pipeline stage).
     mapping: dict[str, Any]
-    # One entry per rank (rank = pp_rank * tp + tp_rank): its slice of the KV cache {num_layers,
+    # One entry per rank (rank = pp_rank * stage_ranks + ep_rank * tp + tp_rank): its slice of the KV cache {num_layers,
     # num_kv_heads, head_dim}, the tensors it receives from the previous pipeline stage and sends to
     # the next ([{name, shape (-1: the step's token count), dtype}]), and its passes' records.
     ranks: list[dict[str, Any]]
@@ -284,8 +287,13 @@ class EngineConfig:
     schema_version: int = SCHEMA_VERSION
 
     @property
+    def stage_ranks(self) -> int:
+        """Ranks per pipeline stage: tp x ep."""
+        return self.mapping["tp"] * self.mapping.get("ep", 1)
+
+    @property
     def world_size(self) -> int:
-        return self.mapping["tp"] * self.mapping["pp"]
+        return self.stage_ranks * self.mapping["pp"]
 
     def save(self, engine_dir: Path) -> None:
         (Path(engine_dir) / CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")

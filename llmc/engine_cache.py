@@ -21,7 +21,7 @@ from typing import Callable
 from llmc.engine import CONFIG, SCHEMA_VERSION, EngineConfig, EngineError
 
 # What `build` takes that decides the engine; anything else (logging, verification) does not change it.
-BUILD_OPTIONS = ("dtype", "max_seq_len", "max_batch_tokens", "max_num_seqs", "tp", "pp", "pp_layers", "backend", "quant",
+BUILD_OPTIONS = ("dtype", "max_seq_len", "max_batch_tokens", "max_num_seqs", "tp", "pp", "ep", "pp_layers", "backend", "quant",
                  "kv_cache_dtype", "calib_data", "calib_samples", "exclude")
 
 
@@ -108,7 +108,7 @@ def resolve_engine(model: str | os.PathLike, log: Callable[[str], None] = print,
         return cached_engine(model, log=log, verbose=verbose, **options)
     config = EngineConfig.load(model)
     quant = config.quantization or {}
-    built = {"dtype": config.dtype, "tp": config.mapping["tp"], "pp": config.mapping["pp"], "backend": config.backend,
+    built = {"dtype": config.dtype, "tp": config.mapping["tp"], "pp": config.mapping["pp"], "ep": config.mapping.get("ep", 1), "backend": config.backend,
              "quant": quant.get("mode"), "kv_cache_dtype": quant.get("kv_cache_dtype"),
              "max_batch_tokens": config.limits["max_batch_tokens"], "pp_layers": config.mapping["pp_layers"]}
     for name, value in options.items():

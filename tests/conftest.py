@@ -24,8 +24,22 @@ TINY_CONFIGS = {
     "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, rotary_pct=0.5),
+    # Mixtures of experts (llmc::moe); save_pretrained writes their experts as per-expert keys.
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=8, num_experts_per_tok=2),
 }
-ARCHITECTURES = list(TINY_CONFIGS)
+ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, quantization
+# Tested at one tensor-parallel rank only: OLMoE's q/k norms span all heads, which tensor_parallel cannot split.
+SINGLE_RANK_CONFIGS = {
+    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
+}
 TOKENIZER_TEXT = (
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
     "The quick brown fox jumps over the lazy dog. import os, sys\nclass A:\n    pass\n"
@@ -52,7 +66,7 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
     """Save a random tiny `arch` model with the tokenizer; EOS is off so every request runs to max_tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {"vocab_size": VOCAB, **TINY_CONFIGS[arch], **overrides}
+    kwargs = {"vocab_size": VOCAB, **(TINY_CONFIGS | SINGLE_RANK_CONFIGS)[arch], **overrides}
     config = AutoConfig.for_model(kwargs.pop("model_type"), bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()

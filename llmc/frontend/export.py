@@ -11,10 +11,14 @@ ragged, paged step.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from llmc.frontend import experts
 from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
 from llmc.weights import set_weight
 
@@ -34,9 +38,12 @@ class _Step(torch.nn.Module):
 def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    experts.register()
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(ckpt.config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(
+                ckpt.config, dtype=dtype, attn_implementation="sdpa", experts_implementation=experts.IMPLEMENTATION
+            )
     except ValueError as e:  # e.g. a model without an SDPA attention implementation
         raise CheckpointError(
             f"{ckpt.architecture} cannot be built by llmc: {e}. Tested: {', '.join(TESTED_ARCHITECTURES)}."
@@ -106,45 +113,71 @@ def to_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     return fx.GraphModule(attrs, graph)
 
 
-def checkpoint_keys(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, str]:
-    """{model parameter name: checkpoint key}, through transformers' own renamings of legacy keys
-    (e.g. GPT-NeoX's `embed_out` is `lm_head`, GPT-2 hub checkpoints lack the `transformer.` prefix)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+class CheckpointWeights:
+    """The model's parameters by name, read from the checkpoint through transformers' own key mapping: renamings of
+    legacy keys (GPT-NeoX's `embed_out` is `lm_head`, GPT-2 hub checkpoints lack the `transformer.` prefix) and
+    WeightConverters, which build one parameter from several keys (per-expert weights stacked into [E, ...] and
+    gate/up concatenated). A converted parameter is computed when first asked for, from only its own keys, and
+    the others its conversion makes wait until asked for: no more than one conversion's tensors are in memory.
+    """
 
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta_state = model.state_dict()
-    keys = {}
-    for key in ckpt.keys():
-        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
-        if converter is not None:
-            raise CheckpointError(
-                f"{ckpt.architecture} checkpoints store {key!r} in a layout that needs conversion ({converter}); "
-                "llmc reads checkpoints whose tensors map one-to-one onto the model's"
-            )
-        keys[name] = key
-    return keys
+    def __init__(self, ckpt: Checkpoint, model: torch.nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+        self.ckpt, self.model = ckpt, model
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        meta_state = model.state_dict()
+        self.keys: dict[str, str] = {}  # parameter -> its one checkpoint key
+        self.conversions: dict[str, WeightConverter] = {}  # parameter (the converter's first target) -> conversion
+        for key in sorted(ckpt.keys(), key=dot_natural_key):  # experts in order, as transformers stacks them
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+            if pattern is None:
+                self.keys[name] = key
+                continue
+            if name not in self.conversions:
+                self.conversions[name] = copy.deepcopy(by_pattern[pattern])
+            self.conversions[name].add_tensor(name, key, pattern, functools.partial(ckpt.tensor, key))
+        self.converted: dict[str, torch.Tensor] = {}  # made by a conversion, not yet asked for
+
+    def names(self) -> set[str]:
+        return set(self.keys) | set(self.conversions)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if name in self.keys:
+            return self.ckpt.tensor(self.keys[name])
+        if name in self.conversions:
+            converter = self.conversions.pop(name)
+            try:
+                self.converted.update(converter.convert(name, model=self.model, config=self.model.config))
+            except Exception as e:  # a conversion transformers cannot apply to these tensors
+                raise CheckpointError(f"cannot convert {self.ckpt.path}'s weights into {name!r} ({converter}): {e}") from None
+        while name not in self.converted and self.conversions:  # a conversion's other target (a split): run the rest
+            self.get(next(iter(self.conversions)))
+        return self.converted.pop(name, None)
 
 
 def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     """Replace every meta attribute of `gm` by its real tensor, read from the checkpoint."""
-    keys = checkpoint_keys(ckpt, model)
+    weights = CheckpointWeights(ckpt, model)
     by_tensor: dict[int, list[str]] = {}  # tied weights are one parameter with several names
     for name, p in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(p), []).append(name)
     aliases = {name: names for names in by_tensor.values() for name in names}
+    available = weights.names()
     names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
     for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=len(names) < 50):
         meta = gm.get_buffer(name)
         if name in buffers:
             value = buffers[name]
         else:
-            key = next((keys[a] for a in aliases.get(name, [name]) if a in keys), None)
-            if key is None:
+            source = next((a for a in aliases.get(name, [name]) if a in available or a in weights.converted), name)
+            value = weights.get(source)
+            if value is None:
                 raise CheckpointError(f"weight {name!r} is missing from {ckpt.path} (checkpoint incomplete or for another model?)")
-            value = ckpt.tensor(key)
         if tuple(value.shape) != tuple(meta.shape):
             raise CheckpointError(
                 f"weight {name!r} in {ckpt.path} has shape {tuple(value.shape)}, but config.json implies {tuple(meta.shape)}"
@@ -158,6 +191,8 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
     buffers = non_persistent_buffers(model)
     try:
         ep = export_step(model, max_batch_tokens, max_num_seqs)
+    except experts.ExpertsError:
+        raise
     except Exception as e:  # torch.export raises many types; all mean the same thing here
         raise CheckpointError(
             f"torch.export could not trace {ckpt.architecture}: {type(e).__name__}: {str(e).splitlines()[0]}. "

@@ -9,7 +9,7 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
 from llmc.passes import (  # noqa: E402,F401
-    attention, calibrate, canonicalize, fold_rotary_into_attention, fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears, pipeline_parallel,
+    attention, calibrate, canonicalize, expert_parallel, fold_rotary_into_attention, fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears, pipeline_parallel,
     quantize, quantize_kv_cache, tensor_parallel,
 )
 
@@ -20,7 +20,7 @@ PIPELINE = (
     # After calibration, which records the keys' amax where they enter the cache: after RoPE.
     "fold_rotary_into_attention",
     # Each rank's part of it, from here on (the build runs these once per rank):
-    "pipeline_parallel", "tensor_parallel", "merge_linears", "quantize",
+    "pipeline_parallel", "tensor_parallel", "expert_parallel", "merge_linears", "quantize",
 )
 FIRST_RANK_PASS = PIPELINE.index("pipeline_parallel")
 

@@ -49,6 +49,8 @@ class BuildContext:
     pp_size: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
+    ep_size: int = 1  # expert parallel: each MoE layer's experts split over ep, each expert over tp
+    ep_rank: int = 0
     pp_layers: list[int] | None = None  # layers per pipeline stage; None balances them by parameters
     # Filled by the pipeline pass: [{"name", "shape" (-1: the token dim), "dtype"}] a stage receives / sends.
     pp_inputs: list[dict[str, Any]] = field(default_factory=list)
@@ -64,7 +66,7 @@ class BuildContext:
 
     @property
     def world_size(self) -> int:
-        return self.tp_size * self.pp_size
+        return self.tp_size * self.ep_size * self.pp_size
 
 
 class PassError(RuntimeError):

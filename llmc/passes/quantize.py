@@ -8,6 +8,9 @@
                         calibrated global scale (amax / (6 x 448))
     nvfp4-weight-only   NVFP4 weights as above; the input stays in the build dtype
 
+MoE experts (llmc::moe) become llmc::fp8_moe / llmc::nvfp4_moe, each expert's weights quantized on their own
+as a linear's are; their inputs stay in the build dtype in every mode (no per-expert calibration yet).
+
 The token embedding's table is stored in the same format (`llmc::fp8_embedding` /
 `llmc::nvfp4_embedding` dequantize the rows they gather); a tied LM head shares the packed table.
 
@@ -26,12 +29,14 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.quant_embedding  # noqa: F401  (registers the ops this pass inserts)
+import llmc.plugins.moe  # noqa: F401
 import llmc.plugins.quant_linear  # noqa: F401
 from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.plugins.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, quantize_fp8_weight, quantize_nvfp4
 from llmc.weights import set_weight
 
 LINEAR = torch.ops.llmc.linear.default
+MOE = torch.ops.llmc.moe.default
 EMBEDDING = torch.ops.aten.embedding.default
 # mode -> (weight format, whether activations are quantized too)
 QUANT_MODES = {
@@ -106,6 +111,21 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
     packed = _PackedWeights(gm, fmt)
     quantized, kept, bytes_before = 0, [], 0
     for node in list(gm.graph.nodes):
+        if node.target == MOE and node.args[3].op == "get_attr" and node.args[4].op == "get_attr":
+            names = [node.args[i].target for i in (3, 4)]
+            weights = [gm.get_buffer(n) for n in names]
+            if any(_excluded(n, ctx.quant_exclude, None) for n in names) or (
+                fmt == "nvfp4" and any(w.shape[2] % NVFP4_BLOCK for w in weights)
+            ):
+                kept.extend(names)
+                continue
+            bytes_before += sum(w.nbytes for w in weights)
+            packed_experts = [part for n, w in zip(names, weights) for part in _quantize_experts(gm, n, w, fmt, node)]
+            x, ids, topk_weights, _, _, act, first_expert = node.args
+            node.target = torch.ops.llmc.fp8_moe.default if fmt == "fp8" else torch.ops.llmc.nvfp4_moe.default
+            node.args = (x, ids, topk_weights, *packed_experts, act, first_expert)
+            quantized += 1
+            continue
         is_linear = node.target == LINEAR and node.args[1].op == "get_attr"
         if not (is_linear or (node.target == EMBEDDING and node.args[0].op == "get_attr")):
             continue
@@ -140,5 +160,21 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
         "quantized": quantized,
         "kept": kept,
         "weight_mb_before": round(bytes_before / 1e6, 3),
-        "weight_mb_after": round(packed.nbytes() / 1e6, 3),
+        "weight_mb_after": round((packed.nbytes() + expert_bytes(gm)) / 1e6, 3),
     }
+
+
+def _quantize_experts(gm: fx.GraphModule, name: str, w: torch.Tensor, fmt: str, before: fx.Node) -> list[fx.Node]:
+    """Stacked expert weights [E, N, K], each expert quantized as a linear's [N, K]: the packed tensors, stacked."""
+    per_expert = [quantize_fp8_weight(e.float()) if fmt == "fp8" else quantize_nvfp4(e.float()) for e in w]
+    suffixes = ("", "_scale") if fmt == "fp8" else ("", "_block_scale", "_global_scale")
+    return [
+        _register(gm, f"{name}_{fmt}{suffix}", torch.stack([parts[i] for parts in per_expert]), before)
+        for i, suffix in enumerate(suffixes)
+    ]
+
+
+def expert_bytes(gm: fx.GraphModule) -> int:
+    ops = (torch.ops.llmc.fp8_moe.default, torch.ops.llmc.nvfp4_moe.default)
+    return sum(gm.get_buffer(a.target).nbytes for n in gm.graph.nodes if n.target in ops
+               for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")

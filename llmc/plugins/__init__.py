@@ -1,6 +1,6 @@
 """Custom ops that passes insert, registered with torch.library under the `llmc` namespace."""
 
-from llmc.plugins import activations, attention, collectives, cpu_kernels, linear, norms, quant_embedding, quant_linear, rotary  # noqa: F401
+from llmc.plugins import activations, attention, collectives, cpu_kernels, linear, moe, norms, quant_embedding, quant_linear, rotary  # noqa: F401
 
 cpu_kernels.load()  # the C++ kernels for this CPU, registered with the dispatcher (unless LLMC_DISABLE_KERNELS=1)
 

@@ -83,7 +83,7 @@ def free_port() -> int:
 
 
 class MultiprocExecutor(Executor):
-    """A tp x pp engine on this machine: one process per rank, started here and stopped with the engine.
+    """A tp x ep x pp engine on this machine: one process per rank, started here and stopped with the engine.
 
     Every rank reports each step it finishes (the output rank with the logits, the others with None),
     so when a step is late the driver can tell which rank holds it up. If a rank dies, or a step takes
@@ -95,8 +95,8 @@ class MultiprocExecutor(Executor):
 
         self.rank_timeout = rank_timeout
         world = config.world_size
-        self.tp = config.mapping["tp"]
-        self.output_rank = (config.mapping["pp"] - 1) * self.tp  # the last stage's tensor-parallel rank 0
+        self.stage = config.stage_ranks
+        self.output_rank = (config.mapping["pp"] - 1) * self.stage  # the last stage's first rank
         # forkserver: ranks fork from a process that has imported torch once, not each its own.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["llmc.runtime.worker"])
@@ -172,8 +172,8 @@ class MultiprocExecutor(Executor):
         stopped = [r for r in late if _is_stopped(self.procs[r].pid)]
         if stopped:
             return ", ".join(f"rank {r} (pid {self.procs[r].pid}, stopped: SIGSTOP?)" for r in stopped)
-        first_stage = min(late) // self.tp
-        return ", ".join(f"rank {r} (pid {self.procs[r].pid})" for r in late if r // self.tp == first_stage)
+        first_stage = min(late) // self.stage
+        return ", ".join(f"rank {r} (pid {self.procs[r].pid})" for r in late if r // self.stage == first_stage)
 
     def _dead(self) -> str:
         dead = [(r, p) for r, p in enumerate(self.procs) if not p.is_alive()]
@@ -239,7 +239,7 @@ class TorchrunExecutor(Executor):
 
         self.messages = join_torchrun(config, rank_timeout)
         self.world = config.world_size
-        self.output_rank = (config.mapping["pp"] - 1) * config.mapping["tp"]
+        self.output_rank = (config.mapping["pp"] - 1) * config.stage_ranks
         for rank in range(1, self.world):
             self.messages.send(num_blocks, rank)
         self.worker = RankWorker(engine_dir, config, 0, num_blocks)

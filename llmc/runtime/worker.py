@@ -1,9 +1,10 @@
-"""A rank: one process of a tp x pp engine, running its program on every step it is sent.
+"""A rank: one process of a tp x ep x pp engine, running its program on every step it is sent.
 
-Ranks are numbered pp_rank * tp + tp_rank, as their directories are. Every rank gets each step's
-inputs from the driver; a pipeline stage after the first also receives the previous stage's outputs
-(from the rank with its tp_rank there) and the last stage's tp rank 0 returns the logits. The
-tensor-parallel ranks of a stage share a process group for their all-reduces.
+Ranks are numbered pp_rank * (tp * ep) + ep_rank * tp + tp_rank, as their directories are. Every rank gets
+each step's inputs from the driver; a pipeline stage after the first also receives the previous stage's
+outputs (from the rank in its place there) and the last stage's first rank returns the logits. The
+tensor-parallel ranks of a stage with one ep rank share a process group for their all-reduces; all of a
+stage's ranks share another for the MoE layers' (docs/design.md, Parallelism).
 
 Two ways to start ranks, one step: `LLM(engine)` starts them on this machine and talks to them over
 pipes (`run_local_rank`, executor.MultiprocExecutor); `torchrun ... -m llmc.cli generate|serve ENGINE`
@@ -34,13 +35,20 @@ from llmc.plugins import collectives
 
 class RankWorker:
     def __init__(self, engine_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: str = "cpu"):
-        tp, pp = config.mapping["tp"], config.mapping["pp"]
-        self.rank, self.tp = rank, tp
-        self.pp_rank, self.tp_rank = divmod(rank, tp)
+        tp, pp, stage = config.mapping["tp"], config.mapping["pp"], config.stage_ranks
+        self.rank, self.stage = rank, stage
+        self.pp_rank, self.stage_rank = divmod(rank, stage)  # stage_rank = ep_rank * tp + tp_rank
         self.is_last_stage = self.pp_rank == pp - 1
-        # Every rank creates every group, in the same order (torch.distributed's rule).
-        groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
-        collectives.set_tensor_parallel_group(groups[self.pp_rank] if tp > 1 else None)
+        # Every rank creates every group, in the same order (torch.distributed's rule): per stage, its tp
+        # groups (one per ep rank; attention and dense layers), then the whole stage (MoE layers).
+        for s in range(pp):
+            for first in range(s * stage, (s + 1) * stage, tp):
+                group = dist.new_group(list(range(first, first + tp)))
+                if first <= rank < first + tp and tp > 1:
+                    collectives.set_tensor_parallel_group(group)
+            group = dist.new_group(list(range(s * stage, (s + 1) * stage)))
+            if s == self.pp_rank and stage > 1:
+                collectives.set_expert_parallel_group(group)
         self.device = torch.device(device)
         self.runner = get_backend(config.backend).make_runner(engine_dir / f"rank{rank}", config, rank, num_blocks, self.device)
         self.receives = config.ranks[rank]["pp_inputs"]
@@ -52,14 +60,14 @@ class RankWorker:
         for spec in self.receives:
             shape = [num_tokens if d == -1 else d for d in spec["shape"]]
             buf = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
-            dist.recv(buf, src=self.rank - self.tp)
+            dist.recv(buf, src=self.rank - self.stage)
             inputs[spec["name"]] = buf
         outputs = self.runner.run(inputs)
         if not self.is_last_stage:
             for t in outputs:
-                dist.send(t.contiguous(), dst=self.rank + self.tp)
+                dist.send(t.contiguous(), dst=self.rank + self.stage)
             return None
-        if self.tp_rank == 0:
+        if self.stage_rank == 0:
             return outputs[0][0].float().numpy()
         return None
 
@@ -141,8 +149,9 @@ class Messages:
 def join_torchrun(config: EngineConfig, timeout: float) -> Messages:
     world = int(os.environ["WORLD_SIZE"])
     if world != config.world_size:
+        mapping = ", ".join(f"{k}={v}" for k, v in config.mapping.items() if k != "pp_layers")
         raise ValueError(
-            f"the engine has {config.world_size} ranks (tp={config.mapping['tp']}, pp={config.mapping['pp']}) "
+            f"the engine has {config.world_size} ranks ({mapping}) "
             f"but torchrun started {world}; give torchrun --nnodes x --nproc-per-node = {config.world_size}"
         )
     init_process_group(int(os.environ["RANK"]), world, "env://", timeout)

@@ -10,6 +10,7 @@
 #include "activations.cpp"
 #include "layer_norm.cpp"
 #include "linear.cpp"
+#include "moe.cpp"
 #include "paged_attention.cpp"
 #include "quant_linear.cpp"
 #include "rms_norm.cpp"

@@ -1,0 +1,86 @@
+"""llmc::moe: a mixture-of-experts layer's experts, given the router's choice.
+
+    out[t] = sum over k of topk_weights[t, k] * expert_e(x[t]),  e = topk_ids[t, k] - first_expert,
+    expert_e(x) = down[e] (act(gate) * up),  [gate; up] = gate_up[e] x
+
+Only the chosen experts run. `gate_up` [E, 2I, H] holds each expert's gate rows then its up rows
+(transformers' fused layout), `down` is [E, H, I]. A rank of expert parallelism holds E of the model's
+experts, those from `first_expert` on; ids outside them contribute nothing, so each rank computes its
+experts' part and an all-reduce sums the parts (docs/design.md, Parallelism). Products are summed in
+fp32 and rounded to x's dtype once.
+
+The reference is the definition; on CPU a C++ kernel (csrc/moe.cpp) computes the same with the same
+ATen matrix products, without Python's loop.
+
+llmc::fp8_moe and llmc::nvfp4_moe are the same layer over packed expert weights (weight-only: x is used as
+it is), each expert quantized on its own as a linear's weight is (plugins/quant_formats.py): FP8 with a scale
+per output feature, NVFP4 with E4M3 block scales and a global scale per expert. Their references dequantize
+only the chosen experts' weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmc.plugins import cpu_kernels
+from llmc.plugins.activations import ACTIVATIONS
+from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4
+
+torch.library.define(
+    "llmc::moe",
+    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor down, str act, int first_expert) -> Tensor",
+)
+
+
+torch.library.define(
+    "llmc::fp8_moe",
+    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor gate_up_scale, Tensor down, "
+    "Tensor down_scale, str act, int first_expert) -> Tensor",
+)
+torch.library.define(
+    "llmc::nvfp4_moe",
+    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor gate_up_scale, Tensor gate_up_global_scale, "
+    "Tensor down, Tensor down_scale, Tensor down_global_scale, str act, int first_expert) -> Tensor",
+)
+
+
+def run_experts(x, topk_ids, topk_weights, num_experts: int, expert, act, first_expert):
+    """The layer, with `expert(e)` giving expert e's (gate_up [2I, H], down [H, I]) in x's dtype."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    local = topk_ids - first_expert
+    for e in local.unique().tolist():  # ascending, as transformers' loop over experts
+        if not 0 <= e < num_experts:
+            continue  # another rank's expert
+        token, slot = torch.where(local == e)
+        gate_up, down = expert(e)
+        gate, up = F.linear(x[token], gate_up).chunk(2, dim=-1)
+        y = F.linear(ACTIVATIONS[act](gate) * up, down)
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+def moe(x, topk_ids, topk_weights, gate_up, down, act, first_expert):
+    return run_experts(x, topk_ids, topk_weights, gate_up.shape[0], lambda e: (gate_up[e], down[e]), act, first_expert)
+
+
+def fp8_moe(x, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, act, first_expert):
+    def expert(e):
+        return (dequantize_fp8(gate_up[e], gate_up_scale[e, :, None], x.dtype),
+                dequantize_fp8(down[e], down_scale[e, :, None], x.dtype))
+
+    return run_experts(x, topk_ids, topk_weights, gate_up.shape[0], expert, act, first_expert)
+
+
+def nvfp4_moe(x, topk_ids, topk_weights, gate_up, gate_up_scale, gate_up_global_scale, down, down_scale,
+              down_global_scale, act, first_expert):
+    def expert(e):
+        return (dequantize_nvfp4(gate_up[e], gate_up_scale[e], gate_up_global_scale[e], x.dtype),
+                dequantize_nvfp4(down[e], down_scale[e], down_global_scale[e], x.dtype))
+
+    return run_experts(x, topk_ids, topk_weights, gate_up.shape[0], expert, act, first_expert)
+
+
+for name, fn in (("moe", moe), ("fp8_moe", fp8_moe), ("nvfp4_moe", nvfp4_moe)):
+    cpu_kernels.reference(f"llmc::{name}", fn)
+    torch.library.register_fake(f"llmc::{name}", lambda x, *args: torch.empty_like(x))

@@ -1,0 +1,176 @@
+"""Mixtures of experts: llmc::moe's kernel against its reference, checkpoints in either expert layout, and
+expert parallelism (--ep) matching transformers with real gloo processes. Parity at one rank is in
+test_parity.py (MoE architectures are in conftest's tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import llmc
+from llmc import LLM, SamplingParams
+from llmc.engine import EngineConfig
+from llmc.frontend.checkpoint import CheckpointError
+from llmc.passes.manager import PassError
+from llmc.plugins import cpu_kernels
+from llmc.plugins.moe import moe
+
+from conftest import VOCAB, make_checkpoint, tokenizer
+from test_parity import hf_greedy
+
+MOE = torch.ops.llmc.moe.default
+PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117))]
+NEW_TOKENS = 12
+
+
+def random_moe_inputs(dtype, tokens=9, experts=4, hidden=16, intermediate=12, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(tokens, hidden, generator=g).to(dtype),
+        torch.randint(0, 2 * experts, (tokens, k), generator=g),  # half the ids are another rank's experts
+        torch.rand(tokens, k, generator=g),
+        torch.randn(experts, 2 * intermediate, hidden, generator=g).to(dtype),
+        torch.randn(experts, hidden, intermediate, generator=g).to(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_kernel_equals_reference(dtype, act):
+    assert cpu_kernels.has_kernel(MOE)
+    x, ids, w, gate_up, down = random_moe_inputs(dtype)
+    for first_expert in (0, 4):
+        assert torch.equal(MOE(x, ids, w, gate_up, down, act, first_expert), moe(x, ids, w, gate_up, down, act, first_expert))
+
+
+def test_reference_is_the_sum_of_the_chosen_experts():
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float64, tokens=3, experts=8)
+    ids = ids % 8
+    expected = torch.zeros_like(x)
+    for t in range(3):
+        for k in range(2):
+            gate, up = (gate_up[ids[t, k]] @ x[t]).chunk(2)
+            expected[t] += w[t, k] * (down[ids[t, k]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(moe(x, ids, w, gate_up, down, "silu", 0), expected, rtol=1e-5, atol=1e-5)  # sums in fp32
+
+
+def test_experts_of_two_ranks_sum_to_all():
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32, experts=8)
+    whole = MOE(x, ids, w, gate_up, down, "silu", 0)
+    parts = MOE(x, ids, w, gate_up[:4], down[:4], "silu", 0) + MOE(x, ids, w, gate_up[4:], down[4:], "silu", 4)
+    torch.testing.assert_close(parts, whole)
+
+
+def test_kernel_rejects_bad_arguments():
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        MOE(x, ids, w, gate_up[:, :, :8], down, "silu", 0)
+    with pytest.raises(RuntimeError, match="topk_ids"):
+        MOE(x, ids[:3], w, gate_up, down, "silu", 0)
+    with pytest.raises(RuntimeError, match="activation"):
+        MOE(x, ids, w, gate_up, down, "relu", 0)
+
+
+def engine_matches_transformers(checkpoint, engine_dir, **options):
+    engine = llmc.build(checkpoint, engine_dir, max_seq_len=64, max_batch_tokens=16, log=lambda _: None, **options)
+    with LLM(engine) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    return [out.token_ids for out in outputs] == [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_fused_expert_checkpoint_builds(tmp_path):
+    """A checkpoint already in transformers' fused layout ([E, ...] expert tensors) loads as is."""
+    per_expert = make_checkpoint("qwen3_moe", tmp_path / "per_expert")
+    model = AutoModelForCausalLM.from_pretrained(per_expert)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    model.config.save_pretrained(fused)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors")
+    tokenizer().save_pretrained(fused)
+    assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
+    assert engine_matches_transformers(fused, tmp_path / "engine")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
+def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
+    checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=3)
+    assert engine_matches_transformers(checkpoint, tmp_path / "engine", tp=tp, ep=ep)
+    config = EngineConfig.load(tmp_path / "engine")
+    assert config.mapping["ep"] == ep and config.world_size == tp * ep
+
+
+def test_expert_parallel_shards_the_experts(tmp_path):
+    from safetensors import safe_open
+
+    checkpoint = make_checkpoint("mixtral", tmp_path / "checkpoint")
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, tp=2, ep=2, log=lambda _: None)
+    for rank in range(4):
+        with safe_open(engine / f"rank{rank}" / "weights.safetensors", "pt") as f:
+            gate_up = next(f.get_slice(k).get_shape() for k in f.keys() if k.endswith("experts.gate_up_proj"))
+        assert gate_up == [2, 96, 64]  # 4 experts over ep 2; 2 x 96 intermediate features over tp 2
+
+
+def test_ep_errors(tmp_path):
+    mixtral = make_checkpoint("mixtral", tmp_path / "mixtral")
+    with pytest.raises(PassError, match="ep=3 does not divide the 4 experts"):
+        llmc.build(mixtral, tmp_path / "e1", max_seq_len=64, ep=3, log=lambda _: None)
+    llama = make_checkpoint("llama", tmp_path / "llama")
+    with pytest.raises(PassError, match="has none"):
+        llmc.build(llama, tmp_path / "e2", max_seq_len=64, ep=2, log=lambda _: None)
+    with pytest.raises(ValueError, match="ep must be >= 1"):
+        llmc.build(mixtral, tmp_path / "e3", ep=0, log=lambda _: None)
+
+
+def test_unsupported_expert_layout_is_a_build_error(tmp_path, monkeypatch):
+    from transformers.models.mixtral import modeling_mixtral
+
+    checkpoint = make_checkpoint("mixtral", tmp_path / "checkpoint")
+    original = modeling_mixtral.MixtralExperts.__init__
+
+    def with_bias(self, config, *args, **kwargs):
+        original(self, config, *args, **kwargs)
+        self.has_bias = True
+
+    monkeypatch.setattr(modeling_mixtral.MixtralExperts, "__init__", with_bias)
+    with pytest.raises(CheckpointError, match="MixtralExperts has expert biases, which llmc::moe does not compute"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
+
+
+def test_quantized_experts_are_the_dequantized_layer():
+    from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4, quantize_fp8_weight, quantize_nvfp4
+
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32, hidden=32, intermediate=16)
+    fp8 = [quantize_fp8_weight(e) for e in gate_up], [quantize_fp8_weight(e) for e in down]
+    (gu, gu_s), (dn, dn_s) = [[torch.stack(p) for p in zip(*parts)] for parts in fp8]
+    dequantized = [torch.stack([dequantize_fp8(q, s[:, None]) for q, s in zip(a, b)]) for a, b in ((gu, gu_s), (dn, dn_s))]
+    assert torch.equal(torch.ops.llmc.fp8_moe(x, ids, w, gu, gu_s, dn, dn_s, "silu", 0), moe(x, ids, w, *dequantized, "silu", 0))
+
+    nv = [[torch.stack(p) for p in zip(*[quantize_nvfp4(e) for e in t])] for t in (gate_up, down)]
+    dequantized = [torch.stack([dequantize_nvfp4(*parts) for parts in zip(*t)]) for t in nv]
+    assert torch.equal(torch.ops.llmc.nvfp4_moe(x, ids, w, *nv[0], *nv[1], "silu", 4), moe(x, ids, w, *dequantized, "silu", 4))
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4-weight-only"])
+def test_quantized_moe_builds_and_runs(quant, tmp_path):
+    checkpoint = make_checkpoint("qwen3_moe", tmp_path / "checkpoint")
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, quant=quant, calib_samples=2, ep=2,
+                        log=lambda _: None)
+    record = EngineConfig.load(engine).ranks[0]["passes"][-1]
+    assert record["pass"] == "quantize" and not any("experts" in name for name in record["kept"])
+    program = (engine / "rank0" / "program.json").read_text()
+    assert ("llmc.fp8_moe" if quant == "fp8" else "llmc.nvfp4_moe") in program and '"llmc.moe.default"' not in program
+    with LLM(engine) as llm:
+        out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert len(out.token_ids) == 8 and all(0 <= t < VOCAB for t in out.token_ids)
+
+
+def test_olmoe_matches_transformers_at_tp1_and_ep2(tmp_path):
+    checkpoint = make_checkpoint("olmoe", tmp_path / "checkpoint")
+    assert engine_matches_transformers(checkpoint, tmp_path / "tp1")
+    assert engine_matches_transformers(checkpoint, tmp_path / "ep2", ep=2)  # attention replicated, experts split
+    with pytest.raises(PassError, match="tensor_parallel"):  # q/k norms over all heads: a build error, not wrong tokens
+        llmc.build(checkpoint, tmp_path / "tp2", max_seq_len=64, tp=2, log=lambda _: None)
