@@ -8,6 +8,8 @@
 // - 16 registers hold fewer accumulators: a group of 64 outputs is computed as tiles of NB vectors (all 8, or halves)
 //   against 1 or 2 rows at a time, and more rows go to the dequantize + blocked GEMM path sooner (kDecodeMaxRows:
 //   5 rows for E4M3, 2 for E2M1, against 12 with AVX-512).
+// On an AVX2 AMD EPYC (a shared, busy host) one core decodes and multiplies about 12 G E4M3 and 9 G E2M1 weights/s at
+// one row (a 4096 x 768 layer): about 10 vector instructions per 16 weights besides the 2 FMAs, for both formats.
 #pragma once
 #include <immintrin.h>
 #include <climits>
