@@ -68,9 +68,12 @@ def test_openmp_threads_sleep_unless_told_otherwise(policy):
 
 
 def test_bench_quant_gemv():
-    out = run_bench("quant_gemv", "--layers", 2, "--vocab", 512, "--repeats", 1)
+    out = run_bench("quant_gemv", "--layers", 2, "--vocab", 512, "--repeats", 1, "--reference")
     formats = out["formats"]
     assert set(formats) == {"fp32", "fp8", "nvfp4", "w8a8", "w4a4"}
+    # --reference: the quantized formats' references timed beside their kernels (fp32 has no separate reference)
+    assert "reference_stack_ms" not in formats["fp32"]
+    assert all(formats[f]["speedup_over_reference"] > 0 for f in ("fp8", "nvfp4", "w8a8", "w4a4"))
     # Packed weights: a byte per weight (+ a scale per row), or 9/16 of a byte.
     assert formats["fp8"]["stack_mb"] < 0.27 * formats["fp32"]["stack_mb"]
     assert formats["nvfp4"]["stack_mb"] < 0.15 * formats["fp32"]["stack_mb"]

@@ -23,10 +23,11 @@ AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
 # The ops with a kernel at each level; the others run their reference.
 PORTABLE_KERNELS = {"llmc::prepacked_linear", "llmc::paged_attention", "llmc::gated_activation", "llmc::rms_norm",
                     "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding"}
+QUANTIZED_KERNELS = {"llmc::fp8_prepacked_linear", "llmc::nvfp4_prepacked_linear"}  # x86 intrinsics: AVX2 and up
 KERNELS = {
-    "avx512bf16": PORTABLE_KERNELS | {"llmc::fp8_prepacked_linear", "llmc::nvfp4_prepacked_linear"},
-    "avx512": PORTABLE_KERNELS | {"llmc::fp8_prepacked_linear", "llmc::nvfp4_prepacked_linear"},
-    "avx2": PORTABLE_KERNELS,
+    "avx512bf16": PORTABLE_KERNELS | QUANTIZED_KERNELS,
+    "avx512": PORTABLE_KERNELS | QUANTIZED_KERNELS,
+    "avx2": PORTABLE_KERNELS | QUANTIZED_KERNELS,
     "default": PORTABLE_KERNELS,
 }
 
@@ -203,8 +204,8 @@ LEVEL_SCRIPT = textwrap.dedent("""
                                  {"LLMC_DISABLE_KERNELS": "1"}], ids=["avx2", "portable", "disabled"])
 def test_lower_levels_and_disabled_kernels(env):
     """A CPU without AVX-512 (torch's ATEN_CPU_CAPABILITY lowers what this one reports) loads that level's library, whose
-    kernels pass opcheck and match the references; the quantized linears run their reference there. With
-    LLMC_DISABLE_KERNELS=1 every op runs its reference."""
+    kernels pass opcheck and match the references; the quantized linears have kernels at AVX2, and run their reference
+    in the portable library. With LLMC_DISABLE_KERNELS=1 every op runs its reference."""
     if "ATEN_CPU_CAPABILITY" in env and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("needs an AVX2 CPU to stand in for one")
     run = subprocess.run([sys.executable, "-c", LEVEL_SCRIPT], capture_output=True, text=True, timeout=300,
@@ -215,8 +216,9 @@ def test_lower_levels_and_disabled_kernels(env):
     assert info["level"] == level
     expected = KERNELS[level] if level else set()
     assert {op for op, runs in info["ops"].items() if runs == "kernel"} == expected
-    assert info["ops"]["llmc::fp8_linear"] == "reference"
-    assert info["prepacked"] == (1 if level else 0)  # llmc::linear, not the FP8 one: its kernel needs AVX-512
+    quantized = level == "avx2"
+    assert info["ops"]["llmc::fp8_linear"] == ("kernel, as llmc::fp8_prepacked_linear" if quantized else "reference")
+    assert info["prepacked"] == (2 if quantized else 1 if level else 0)  # llmc::linear, and the FP8 one where it has a kernel
     assert all(error < (2e-2 if "bfloat16" in name else 1e-5) for name, error in info["errors"].items()), info["errors"]
 
 

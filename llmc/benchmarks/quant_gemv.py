@@ -8,7 +8,9 @@ stack streams them from memory as a real decode step does (they do not fit in th
 Times are the best of --repeats runs. Reported per format: time of one pass over the layers' linears (through the op, and calling the
 kernel at its C++ entry point as the generated step does, which leaves out OpOverload's Python call), per shape the time per call and the GB/s of
 weight bytes read (packed values and scales), and the LM head in fp32, fp8 and nvfp4. The
-`tokens_per_s_linears` lines are 1 / (layers + LM head): an upper bound for the whole model.
+`tokens_per_s_linears` lines are 1 / (layers + LM head): an upper bound for the whole model. With --reference, each
+quantized format's stack also runs its plain-torch reference (F.linear on weights dequantized every call, as on a CPU
+without the kernels): `reference_stack_ms` and the kernels' speedup over it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen) -> dict:
+def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen, reference=False) -> dict:
     stack = {name: [make(fmt, n, k, gen) for _ in range(layers)] for name, (n, k) in layer_shapes.items()}
     inputs = {name: x[name] for name in layer_shapes}
 
@@ -79,6 +81,10 @@ def bench_format(fmt, layer_shapes, layers, head_shape, x, repeats, gen) -> dict
         "stack_mb": sum(s[3] for entries in stack.values() for s in entries) / 1e6,
         "per_call": {},
     }
+    if reference and fmt != "fp32":
+        with cpu_kernels.references():
+            result["reference_stack_ms"] = 1000 * best_seconds(lambda: run(layer_shapes, False), repeats)
+        result["speedup_over_reference"] = result["reference_stack_ms"] / result["stack_ms"]
     for name in layer_shapes:
         seconds = best_seconds(lambda: run([name], True), repeats) / layers
         nbytes = stack[name][0][3]
@@ -111,10 +117,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--reference", action="store_true", help="also time the quantized formats' references")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not cpu_kernels.has_kernel(torch.ops.llmc.fp8_prepacked_linear.default):
-        raise SystemExit(f"no quantized-linear kernels here (LLMC_DISABLE_KERNELS=1, or a CPU without AVX-512: "
+        raise SystemExit(f"no quantized-linear kernels here (LLMC_DISABLE_KERNELS=1, or a CPU without AVX2: "
                          f"{cpu_kernels.load()}): nothing to measure")
     formats = args.formats.split(",")
     unknown = set(formats) - set(FORMATS)
@@ -126,7 +133,8 @@ def main(argv=None) -> None:
     x = {name: torch.randn(args.rows, k, generator=gen) for name, (_, k) in layer_shapes.items()}
     x["head"] = torch.randn(args.rows, args.hidden, generator=gen)
     head_shape = (args.vocab, args.hidden)
-    results = {fmt: bench_format(fmt, layer_shapes, args.layers, head_shape, x, args.repeats, gen) for fmt in formats}
+    results = {fmt: bench_format(fmt, layer_shapes, args.layers, head_shape, x, args.repeats, gen, args.reference)
+               for fmt in formats}
 
     # Whole-model bound from the linears alone: the layer stack (through the ops) plus an LM head.
     bounds = {}

@@ -3,7 +3,7 @@
 The kernels are compiled when llmc is installed (setup.py): the same sources once per ISA level, into
 llmc/_C_<level>. `load` (at import of llmc.plugins) loads the best level this CPU runs; the library
 registers its kernels with torch's dispatcher for CPU tensors, so `torch.ops.llmc.X` reaches C++
-directly. An op with no kernel at that level (the FP8 and NVFP4 linears need AVX-512) runs its reference,
+directly. An op with no kernel at that level (the FP8 and NVFP4 linears need AVX2 or AVX-512) runs its reference,
 registered for every device with `reference`. A library that is missing or fails to load is an error:
 nothing falls back silently. LLMC_DISABLE_KERNELS=1 loads none, so every op runs its reference.
 `llmc env` shows what was chosen.

@@ -2,8 +2,8 @@
 // level's -m flags and ATen's CPU_CAPABILITY (which sets at::vec::Vectorized's width), into llmc/_C_<level>;
 // plugins/cpu_kernels.py loads the best one the CPU runs. Each kernel file registers its ops' CPU
 // implementations with torch's dispatcher (TORCH_LIBRARY_IMPL; the schemas are defined in Python). A file
-// whose code needs more than a level has (quant_linear.cpp: AVX-512) registers nothing there, and those ops
-// run their reference.
+// whose code needs more than a level has (quant_linear.cpp: AVX2 or AVX-512 intrinsics) registers nothing there,
+// and those ops run their reference.
 //
 // One translation unit: parsing ATen's headers takes longer than compiling all the kernels, so they are
 // included here rather than compiled apart.

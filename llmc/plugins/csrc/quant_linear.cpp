@@ -14,9 +14,11 @@
 // fp16 to fp32 exactly. The 2^8 goes into the output's scale.
 // E2M1 -> fp32: _mm512_permutexvar_ps looks up 16 codes in a 16-entry table at once.
 //
-// Raw AVX-512 (F, BW, VL): the kernels exist in the AVX-512 libraries only. On other CPUs the ops run their
-// reference, and the torch backend keeps these layers unpacked (plugins/linear.py, `prepack_linears`).
-#ifdef CPU_CAPABILITY_AVX512
+// Raw intrinsics, per level: AVX-512 (F, BW, VL) below, AVX2 (+FMA, F16C) in quant_linear_avx2.h, the same layout and
+// numerics; the argument checks and the ops' entry points after them are shared. The portable library has no
+// kernels: there the ops run their reference, and the torch backend keeps these layers unpacked (plugins/linear.py,
+// `prepack_linears`).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -29,17 +31,24 @@
 namespace llmc::quant_linear_kernel {
 
 constexpr float kE4M3Max = 448.0f, kE2M1Max = 6.0f, kFp16Bias = 256.0f;  // kFp16Bias: 2^(15 - 7)
-constexpr int64_t kGroup = 64, kVec = 16, kBlock = 16;  // outputs per group, per vector; NVFP4's block along K
-constexpr int kBlocks = kGroup / kVec;
-// Above this many rows a group is decoded once into fp32 for all of them (measured crossover on the dev machine).
-constexpr int64_t kDecodeMaxRows = 12;
-constexpr float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+constexpr int64_t kGroup = 64, kBlock = 16;  // outputs per group; NVFP4's block along K
 
 // ---- scalar formats, the same arithmetic as quant_formats.py (bit for bit) ----
 
 inline float e4m3_round(float v) {  // saturating, round to nearest even
   return static_cast<float>(c10::Float8_e4m3fn(std::min(std::max(v, -kE4M3Max), kE4M3Max)));
 }
+
+}  // namespace llmc::quant_linear_kernel
+
+#ifdef CPU_CAPABILITY_AVX512
+namespace llmc::quant_linear_kernel {
+
+constexpr int64_t kVec = 16;  // outputs per vector
+constexpr int kBlocks = kGroup / kVec;
+// Above this many rows a group is decoded once into fp32 for all of them (measured crossover on the dev machine).
+constexpr int64_t kDecodeMaxRows = 12;
+constexpr float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
 // ---- vector decoding ----
 
@@ -238,6 +247,13 @@ void quantized_gemm(const Weights& weights, const float* x, int64_t M, int64_t K
   });
 }
 
+}  // namespace llmc::quant_linear_kernel
+#else
+#include "quant_linear_avx2.h"
+#endif  // CPU_CAPABILITY_AVX512
+
+namespace llmc::quant_linear_kernel {
+
 // ---- arguments ----
 
 float scalar(const at::Tensor& t, const char* what) {
@@ -330,4 +346,4 @@ TORCH_LIBRARY_IMPL(llmc, CPU, m) {
   m.impl("fp8_prepacked_linear", &llmc::quant_linear_kernel::fp8_prepacked_linear);
   m.impl("nvfp4_prepacked_linear", &llmc::quant_linear_kernel::nvfp4_prepacked_linear);
 }
-#endif  // CPU_CAPABILITY_AVX512
+#endif  // CPU_CAPABILITY_AVX512 || CPU_CAPABILITY_AVX2
