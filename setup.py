@@ -2,6 +2,7 @@
 ISA level into llmc/_C_<level>, of which llmc/plugins/cpu_kernels.py loads the best one the CPU runs.
 Everything else is in pyproject.toml. The build needs the torch it runs with (pinned in both places)."""
 
+import copy
 import os
 import platform
 
@@ -34,6 +35,13 @@ class BuildKernels(BuildExtension.with_options(use_ninja=False)):  # ninja would
     def finalize_options(self):
         super().finalize_options()
         self.parallel = self.parallel or os.cpu_count()
+
+    def build_extension(self, ext):
+        # Every level compiles the same source, whose object file would be one path for all of them: each
+        # level gets its own temporary folder (on a copy of the command, as the levels build in parallel threads).
+        level = copy.copy(self)
+        level.build_temp = os.path.join(self.build_temp, ext.name)
+        return super(BuildKernels, level).build_extension(ext)
 
 
 setup(ext_modules=[kernels(level, *spec) for level, spec in LEVELS.items()], cmdclass={"build_ext": BuildKernels})
