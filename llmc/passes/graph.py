@@ -49,9 +49,49 @@ def is_weight(node: Any) -> bool:
 
 
 def val(node: Any) -> torch.Tensor | None:
-    """The (fake) tensor `node` computes, from the last shape propagation; None for non-tensor values."""
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    """The (fake) tensor `node` computes; None for non-tensor values. A node this pass created has none until
+    the manager propagates shapes after the pass: it is inferred here from its inputs' values, on demand."""
+    v = value(node)
     return v if isinstance(v, torch.Tensor) else None
+
+
+def value(node: Any) -> Any:
+    """`node`'s `meta["val"]` (a fake tensor, a tuple of them, a SymInt...), inferred if missing; None if unknown."""
+    if not isinstance(node, fx.Node):
+        return None
+    if "val" not in node.meta and node.op in ("call_function", "get_attr"):
+        inferred = _infer(node)
+        if inferred is not None:
+            node.meta["val"] = inferred
+    return node.meta.get("val")
+
+
+def _infer(node: fx.Node) -> Any:
+    from torch._guards import detect_fake_mode
+
+    if node.op == "get_attr":
+        weight = node.graph.owning_module.get_buffer(node.target)
+        mode = detect_fake_mode([n.meta.get("val") for n in node.graph.nodes if n.op == "placeholder"])
+        return None if mode is None else mode.from_tensor(weight, static_shapes=True)
+    inputs = [value(n) for n in node.all_input_nodes]
+    mode = detect_fake_mode(inputs)
+    if mode is None or any(v is None for v in inputs):
+        return None
+    with mode:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: on_cpu(n.meta["val"]))
+        try:
+            return node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001  unknown here; the manager's propagation after the pass reports it
+            return None
+
+
+def on_cpu(v: Any) -> Any:
+    """The graph was traced on the meta device and its weights are on the CPU: values meet on the CPU."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(on_cpu(x) for x in v)
+    if isinstance(v, torch.Tensor) and v.device.type == "meta":
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu")
+    return v
 
 
 def arg(node: fx.Node, name: str, default: Any = _MISSING) -> Any:

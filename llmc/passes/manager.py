@@ -116,6 +116,8 @@ def propagate_shapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
     """
     from torch._guards import detect_fake_mode
 
+    from llmc.passes.graph import on_cpu
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
     if fake_mode is None:
@@ -138,7 +140,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
                 key = _call_key(node)
                 if old is not None and node.meta.get("val_key") == key and not any(i in changed for i in node.all_input_nodes):
                     continue
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _on_cpu(n.meta["val"]))
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: on_cpu(n.meta["val"]))
                 try:
                     node.meta["val"] = node.target(*args, **kwargs)
                 except Exception as e:
@@ -161,18 +163,9 @@ def _stamp_traced_values(gm: fx.GraphModule) -> None:
             node.meta["val_key"] = _call_key(node)
 
 
-def _on_cpu(v: Any) -> Any:
-    """The graph was traced on the meta device and its weights are on the CPU: values meet on the CPU."""
-    if isinstance(v, (tuple, list)):
-        return type(v)(_on_cpu(x) for x in v)
-    if isinstance(v, torch.Tensor) and v.device.type == "meta":
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu")
-    return v
-
-
 def _same(a: Any, b: Any) -> bool:
     """Whether two (fake) values have the same structure, shapes, strides and dtypes (symbolic sizes compared as
-    expressions, without adding guards; meta and CPU count as one device, see `_on_cpu`)."""
+    expressions, without adding guards; meta and CPU count as one device, see `graph.on_cpu`)."""
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
