@@ -19,6 +19,7 @@ import torch
 VOCAB = 256
 PROMPT_LENGTHS = (5, 11)
 NEW_TOKENS = 8
+MAX_PARAMS = 5_000_000
 
 # Registry entries the sweep does not build, and why (the only ones).
 SKIPPED = {
@@ -121,6 +122,10 @@ def make_checkpoint(model_type: str, path: Path, seed: int = 0) -> torch.nn.Modu
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
+    with torch.device("meta"):  # a size the shrinker missed must not take the machine's memory
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if params > MAX_PARAMS:
+        raise ValueError(f"the tiny config still has {params / 1e6:.0f}M parameters: add its size attributes to llmc/sweep.py's CLAMPED")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
