@@ -78,6 +78,10 @@ def build(
 
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
+    vocab_size = ckpt.config.get_text_config().vocab_size
+    if any(not 0 <= eos < vocab_size for eos in ckpt.eos_token_ids()):
+        raise CheckpointError(f"{ckpt.architecture}: eos_token_id {ckpt.eos_token_ids()} is outside the vocabulary "
+                              f"(vocab_size {vocab_size}); fix generation_config.json or config.json")
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}")
     # Models without learned or rotary positions (ALiBi: Bloom, MPT) have no such limit.
     limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None)

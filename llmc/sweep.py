@@ -19,7 +19,7 @@ import torch
 VOCAB = 256
 PROMPT_LENGTHS = (5, 11)
 NEW_TOKENS = 8
-MAX_PARAMS = 5_000_000
+MAX_PARAMS = 20_000_000
 
 # Registry entries the sweep does not build, and why (the only ones).
 SKIPPED = {
@@ -58,7 +58,7 @@ CLAMPED = {
     "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-    "moe_k": 2,
+    "moe_k": 2, "rotary_dim": 8,
     # Encoder-decoder families' decoders (BART, Marian, ...): the causal LM is their decoder.
     "decoder_layers": 2, "encoder_layers": 2, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
@@ -104,8 +104,9 @@ def tiny_config(model_type: str):
     except Exception:  # noqa: BLE001  configs that require the ids (both sides ignore EOS: see `check`)
         config = cls(**kwargs)
     for name, value in config.to_dict().items():  # other special tokens must exist in the tiny vocabulary
-        if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:
-            setattr(config, name, VOCAB - 1)
+        if name.endswith(("_token_id", "_token_ids")) and isinstance(value, (int, list)):
+            clamped = [min(v, VOCAB - 1) for v in value] if isinstance(value, list) else min(value, VOCAB - 1)
+            setattr(config, name, clamped)
     return config
 
 
@@ -205,7 +206,9 @@ def sweep(types: list[str] | None = None, log=lambda r: None) -> list[Result]:
 def markdown(results: list[Result]) -> str:
     import transformers
 
-    counts = {s: sum(r.status == s for r in results) for s in ("matches", "refused", "skipped")}
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
     lines = [
         "# Architectures",
         "",
@@ -214,7 +217,7 @@ def markdown(results: list[Result]) -> str:
         f"transformers' `generate` (fp32, greedy, {len(PROMPT_LENGTHS)} prompts x {NEW_TOKENS} tokens). `tests/test_architectures.py`",
         "asserts that each one matches token for token or is refused at build time with a one-line error.",
         "",
-        f"{counts['matches']} match, {counts['refused']} are refused, {counts['skipped']} are not text-only models.",
+        ", ".join(f"{status}: {n}" for status, n in counts.items()) + " (skipped: not text-only models, see llmc/sweep.py's SKIPPED).",
         "",
         "| model_type | architecture | status | reason |",
         "| --- | --- | --- | --- |",
