@@ -41,6 +41,45 @@ SKIPPED = {
     "whisper": "speech decoder: needs encoder (audio) hidden states",
 }
 
+# Registry entries whose tiny config (`tiny_config`) transformers itself cannot run yet: the shrinker's gaps,
+# not llmc's (the sweep reports them as crashed; tests/test_architectures.py expects that, strictly).
+TINY_CONFIG_GAPS = {
+    "bailing_hybrid": "2 layers hold no attention layer (hybrid layout attribute not shrunk)",
+    "bamba": "2 layers hold no attention layer (attn_layer_indices not shrunk)",
+    "granitemoehybrid": "2 layers hold no attention layer (hybrid layout attribute not shrunk)",
+    "jamba": "2 layers hold no attention layer (attn_layer_period/offset not shrunk)",
+    "recurrent_gemma": "2 layers hold no attention layer (block_types not shrunk)",
+    "kimi_linear": "routing top-k exceeds the shrunk experts",
+    "blt": "sub-model sizes (encoder, global, decoder) not shrunk",
+    "dots3_note": "sizes not shrunk (279552M parameters)",
+    "gemma4_unified_assistant": "sizes not shrunk (2872M parameters)",
+    "llama4": "sizes not shrunk (vision/text sub-configs)",
+    "longcat_flash": "sizes not shrunk (47M parameters)",
+    "qwen3_5": "sizes not shrunk (vision/text sub-configs)",
+    "qwen3_5_moe": "sizes not shrunk (vision/text sub-configs)",
+    "inkling2_text": "a derived size becomes negative",
+    "inkling2_loop_text": "a derived size becomes negative",
+    "cohere_compass_text": "layer types not derived for 2 layers",
+    "gemma3n_text": "cache-sharing layer types inconsistent at 2 layers",
+    "dbrx": "attention sub-config needs rope_theta",
+    "deepseek_v2": "routing top-k left None",
+    "lfm2_moe": "a layer list left None",
+    "qwen4_exp": "a size left None",
+    "qwen4_exp_text": "a size left None",
+    "dots1": "expert parameters fail to initialise",
+    "gemma4_assistant": "config validation refuses the shrunk sizes",
+    "gpt_neo": "config validation refuses the shrunk sizes (attention_types)",
+    "kolibri1_1": "config validation refuses the shrunk sizes",
+    "mamba2": "config validation refuses the shrunk sizes",
+    "zamba": "config validation refuses the shrunk layer types",
+    "zamba2": "config validation refuses the shrunk layer types",
+    "prophetnet": "decoder needs n-gram inputs",
+    "reformer": "needs is_decoder=True and its chunked attention sizes",
+    "xlm": "needs its language embeddings' inputs",
+    "xlstm": "cell sizes not shrunk consistently",
+    "xmod": "needs a default language set on the model",
+}
+
 # Standard config attribute names (mapped to each config's own through its `attribute_map`) and the tiny values.
 TINY = {
     "vocab_size": VOCAB,
@@ -94,6 +133,10 @@ def tiny_config(model_type: str):
         current = defaults.get(name)
         if isinstance(current, int) and not isinstance(current, bool) and current > limit:
             kwargs[name] = limit
+    layer_types = defaults.get("layer_types")
+    if isinstance(layer_types, list) and "num_hidden_layers" in kwargs:  # hybrids: keep one attention layer
+        first = next((i for i, t in enumerate(layer_types) if "attention" in str(t) and "linear" not in str(t)), 0)
+        kwargs["num_hidden_layers"] = max(TINY["num_hidden_layers"], min(first + 1, 8))
     heads, kv_heads = (names.get(n, n) for n in ("num_attention_heads", "num_key_value_heads"))
     if kv_heads in kwargs and not (defaults.get(kv_heads) or 0) < (defaults.get(heads) or 0):
         kwargs[kv_heads] = TINY["num_attention_heads"]  # a model without grouped-query attention by default stays so
@@ -217,7 +260,9 @@ def markdown(results: list[Result]) -> str:
         f"transformers' `generate` (fp32, greedy, {len(PROMPT_LENGTHS)} prompts x {NEW_TOKENS} tokens). `tests/test_architectures.py`",
         "asserts that each one matches token for token or is refused at build time with a one-line error.",
         "",
-        ", ".join(f"{status}: {n}" for status, n in counts.items()) + " (skipped: not text-only models, see llmc/sweep.py's SKIPPED).",
+        ", ".join(f"{status}: {n}" for status, n in counts.items()) + ". Skipped: not text-only models (llmc/sweep.py's",
+        "SKIPPED). Crashed \"tiny model in transformers\": the sweep's own gaps, tiny configs transformers cannot run",
+        "(TINY_CONFIG_GAPS); any other crash or difference is an llmc bug.",
         "",
         "| model_type | architecture | status | reason |",
         "| --- | --- | --- | --- |",

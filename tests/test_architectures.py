@@ -16,8 +16,13 @@ from llmc.frontend.checkpoint import CheckpointError
 DOC = Path(__file__).parent.parent / "docs" / "architectures.md"
 
 
+def _case(model_type: str):
+    gap = sweep.TINY_CONFIG_GAPS.get(model_type)
+    return pytest.param(model_type, marks=pytest.mark.xfail(strict=True, reason=f"tiny config: {gap}")) if gap else model_type
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", sweep.model_types())
+@pytest.mark.parametrize("model_type", [_case(t) for t in sweep.model_types()])
 def test_matches_transformers_or_is_refused_in_one_line(model_type, tmp_path):
     result = sweep.check(model_type, tmp_path)
     assert result.ok, f"{model_type} ({result.architecture}) {result.status}: {result.detail}"
@@ -33,8 +38,9 @@ def test_tiny_config_shrinks_through_each_configs_own_names():
     assert deepseek.head_dim == deepseek.qk_rope_head_dim == 8 and deepseek.kv_lora_rank == 32
 
 
-def test_skips_are_registry_entries():
-    assert set(sweep.SKIPPED) <= set(sweep.model_types())
+def test_skips_and_gaps_are_registry_entries():
+    assert set(sweep.SKIPPED) | set(sweep.TINY_CONFIG_GAPS) <= set(sweep.model_types())
+    assert not set(sweep.SKIPPED) & set(sweep.TINY_CONFIG_GAPS)
 
 
 def test_dynamic_rope_is_refused_in_one_line(tmp_path):
