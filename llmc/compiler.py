@@ -14,15 +14,19 @@ import torch
 import torch.fx as fx
 
 from llmc.backends import CONTIGUOUS_CACHE, get_backend
+from llmc.backends.graph_format import GraphFormatError
 from llmc.engine import CONFIG, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
+from llmc.passes.manager import PassError
 from llmc.passes.quantize import QUANT_MODES, needs_calibration
 from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
 
 CALIBRATION_SEQ_LEN = 256  # tokens per calibration sample
+# What a build raises for a model it cannot compile: each a one-line message naming what is missing.
+BUILD_ERRORS = (CheckpointError, PassError, GraphFormatError)
 
 
 def build(
@@ -89,10 +93,15 @@ def build(
     if dtype == "auto":
         dtype = checkpoint_dtype(ckpt.config)
     check_mapping(ckpt.config, tp, pp, pp_layers)
+    vocab_size = ckpt.config.get_text_config().vocab_size
+    if any(not 0 <= eos < vocab_size for eos in ckpt.eos_token_ids()):
+        raise CheckpointError(f"{ckpt.architecture}: eos_token_id {ckpt.eos_token_ids()} is outside the vocabulary "
+                              f"(vocab_size {vocab_size}); fix generation_config.json or config.json")
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}, {dtype}")
-    limit = ckpt.config.get_text_config().max_position_embeddings
-    max_seq_len = max_seq_len or min(limit, 4096)
-    if not 2 <= max_seq_len <= limit:
+    # Models without learned or rotary positions (ALiBi: Bloom, MPT) have no such limit.
+    limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None)
+    max_seq_len = max_seq_len or min(limit or 4096, 4096)
+    if not 2 <= max_seq_len <= (limit or max_seq_len):
         raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
     if backend in CONTIGUOUS_CACHE:
         block_size = max_seq_len  # one block per sequence: its contiguous cache row

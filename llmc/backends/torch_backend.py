@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins.linear import prepack_linears
+from llmc.backends.allowed_ops import PROGRAM_OPS
 from llmc.backends.graph_format import GraphFormatError, bind_arguments, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
 from llmc.engine import EngineError
@@ -36,8 +37,16 @@ def rank_files(record: dict) -> tuple[set[str], set[str]]:
 
 
 def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
+    program = graph_to_json(gm.graph)
+    unknown = sorted({n["target"] for n in program["nodes"] if n["op"] == "call_function" and n["target"] not in PROGRAM_OPS})
+    if unknown:  # the loader would refuse the engine (docs/design.md, "Engine files are untrusted"): refuse the build
+        arch = (getattr(ctx.hf_config, "architectures", None) or ["this model"])[0] if ctx is not None else "this model"
+        raise GraphFormatError(
+            f"{arch} is not supported yet: its program calls {', '.join(unknown)}, which no llmc pass lowers and "
+            "engines do not run (llmc/backends/allowed_ops.py)"
+        )
     rank_dir.mkdir(parents=True, exist_ok=True)
-    (rank_dir / PROGRAM).write_text(json.dumps(graph_to_json(gm.graph), indent=1) + "\n")
+    (rank_dir / PROGRAM).write_text(json.dumps(program, indent=1) + "\n")
     weights = {name: t.contiguous() for name, t in gm.named_buffers(remove_duplicate=False)}
     save_file(weights, rank_dir / WEIGHTS)
 

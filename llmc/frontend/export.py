@@ -160,9 +160,8 @@ class CheckpointWeights:
         return self.converted.pop(name, None)
 
 
-def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, torch.Tensor], weights: CheckpointWeights) -> None:
     """Replace every meta attribute of `gm` by its real tensor, read from the checkpoint."""
-    weights = CheckpointWeights(ckpt, model)
     by_tensor: dict[int, list[str]] = {}  # tied weights are one parameter with several names
     for name, p in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(p), []).append(name)
@@ -177,10 +176,10 @@ def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, b
             source = next((a for a in aliases.get(name, [name]) if a in available or a in weights.converted), name)
             value = weights.get(source)
             if value is None:
-                raise CheckpointError(f"weight {name!r} is missing from {ckpt.path} (checkpoint incomplete or for another model?)")
+                raise CheckpointError(f"weight {name!r} is missing from {weights.ckpt.path} (checkpoint incomplete or for another model?)")
         if tuple(value.shape) != tuple(meta.shape):
             raise CheckpointError(
-                f"weight {name!r} in {ckpt.path} has shape {tuple(value.shape)}, but config.json implies {tuple(meta.shape)}"
+                f"weight {name!r} in {weights.ckpt.path} has shape {tuple(value.shape)}, but config.json implies {tuple(meta.shape)}"
             )
         set_weight(gm, name, value.to(meta.dtype))
 
@@ -188,6 +187,7 @@ def load_weights(gm: fx.GraphModule, ckpt: Checkpoint, model: torch.nn.Module, b
 def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline)."""
     model = build_meta_model(ckpt, dtype)
+    weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)
     try:
         ep = export_step(model, max_batch_tokens, max_num_seqs)
@@ -195,9 +195,28 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
         raise
     except Exception as e:  # torch.export raises many types; all mean the same thing here
         raise CheckpointError(
-            f"torch.export could not trace {ckpt.architecture}: {type(e).__name__}: {str(e).splitlines()[0]}. "
+            f"torch.export could not trace {ckpt.architecture}{_rope_note(ckpt)}: {export_failure(e)}. "
             f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
         ) from e
     gm = to_graph_module(ep)
-    load_weights(gm, ckpt, model, buffers)
+    load_weights(gm, model, buffers, weights)
     return gm
+
+
+def export_failure(e: Exception) -> str:
+    """One line for what torch.export raised: guard failures (a value the model branches on, such as dynamic
+    RoPE's sequence length) are multi-line dumps whose first line says only that a guard failed."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    if isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e).lower():
+        return ("the model branches on the values of its inputs (data-dependent control flow, e.g. a RoPE that "
+                "depends on the sequence length), which one traced program cannot express")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def _rope_note(ckpt: Checkpoint) -> str:
+    text = ckpt.config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    return "" if kind == "default" else f" (rope_type {kind!r})"

@@ -12,14 +12,14 @@ import torch.fx as fx
 
 from llmc.passes.manager import BuildContext, register_pass
 
+from llmc.passes.graph import ASSERTS, CASTS, arg, calls, val
+
 aten = torch.ops.aten
-ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
-CONVERSIONS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
 
 
 def _is_noop_conversion(node: fx.Node) -> bool:
-    src, out = node.args[0].meta.get("val"), node.meta.get("val")
-    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+    src, out = val(node.args[0]), val(node)
+    if src is None or out is None:
         return False
     return src.dtype == out.dtype and "memory_format" not in node.kwargs
 
@@ -28,17 +28,15 @@ def _is_noop_conversion(node: fx.Node) -> bool:
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
     asserts = conversions = dropouts = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in ASSERTS:
+        if calls(node, ASSERTS):
             gm.graph.erase_node(node)
             asserts += 1
-        elif node.target in CONVERSIONS and _is_noop_conversion(node):
+        elif calls(node, CASTS) and _is_noop_conversion(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             conversions += 1
-        elif node.target == aten.dropout.default and not node.args[2]:
-            node.replace_all_uses_with(node.args[0])
+        elif calls(node, aten.dropout.default) and not arg(node, "train"):
+            node.replace_all_uses_with(arg(node, "input"))
             gm.graph.erase_node(node)
             dropouts += 1
     return gm, {"asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts}

@@ -16,24 +16,25 @@ import llmc.plugins.norms  # noqa: F401  (registers torch.ops.llmc.add_layer_nor
 from llmc.passes.fuse_rms_norm import fuse_residual_add
 from llmc.passes.manager import BuildContext, register_pass
 
+from llmc.passes.graph import arg, find, is_weight, val
+
 aten = torch.ops.aten
 
 
 def _norm_args(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(w, bias, eps) of a LayerNorm over the last dim with weights of the input's dtype, else None."""
-    x, shape, w, bias, eps = (*node.args, None, None, None)[:5]  # layer_norm(x, shape, w=None, b=None, eps=1e-5)
-    eps = node.kwargs.get("eps", 1e-5) if eps is None else eps
-    if len(shape) != 1 or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (w, bias)):
+    x, shape, w, bias = (arg(node, name) for name in ("input", "normalized_shape", "weight", "bias"))
+    if len(shape) != 1 or not all(is_weight(t) for t in (w, bias)):
         return None
-    if any(gm.get_buffer(t.target).dtype != x.meta["val"].dtype for t in (w, bias)):
+    if any(gm.get_buffer(t.target).dtype != val(x).dtype for t in (w, bias)):
         return None
-    return w, bias, float(eps)
+    return w, bias, float(arg(node, "eps"))
 
 
 @register_pass("fuse_layer_norm")
 def fuse_layer_norm(gm: fx.GraphModule, ctx: BuildContext):
     layer_norms = fused = 0
-    for node in [n for n in gm.graph.nodes if n.target == aten.layer_norm.default]:
+    for node in find(gm, aten.layer_norm.default):
         layer_norms += 1
         args = _norm_args(gm, node)
         if args is not None:

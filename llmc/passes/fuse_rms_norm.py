@@ -17,58 +17,54 @@ import torch.fx as fx
 import llmc.plugins.norms  # noqa: F401  (registers torch.ops.llmc.rms_norm)
 from llmc.passes.manager import BuildContext, register_pass
 
+from llmc.passes.graph import CASTS, arg, calls, find, is_weight, only_user, val
+
 aten = torch.ops.aten
-CASTS = (aten.to.dtype, aten._to_copy.default)
-
-
-def _only_user(node: fx.Node, target) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 and users[0].target in (target if isinstance(target, tuple) else (target,)) else None
+NORM_CASTS = frozenset({aten.to.dtype, aten._to_copy.default}) & CASTS
 
 
 def _match(rsqrt: fx.Node):
     """(x, weight, eps, output node) of the RMSNorm around this rsqrt, or None."""
-    add = rsqrt.args[0]
-    if add.target != aten.add.Tensor or not isinstance(add.args[1], float):
+    add = arg(rsqrt, "self")
+    if not calls(add, aten.add.Tensor) or not isinstance(arg(add, "other"), float):
         return None
-    mean = add.args[0]
-    if mean.target != aten.mean.dim or list(mean.args[1]) != [-1] or not mean.args[2]:
+    mean = arg(add, "self")
+    if not calls(mean, aten.mean.dim) or list(arg(mean, "dim") or []) != [-1] or not arg(mean, "keepdim"):
         return None
-    pow_ = mean.args[0]
-    if pow_.target != aten.pow.Tensor_Scalar or pow_.args[1] != 2:
+    pow_ = arg(mean, "self")
+    if not calls(pow_, aten.pow.Tensor_Scalar) or arg(pow_, "exponent") != 2:
         return None
-    h = pow_.args[0]
-    scaled = next((u for u in rsqrt.users if u.target == aten.mul.Tensor and set(u.args) == {h, rsqrt}), None)
+    h = arg(pow_, "self")
+    scaled = next((u for u in rsqrt.users if calls(u, aten.mul.Tensor) and set(u.args) == {h, rsqrt}), None)
     if scaled is None or len(rsqrt.users) != 1:
         return None
-    cast = _only_user(scaled, CASTS)
-    out = _only_user(cast or scaled, aten.mul.Tensor)
+    cast = only_user(scaled, NORM_CASTS)
+    out = only_user(cast or scaled, aten.mul.Tensor)
     if out is None:
         return None
     w = next((a for a in out.args if a is not (cast or scaled)), None)
-    if not isinstance(w, fx.Node) or w.op != "get_attr":
+    if not is_weight(w):
         return None
-    x = h.args[0] if h.target in CASTS else h
-    return x, w, add.args[1], out
+    x = h.args[0] if calls(h, NORM_CASTS) else h
+    return x, w, arg(add, "other"), out
 
 
 @register_pass("fuse_rms_norm")
 def fuse_rms_norm(gm: fx.GraphModule, ctx: BuildContext):
     count = 0
-    for rsqrt in [n for n in gm.graph.nodes if n.target == aten.rsqrt.default]:
+    for rsqrt in find(gm, aten.rsqrt.default):
         match = _match(rsqrt)
         if match is None:
             continue
         x, w, eps, out = match
-        if gm.get_buffer(w.target).dtype != x.meta["val"].dtype:
+        if gm.get_buffer(w.target).dtype != val(x).dtype:
             continue
         with gm.graph.inserting_before(out):
             fused = gm.graph.call_function(torch.ops.llmc.rms_norm.default, (x, w, eps))
-        fused.meta["val"] = out.meta.get("val")
         out.replace_all_uses_with(fused)
         count += 1
     gm.graph.eliminate_dead_code()  # the unfused chains still read the adds
-    norms = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.rms_norm.default]
+    norms = find(gm, torch.ops.llmc.rms_norm.default)
     added = sum(fuse_residual_add(gm, norm, torch.ops.llmc.add_rms_norm.default, norm.args[1:]) for norm in norms)
     return gm, {"rms_norms": count, "with_residual_add": added}
 
@@ -76,16 +72,15 @@ def fuse_rms_norm(gm: fx.GraphModule, ctx: BuildContext):
 def fuse_residual_add(gm: fx.GraphModule, norm: fx.Node, fused_op, norm_args: tuple) -> int:
     """norm(add(a, b), *norm_args) -> fused_op(a, b, *norm_args), which returns (normalised, a + b)."""
     add = norm.args[0]
-    if add.target != aten.add.Tensor or add.kwargs or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args):
+    if not calls(add, aten.add.Tensor) or add.kwargs or len(add.args) != 2 or not all(val(a) is not None for a in add.args):
         return 0
     a, b = add.args
-    if a.meta["val"].shape != b.meta["val"].shape or a.meta["val"].dtype != b.meta["val"].dtype:
+    if val(a).shape != val(b).shape or val(a).dtype != val(b).dtype:
         return 0
     with gm.graph.inserting_before(add.next):  # where the sum was: every user of either comes later
         fused = gm.graph.call_function(fused_op, (a, b, *norm_args))
         normed = gm.graph.call_function(operator.getitem, (fused, 0))
         total = gm.graph.call_function(operator.getitem, (fused, 1))
-    normed.meta["val"], total.meta["val"] = norm.meta.get("val"), add.meta.get("val")
     norm.replace_all_uses_with(normed)
     add.replace_all_uses_with(total)
     return 1

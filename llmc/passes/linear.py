@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.linear  # noqa: F401  (registers torch.ops.llmc.linear)
+from llmc.passes.graph import arg, calls, find, is_weight
 from llmc.passes.manager import BuildContext, register_pass
 from llmc.weights import set_weight
 
@@ -21,22 +22,22 @@ llmc_linear = torch.ops.llmc.linear.default
 @register_pass("linear")
 def linear(gm: fx.GraphModule, ctx: BuildContext):
     linears = addmms = 0
-    for node in gm.graph.nodes:
-        if node.target == aten.linear.default:
-            x, w, *rest = node.args
-            node.target, node.args, node.kwargs = llmc_linear, (x, w, rest[0] if rest else node.kwargs.get("bias")), {}
+    for node in find(gm, {aten.linear.default, aten.addmm.default}):
+        if calls(node, aten.linear.default):
+            x, w, bias = (arg(node, name) for name in ("input", "weight", "bias"))
+            node.target, node.args, node.kwargs = llmc_linear, (x, w, bias), {}
             linears += 1
         elif _is_plain_addmm(node):
-            bias, x, w = node.args
+            bias, x, w = (arg(node, name) for name in ("self", "mat1", "mat2"))
             set_weight(gm, w.target, gm.get_buffer(w.target).t().contiguous())
-            node.target, node.args = llmc_linear, (x, w, bias)
+            node.target, node.args, node.kwargs = llmc_linear, (x, w, bias), {}
             addmms += 1
     return gm, {"linears": linears, "addmms": addmms}
 
 
 def _is_plain_addmm(node: fx.Node) -> bool:
     """addmm(bias, x, W) with beta = alpha = 1 and W a weight nothing else reads."""
-    if node.target != aten.addmm.default or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+    if arg(node, "beta") != 1 or arg(node, "alpha") != 1:
         return False
-    w = node.args[2]
-    return w.op == "get_attr" and len(w.users) == 1
+    w = arg(node, "mat2")
+    return is_weight(w) and len(w.users) == 1

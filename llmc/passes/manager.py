@@ -108,6 +108,73 @@ def _run(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def propagate_shapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
+    """Keep every node's `meta["val"]` (a fake tensor: shape, dtype, symbolic token dims) current, so that passes
+    read current shapes and never set them by hand (docs/design.md, "Passes").
+
+    Incremental: a node is recomputed when it is new, its call changed (target or arguments), or an input's
+    value changed; weights are checked against the module's tensors. Inputs keep the values the trace gave
+    them; an input a pass added without one (the step's KV-cache arrays) gets its example's shape.
+    """
+    from torch._guards import detect_fake_mode
+
+    from llmc.passes.graph import on_cpu
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+    if fake_mode is None:
+        raise PassError("the graph's inputs carry no traced shapes (meta['val']); shapes cannot be propagated")
+    missing = [n for n in placeholders if not isinstance(n.meta.get("val"), torch.Tensor)]
+    examples = example_step(gm, ctx) if missing else {}
+    weights = dict(gm.named_buffers(remove_duplicate=False))
+    changed: set[fx.Node] = set()
+    with fake_mode:
+        for node in gm.graph.nodes:
+            old = node.meta.get("val")
+            if node.op == "placeholder":
+                if node in missing:
+                    node.meta["val"] = fake_mode.from_tensor(examples[node.target], static_shapes=True)
+            elif node.op == "get_attr":
+                w = weights[node.target]
+                if not _same(old, w):
+                    node.meta["val"] = fake_mode.from_tensor(w, static_shapes=True)
+            elif node.op == "call_function":
+                key = _call_key(node)
+                if old is not None and node.meta.get("val_key") == key and not any(i in changed for i in node.all_input_nodes):
+                    continue
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: on_cpu(n.meta["val"]))
+                try:
+                    node.meta["val"] = node.target(*args, **kwargs)
+                except Exception as e:
+                    raise PassError(f"{node.format_node()} fails on its inputs' shapes: {type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0]}") from e
+                node.meta["val_key"] = key
+            if not _same(old, node.meta.get("val")):
+                changed.add(node)
+
+
+def _call_key(node: fx.Node) -> str:
+    """What a node's value is a function of, besides its inputs' values: its target and arguments."""
+    return repr((node.target, fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)))
+
+
+def _stamp_traced_values(gm: fx.GraphModule) -> None:
+    """The values the trace computed are current for the calls as traced: only a call a pass changes is recomputed."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" in node.meta and "val_key" not in node.meta:
+            node.meta["val_key"] = _call_key(node)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two (fake) values have the same structure, shapes, strides and dtypes (symbolic sizes compared as
+    expressions, without adding guards; meta and CPU count as one device, see `graph.on_cpu`)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and str(a.shape) == str(b.shape) and str(a.stride()) == str(b.stride())
+    return type(a) is type(b) and str(a) == str(b)
+
+
 def _drop_unused_weights(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):
@@ -136,6 +203,7 @@ def run_passes(
         if first_stage == 1:
             (dump_dir / "00-traced.txt").write_text(gm.print_readable(print_output=False))
     records: list[Record] = []
+    _stamp_traced_values(gm)
     for i, name in enumerate(pipeline, start=first_stage):
         check = verify and not (name in SHARDING_PASSES and ctx.world_size > 1)
         before = _run(gm, example_step(gm, ctx)) if check else None
@@ -145,6 +213,10 @@ def run_passes(
         gm.graph.lint()
         _drop_unused_weights(gm)
         gm.recompile()
+        try:
+            propagate_shapes(gm, ctx)
+        except PassError as e:
+            raise PassError(f"after pass {name!r}: {e}") from e.__cause__
         record = {"pass": name, **record, "seconds": round(time.perf_counter() - start, 4)}
         if check:
             after = _run(gm, example_step(gm, ctx))

@@ -9,6 +9,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from llmc.passes.graph import arg, find, is_weight
 from llmc.passes.manager import BuildContext, register_pass
 from llmc.weights import set_weight
 
@@ -16,23 +17,23 @@ LINEAR = torch.ops.llmc.linear.default
 
 
 def _weight(node: fx.Node) -> fx.Node | None:
-    w = node.args[1]
-    return w if w.op == "get_attr" and len(w.users) == 1 else None
+    w = arg(node, "w")
+    return w if is_weight(w) and len(w.users) == 1 else None
 
 
 @register_pass("merge_linears")
 def merge_linears(gm: fx.GraphModule, ctx: BuildContext):
     groups: dict[tuple[fx.Node, bool], list[fx.Node]] = {}  # (input, has bias) -> linears
-    for node in gm.graph.nodes:
-        bias = node.args[2] if node.target == LINEAR else None
-        if node.target == LINEAR and _weight(node) is not None and (bias is None or (bias.op == "get_attr" and len(bias.users) == 1)):
-            groups.setdefault((node.args[0], bias is not None), []).append(node)
+    for node in find(gm, LINEAR):
+        bias = arg(node, "bias")
+        if _weight(node) is not None and (bias is None or (is_weight(bias) and len(bias.users) == 1)):
+            groups.setdefault((arg(node, "x"), bias is not None), []).append(node)
     merged = []
     for (x, has_bias), linears in groups.items():
         weights = [gm.get_buffer(_weight(n).target) for n in linears]
         if len(linears) < 2 or len({w.dtype for w in weights}) != 1:
             continue
-        biases = [gm.get_buffer(n.args[2].target) for n in linears] if has_bias else None
+        biases = [gm.get_buffer(arg(n, "bias").target) for n in linears] if has_bias else None
         name = _weight(linears[0]).target + "_merged"
         set_weight(gm, name, torch.cat(weights))
         if biases is not None:
