@@ -16,16 +16,19 @@ from llmc.frontend.checkpoint import CheckpointError
 DOC = Path(__file__).parent.parent / "docs" / "architectures.md"
 
 
-def _case(model_type: str):
-    gap = sweep.TINY_CONFIG_GAPS.get(model_type)
-    return pytest.param(model_type, marks=pytest.mark.xfail(strict=True, reason=f"tiny config: {gap}")) if gap else model_type
+def documented(status: str) -> list[str]:
+    """The registry entries docs/architectures.md gives this status."""
+    return [t for t, s in re.findall(r"^\| (\S+) \| \S+ \| (\w[\w -]*) \|", DOC.read_text(), flags=re.M) if s == status]
 
 
+# CI re-checks every architecture the table says matches (a change that breaks one fails here); the whole
+# registry, refusals included, is `python -m llmc.sweep --write docs/architectures.md` (about 10 minutes on
+# 2 cores, too long for every CI run), whose table test_generated_table_lists_the_registry keeps complete.
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", [_case(t) for t in sweep.model_types()])
-def test_matches_transformers_or_is_refused_in_one_line(model_type, tmp_path):
+@pytest.mark.parametrize("model_type", documented("matches"))
+def test_documented_matches_still_match_transformers(model_type, tmp_path):
     result = sweep.check(model_type, tmp_path)
-    assert result.ok, f"{model_type} ({result.architecture}) {result.status}: {result.detail}"
+    assert result.status == "matches", f"{model_type} ({result.architecture}) {result.status}: {result.detail}"
 
 
 def test_tiny_config_shrinks_through_each_configs_own_names():
