@@ -78,7 +78,7 @@ def engine_matches_transformers(checkpoint, engine_dir, **options):
     with LLM(engine) as llm:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    return [out.token_ids for out in outputs] == [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
+    return [out.outputs[0].token_ids for out in outputs] == [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
 
 
 def test_fused_expert_checkpoint_builds(tmp_path):
@@ -164,7 +164,7 @@ def test_quantized_moe_builds_and_runs(quant, tmp_path):
     program = (engine / "rank0" / "program.json").read_text()
     assert ("llmc.fp8_moe" if quant == "fp8" else "llmc.nvfp4_moe") in program and '"llmc.moe.default"' not in program
     with LLM(engine) as llm:
-        out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=8, temperature=0))[0]
+        out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
     assert len(out.token_ids) == 8 and all(0 <= t < VOCAB for t in out.token_ids)
 
 
