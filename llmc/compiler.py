@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from llmc.backends import CONTIGUOUS_CACHE, get_backend
-from llmc.engine import CONFIG, EngineConfig, record_files
+from llmc.engine import CONFIG, MAX_SEQ_LEN, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
@@ -75,7 +75,8 @@ def build(
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}")
-    limit = ckpt.config.get_text_config().max_position_embeddings
+    # Models without position embeddings or RoPE tables (ALiBi: Bloom) have no limit of their own.
+    limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None) or MAX_SEQ_LEN
     max_seq_len = max_seq_len or min(limit, 4096)
     if not 2 <= max_seq_len <= limit:
         raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")

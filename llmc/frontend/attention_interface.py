@@ -30,16 +30,16 @@ IMPLEMENTATION = "llmc"
 IGNORED_KWARGS = {"position_ids", "cache_position", "output_attentions", "use_cache", "sliding_window", "layer_idx",
                   "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal"}
 
-torch.library.define("llmc_trace::causal_mask", "(SymInt q_length, int sliding_window) -> Tensor")
+torch.library.define("llmc_trace::causal_mask", "(SymInt q_length, int sliding_window, Device device) -> Tensor")
 torch.library.define(
     "llmc_trace::attention",
     "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float softcap, Tensor? sinks) -> Tensor",
 )
 
 
-def causal_mask(q_length, sliding_window):
+def causal_mask(q_length, sliding_window, device):
     """[1, 1, q, q] bool: key j visible to query i when j <= i (and i - j < sliding_window when that is positive)."""
-    pos = torch.arange(q_length)
+    pos = torch.arange(q_length, device=device)
     allowed = pos[None, :] <= pos[:, None]
     if sliding_window > 0:
         allowed &= pos[None, :] > pos[:, None] - sliding_window
@@ -50,8 +50,8 @@ torch.library.impl("llmc_trace::causal_mask", "CompositeExplicitAutograd", causa
 
 
 @torch.library.register_fake("llmc_trace::causal_mask")
-def _causal_mask_fake(q_length, sliding_window):
-    return torch.empty((1, 1, q_length, q_length), dtype=torch.bool)
+def _causal_mask_fake(q_length, sliding_window, device):
+    return torch.empty((1, 1, q_length, q_length), dtype=torch.bool, device=device)
 
 
 def attention(q, k, v, mask, scale, softcap, sinks):
@@ -99,7 +99,7 @@ def llmc_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         if not getattr(module, "is_causal", True):
             raise CheckpointError(f"{arch}: non-causal attention; llmc's attention is causal")
         # What SDPA does without a mask for a causal module: plain causal attention.
-        attention_mask = torch.ops.llmc_trace.causal_mask(query.shape[2], 0)
+        attention_mask = torch.ops.llmc_trace.causal_mask(query.shape[2], 0, query.device)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = torch.ops.llmc_trace.attention(query, key, value, attention_mask, scale, float(softcap or 0.0), s_aux)
     return out.transpose(1, 2).contiguous(), None
@@ -129,7 +129,7 @@ def _recognised_window(mask_function, local_size) -> int | None:
 
 
 def llmc_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-              local_size=None, config=None, **kwargs):
+              local_size=None, config=None, device="cpu", **kwargs):
     """transformers' mask-interface signature: a `llmc_trace::causal_mask` node, or a CheckpointError."""
     arch = getattr(config, "model_type", None) or "this model"
     if attention_mask is not None:
@@ -142,7 +142,7 @@ def llmc_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
             f"{arch}: its attention mask ({getattr(mask_function, '__qualname__', mask_function)}) is neither causal nor a "
             "causal sliding window; llmc's attention implements only those"
         )
-    return torch.ops.llmc_trace.causal_mask(q_length, window)
+    return torch.ops.llmc_trace.causal_mask(q_length, window, torch.device(device))
 
 
 def register() -> None:

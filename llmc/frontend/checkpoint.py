@@ -24,6 +24,9 @@ TESTED_ARCHITECTURES = (
     "GPT2LMHeadModel",
     "GPTJForCausalLM",
     "GPTNeoXForCausalLM",
+    "FalconForCausalLM",
+    "Gemma2ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
 

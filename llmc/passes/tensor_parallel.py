@@ -186,6 +186,15 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
             if bias is not None:
                 shard(bias.target, vocab_rows, 0)
             insert_after(lin, llmc.all_gather.default, vocab)
+    for att in attentions:  # per-query-head constants follow their heads
+        heads = _shape(att.args[0])[1]
+        for name in ("alibi_slopes", "sinks"):
+            node = att.kwargs.get(name)
+            if node is None:
+                continue
+            if node.op != "get_attr":
+                raise PassError(f"the {name} of {att.name} are computed in the graph, not a weight; llmc cannot shard them")
+            shard(node.target, slice(rank * heads // tp, (rank + 1) * heads // tp), 0)
     for emb in embeddings:
         shard(emb.args[0].target, vocab_rows, 0)
         emb.target, emb.args = llmc.vocab_embedding.default, (emb.args[0], emb.args[1], rank * per_rank)
