@@ -27,6 +27,8 @@ TINY_CONFIGS = {
     # ALiBi (falcon-rw style): the bias transformers adds to the mask becomes the op's slopes.
     "falcon_alibi": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
                          new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
+    # ALiBi in the model's own attention code (llmc/passes/eager_attention.py).
+    "bloom": dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4),
     # Logit soft-capping that binds (larger weights than the default init), sliding and global layers.
     "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,

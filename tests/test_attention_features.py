@@ -128,14 +128,23 @@ def test_a_mask_transformers_makes_that_is_not_causal_is_a_build_error(tmp_path,
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
 
 
-def test_bloom_attention_outside_the_interface_is_a_clear_build_error(tmp_path):
-    checkpoint = make_checkpoint("gpt2", tmp_path / "unused")  # the tokenizer's files
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_attention_in_the_model_own_code_is_a_clear_build_error(tmp_path, monkeypatch):
+    """Attention that bypasses transformers' interface (here: Llama's eager code, whatever is asked) is refused."""
+    from transformers.models.llama import modeling_llama
 
-    config = AutoConfig.for_model("bloom", vocab_size=320, hidden_size=64, n_layer=2, n_head=4)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bloom")
-    for f in checkpoint.glob("tokenizer*"):
-        (tmp_path / "bloom" / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(PassError, match="BloomForCausalLM: 0 of its 2 layers compute attention through transformers' "
+    checkpoint = make_checkpoint("llama", tmp_path / "checkpoint")
+    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *_: modeling_llama.eager_attention_forward)
+    with pytest.raises(PassError, match="LlamaForCausalLM: 0 of its 2 layers compute attention through transformers' "
                                         "attention interface"):
-        llmc.build(tmp_path / "bloom", tmp_path / "engine", max_seq_len=32, log=lambda _: None)
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_with_every_feature(dtype):
+    """torch.library.opcheck with the new arguments: schema, fake tensors (V's head dim out), AOT dispatch."""
+    i32 = dict(dtype=torch.int32)
+    args = (torch.randn(1, 4, 3, 8).to(dtype), torch.randn(1, 2, 3, 8).to(dtype), torch.randn(1, 2, 3, 5).to(dtype),
+            torch.randn(2, 2, 6, 4, 2, 8).to(dtype), 1, torch.tensor([5, 6, 20]), torch.tensor([[1, 0], [5, 2]], **i32),
+            torch.tensor([7, 1], **i32), torch.tensor([0, 2, 3], **i32), 0.3, 4)
+    kwargs = dict(alibi_slopes=torch.rand(4), softcap=2.0, sinks=torch.randn(4))
+    torch.library.opcheck(torch.ops.llmc.paged_attention.default, args, kwargs)

@@ -81,12 +81,9 @@ def _register_msft_schema() -> None:
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[P("query", "T"), P("key", "T", param_option=opt), P("value", "T", param_option=opt),
                 P("past_key", "T", param_option=opt), P("past_value", "T", param_option=opt),
-                P("seqlens_k", "M"), P("total_sequence_length", "M"), P("cos_cache", "T", param_option=opt),
-                P("sin_cache", "T", param_option=opt), P("position_ids", "I", param_option=opt),
-                P("attention_bias", "T", param_option=opt), P("head_sink", "T", param_option=opt)],
+                P("seqlens_k", "M"), P("total_sequence_length", "M")],
         outputs=[P("output", "T"), P("present_key", "T", param_option=opt), P("present_value", "T", param_option=opt)],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], ""),
-                          ("I", ["tensor(int64)"], "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[A("num_heads", onnx.defs.OpSchema.AttrType.INT, ""), A("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
                     A("scale", onnx.defs.OpSchema.AttrType.FLOAT, ""),
                     A("local_window_size", onnx.defs.OpSchema.AttrType.INT, ""),
@@ -115,13 +112,10 @@ def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_lengt
                   alibi_slopes=None, softcap=0.0, sinks=None):
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     batch = op.Shape(seqlens_k)
-    # Sinks are ORT's head_sink (one logit per head, in the softmax's denominator); soft-capping its softcap.
-    # ALiBi and K/V of different head dims have no GroupQueryAttention form: step_program refuses them.
-    sink = None if sinks is None else op.CastLike(sinks, q)
+    # Soft-capping is ORT's softcap. ALiBi, sinks and K/V of different head dims: step_program refuses them here.
     out, present_key, present_value = msft.GroupQueryAttention(
         _flat_to_batch(q, batch, num_heads, head_dim), _flat_to_batch(k, batch, num_kv_heads, head_dim),
         _flat_to_batch(v, batch, num_kv_heads, head_dim), past_key, past_value, seqlens_k, total_sequence_length,
-        None, None, None, None, sink,
         num_heads=num_heads, kv_num_heads=num_kv_heads, scale=scale,
         # ORT's window, like llmc's (HF's), counts the query itself (checked on Mistral).
         local_window_size=sliding_window if sliding_window > 0 else -1, softcap=float(softcap),
@@ -387,11 +381,10 @@ def step_program(gm: fx.GraphModule, ctx, form: str) -> tuple[fx.GraphModule, di
             raise OnnxExportError("an FP8 KV cache (k_scale/v_scale) has no ONNX lowering yet; build without a quantized KV cache")
         features = {name: node.kwargs[name] for name in ("alibi_slopes", "softcap", "sinks") if node.kwargs.get(name)}
         dk, dv = q.meta["val"].shape[-1], v.meta["val"].shape[-1]
-        if form == "onnxruntime" and ("alibi_slopes" in features or dk != dv):
-            raise OnnxExportError(
-                f"{'ALiBi' if 'alibi_slopes' in features else 'K and V of different head dims'} has no onnxruntime "
-                "GroupQueryAttention form; build this model with the torch backend"
-            )
+        missing = [what for what, used in (("ALiBi", "alibi_slopes" in features), ("K and V of different head dims", dk != dv),
+                                           ("attention sinks", "sinks" in features)) if used]
+        if form == "onnxruntime" and missing:  # sinks: ORT's head_sink, not yet checked against the torch backend
+            raise OnnxExportError(f"{missing[0]} has no onnxruntime GroupQueryAttention form; build this model with the torch backend")
         past = [new_input(f"past_{kind}_{layer}", rows) for kind in ("key", "value")]
         with graph.inserting_before(node):
             if node.kwargs.get("cos") is not None:  # RoPE folded into the op: applied before it, by its reference

@@ -25,6 +25,7 @@ TESTED_ARCHITECTURES = (
     "GPTJForCausalLM",
     "GPTNeoXForCausalLM",
     "FalconForCausalLM",
+    "BloomForCausalLM",
     "Gemma2ForCausalLM",
     "DeepseekV3ForCausalLM",
 )
