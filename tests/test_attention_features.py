@@ -148,3 +148,17 @@ def test_opcheck_with_every_feature(dtype):
             torch.tensor([7, 1], **i32), torch.tensor([0, 2, 3], **i32), 0.3, 4)
     kwargs = dict(alibi_slopes=torch.rand(4), softcap=2.0, sinks=torch.randn(4))
     torch.library.opcheck(torch.ops.llmc.paged_attention.default, args, kwargs)
+
+
+@pytest.mark.parametrize("arch", ["falcon_alibi", "bloom"])
+def test_alibi_slopes_follow_their_heads_at_tp2(arch, checkpoints, tmp_path):
+    """Each rank keeps the slopes of its own query heads: tp 2 gives the single-rank engine's tokens."""
+    from llmc import LLM, SamplingParams
+
+    prompts = [[1, 2, 3], list(range(10, 40)), [5] * 7]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    outputs = []
+    for tp in (1, 2):
+        with LLM(llmc.build(checkpoints[arch], tmp_path / f"tp{tp}", max_seq_len=64, tp=tp, log=lambda _: None)) as llm:
+            outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outputs[0] == outputs[1]

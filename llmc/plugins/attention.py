@@ -22,7 +22,6 @@ to their first rotary_dim channels (`rotary_interleaved` as that op's `interleav
 anything else, so the cache holds rotated keys as before.
 
 Layouts (those of the HF attention it replaces, so the graph around it is unchanged):
-    q       [1, num_heads, T, head_dim]
     q       [1, num_heads, T, dk]
     k, v    [1, num_kv_heads, T, dk], [1, num_kv_heads, T, dv]     (before any GQA expansion)
     kv_cache[num_layers, 2, num_blocks, block_size, num_kv_heads, max(dk, dv)]
