@@ -380,7 +380,7 @@ def step_program(gm: fx.GraphModule, ctx, form: str) -> tuple[fx.GraphModule, di
         if any(s is not None for s in scales) or any(node.kwargs.get(s) is not None for s in ("k_scale", "v_scale")):
             raise OnnxExportError("an FP8 KV cache (k_scale/v_scale) has no ONNX lowering yet; build without a quantized KV cache")
         features = {name: node.kwargs[name] for name in ("alibi_slopes", "softcap", "sinks") if node.kwargs.get(name)}
-        dk, dv = q.meta["val"].shape[-1], v.meta["val"].shape[-1]
+        dk, dv = node.meta.get("head_dims", (kv["head_dim"], kv["head_dim"]))  # set by the attention pass
         missing = [what for what, used in (("ALiBi", "alibi_slopes" in features), ("K and V of different head dims", dk != dv),
                                            ("attention sinks", "sinks" in features)) if used]
         if form == "onnxruntime" and missing:  # sinks: ORT's head_sink, not yet checked against the torch backend

@@ -91,6 +91,7 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
                 extra,
             )
         paged.meta["val"] = llmc.plugins.attention.attention_output(node.meta["val"])
+        paged.meta["head_dims"] = (dk, dv)  # K's and V's: what backends that cannot pad (ONNX GQA) check
         node.replace_all_uses_with(paged)
         graph.erase_node(node)
     graph.eliminate_dead_code()
