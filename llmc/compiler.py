@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from llmc.backends import CONTIGUOUS_CACHE, get_backend
 from llmc.backends.graph_format import GraphFormatError
-from llmc.engine import CONFIG, EngineConfig, record_files
+from llmc.engine import CONFIG, MAX_SEQ_LEN, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
@@ -98,10 +98,10 @@ def build(
         raise CheckpointError(f"{ckpt.architecture}: eos_token_id {ckpt.eos_token_ids()} is outside the vocabulary "
                               f"(vocab_size {vocab_size}); fix generation_config.json or config.json")
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}, {dtype}")
-    # Models without learned or rotary positions (ALiBi: Bloom, MPT) have no such limit.
-    limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None)
-    max_seq_len = max_seq_len or min(limit or 4096, 4096)
-    if not 2 <= max_seq_len <= (limit or max_seq_len):
+    # Models without position embeddings or RoPE tables (ALiBi: Bloom) have no limit of their own.
+    limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None) or MAX_SEQ_LEN
+    max_seq_len = max_seq_len or min(limit, 4096)
+    if not 2 <= max_seq_len <= limit:
         raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
     if backend in CONTIGUOUS_CACHE:
         block_size = max_seq_len  # one block per sequence: its contiguous cache row

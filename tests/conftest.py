@@ -33,6 +33,20 @@ TINY_CONFIGS = {
     "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       num_experts=8, num_experts_per_tok=2),
+    # ALiBi (falcon-rw style): the bias transformers adds to the mask becomes the op's slopes.
+    "falcon_alibi": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                         new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
+    # ALiBi in the model's own attention code (llmc/passes/eager_attention.py).
+    "bloom": dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4),
+    # Logit soft-capping that binds (larger weights than the default init), sliding and global layers.
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=30.0, query_pre_attn_scalar=16, initializer_range=0.1),
+    # MLA: K head dim (nope + rope) 24, V head dim 12; dense (first_k_dense_replace covers every layer).
+    "deepseek_v3_mla": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=2,
+                            q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=256),
 }
 ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, quantization
 # Tested at one tensor-parallel rank only: OLMoE's q/k norms span all heads, which tensor_parallel cannot split.

@@ -60,11 +60,13 @@ EXAMPLE_SIZES = {NUM_TOKENS: 6, NUM_LOGITS: 2, BATCH: 2}
 torch.library.define(
     "llmc_onnx::attention",
     "(Tensor q, Tensor k, Tensor v, Tensor past_key, Tensor past_value, Tensor seqlens_k, Tensor total_sequence_length, "
-    "float scale, int sliding_window) -> (Tensor, Tensor, Tensor)",
+    "float scale, int sliding_window, Tensor? alibi_slopes=None, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.register_fake(
     "llmc_onnx::attention",
-    lambda q, k, v, past_key, past_value, *_: (torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)),
+    lambda q, k, v, past_key, past_value, *_, **__: (
+        q.new_empty((*q.shape[:-1], v.shape[-1])), torch.empty_like(past_key), torch.empty_like(past_value)
+    ),
 )
 
 
@@ -84,7 +86,8 @@ def _register_msft_schema() -> None:
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[A("num_heads", onnx.defs.OpSchema.AttrType.INT, ""), A("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
                     A("scale", onnx.defs.OpSchema.AttrType.FLOAT, ""),
-                    A("local_window_size", onnx.defs.OpSchema.AttrType.INT, "")],
+                    A("local_window_size", onnx.defs.OpSchema.AttrType.INT, ""),
+                    A("softcap", onnx.defs.OpSchema.AttrType.FLOAT, "")],
     )
     onnx.defs.register_schema(schema)
 
@@ -105,28 +108,35 @@ def _batch_to_flat(x, heads: int, head_dim: int):
     return op.Transpose(x, perm=[0, 2, 1, 3])
 
 
-def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window):
+def attention_gqa(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window,
+                  alibi_slopes=None, softcap=0.0, sinks=None):
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     batch = op.Shape(seqlens_k)
+    # Soft-capping is ORT's softcap. ALiBi, sinks and K/V of different head dims: step_program refuses them here.
     out, present_key, present_value = msft.GroupQueryAttention(
         _flat_to_batch(q, batch, num_heads, head_dim), _flat_to_batch(k, batch, num_kv_heads, head_dim),
         _flat_to_batch(v, batch, num_kv_heads, head_dim), past_key, past_value, seqlens_k, total_sequence_length,
         num_heads=num_heads, kv_num_heads=num_kv_heads, scale=scale,
         # ORT's window, like llmc's (HF's), counts the query itself (checked on Mistral).
-        local_window_size=sliding_window if sliding_window > 0 else -1,
+        local_window_size=sliding_window if sliding_window > 0 else -1, softcap=float(softcap),
     )
     return _batch_to_flat(out, num_heads, head_dim), present_key, present_value
 
 
-def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window):
-    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
+def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, scale, sliding_window,
+                       alibi_slopes=None, softcap=0.0, sinks=None):
+    num_heads, num_kv_heads, head_dim, v_head_dim = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    cache_dim = max(head_dim, v_head_dim)
     batch = op.Shape(seqlens_k)
     # [1, heads, B*S, D] -> [B, heads, S, D]
-    to_batch = lambda x, h: op.Transpose(  # noqa: E731
-        op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Concat(batch, op.Constant(value_ints=[-1, h, head_dim]), axis=0)),
+    to_batch = lambda x, h, d: op.Transpose(  # noqa: E731
+        op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Concat(batch, op.Constant(value_ints=[-1, h, d]), axis=0)),
         perm=[0, 2, 1, 3],
     )
-    qb, kb, vb = to_batch(q, num_heads), to_batch(k, num_kv_heads), to_batch(v, num_kv_heads)
+    # K and V of different head dims: zero-padded to the cache's (the larger), read back at their own.
+    pad = lambda x, d: x if d == cache_dim else op.Pad(x, op.Constant(value_ints=[0, 0, 0, 0, 0, 0, 0, cache_dim - d]))  # noqa: E731
+    qb = to_batch(q, num_heads, head_dim)
+    kb, vb = pad(to_batch(k, num_kv_heads, head_dim), head_dim), pad(to_batch(v, num_kv_heads, v_head_dim), v_head_dim)
     new = op.Shape(qb, start=2, end=3)  # S
     # Positions of the new tokens: context length - S + [0, S), per sequence: [B, S].
     first = op.Sub(op.Add(op.Cast(seqlens_k, to=onnx.TensorProto.INT64), op.Constant(value_int=1)), new)
@@ -138,21 +148,39 @@ def attention_standard(q, k, v, past_key, past_value, seqlens_k, total_sequence_
     # GQA: each KV head serves num_heads / num_kv_heads query heads.
     group = num_heads // num_kv_heads
     cache_len = op.Shape(past_key, start=2, end=3)
-    expanded = op.Concat(batch, op.Constant(value_ints=[num_kv_heads, group]), cache_len, op.Constant(value_ints=[head_dim]), axis=0)
-    merged = op.Concat(batch, op.Constant(value_ints=[num_heads]), cache_len, op.Constant(value_ints=[head_dim]), axis=0)
+    expanded = op.Concat(batch, op.Constant(value_ints=[num_kv_heads, group]), cache_len, op.Constant(value_ints=[cache_dim]), axis=0)
+    merged = op.Concat(batch, op.Constant(value_ints=[num_heads]), cache_len, op.Constant(value_ints=[cache_dim]), axis=0)
     repeat = lambda x: op.Reshape(op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), expanded), merged)  # noqa: E731
     keys, values = repeat(present_key), repeat(present_value)
+    if head_dim != cache_dim:
+        keys = op.Slice(keys, op.Constant(value_ints=[0]), op.Constant(value_ints=[head_dim]), op.Constant(value_ints=[3]))
+    if v_head_dim != cache_dim:
+        values = op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[v_head_dim]), op.Constant(value_ints=[3]))
     scores = op.Mul(op.MatMul(qb, op.Transpose(keys, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), qb))
+    if softcap > 0:
+        cap = op.CastLike(op.Constant(value_float=softcap), scores)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     # Causal over the row: key position <= query position (and within the window).
     key_pos = op.Range(op.Constant(value_int=0), op.Squeeze(cache_len), op.Constant(value_int=1))
     query_pos = op.Unsqueeze(positions, op.Constant(value_ints=[1, 3]))  # [B, 1, S, 1]
+    if alibi_slopes is not None:  # slope * (key position - query position), per head
+        slopes = op.Reshape(op.CastLike(alibi_slopes, scores), op.Constant(value_ints=[1, -1, 1, 1]))
+        scores = op.Add(scores, op.Mul(slopes, op.CastLike(op.Sub(key_pos, query_pos), scores)))
     allowed = op.LessOrEqual(key_pos, query_pos)
     if sliding_window > 0:
         allowed = op.And(allowed, op.Greater(key_pos, op.Sub(query_pos, op.Constant(value_int=sliding_window))))
     lowest = op.CastLike(op.Constant(value_float=float(torch.finfo(torch.float16).min)), scores)
-    probs = op.Softmax(op.Where(allowed, scores, lowest), axis=-1)
-    out = op.MatMul(probs, values)  # [B, H, S, D]
-    out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[1, -1, num_heads, head_dim]))
+    scores = op.Where(allowed, scores, lowest)
+    if sinks is None:
+        probs = op.Softmax(scores, axis=-1)
+    else:  # one more logit per head in the softmax, its probability dropped
+        sink = op.Expand(op.Reshape(op.CastLike(sinks, scores), op.Constant(value_ints=[1, -1, 1, 1])),
+                         op.Concat(op.Shape(scores, end=3), op.Constant(value_ints=[1]), axis=0))
+        probs = op.Softmax(op.Concat(scores, sink, axis=-1), axis=-1)
+        probs = op.Slice(probs, op.Constant(value_ints=[0]), cache_len,
+                         op.Constant(value_ints=[3]))
+    out = op.MatMul(probs, values)  # [B, H, S, dv]
+    out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[1, -1, num_heads, v_head_dim]))
     return op.Transpose(out, perm=[0, 2, 1, 3]), present_key, present_value
 
 
@@ -349,8 +377,14 @@ def step_program(gm: fx.GraphModule, ctx, form: str) -> tuple[fx.GraphModule, di
     lowered = {"llmc::paged_attention": ATTENTION[form]}
     for node in paged:
         q, k, v, _, layer, _, _, _, _, scale, window, *scales = node.args
-        if any(s is not None for s in scales):
+        if any(s is not None for s in scales) or any(node.kwargs.get(s) is not None for s in ("k_scale", "v_scale")):
             raise OnnxExportError("an FP8 KV cache (k_scale/v_scale) has no ONNX lowering yet; build without a quantized KV cache")
+        features = {name: node.kwargs[name] for name in ("alibi_slopes", "softcap", "sinks") if node.kwargs.get(name)}
+        dk, dv = node.meta.get("head_dims", (kv["head_dim"], kv["head_dim"]))  # set by the attention pass
+        missing = [what for what, used in (("ALiBi", "alibi_slopes" in features), ("K and V of different head dims", dk != dv),
+                                           ("attention sinks", "sinks" in features)) if used]
+        if form == "onnxruntime" and missing:  # sinks: ORT's head_sink, not yet checked against the torch backend
+            raise OnnxExportError(f"{missing[0]} has no onnxruntime GroupQueryAttention form; build this model with the torch backend")
         past = [new_input(f"past_{kind}_{layer}", rows) for kind in ("key", "value")]
         with graph.inserting_before(node):
             if node.kwargs.get("cos") is not None:  # RoPE folded into the op: applied before it, by its reference
@@ -358,7 +392,7 @@ def step_program(gm: fx.GraphModule, ctx, form: str) -> tuple[fx.GraphModule, di
                 q, k = (graph.call_function(attention.apply_rope, (x, *rope)) for x in (q, k))
                 lowered["llmc::paged_attention's RoPE"] = "fallback"
             attn = graph.call_function(
-                torch.ops.llmc_onnx.attention.default, (q, k, v, *past, seqlens_k, total, float(scale), int(window))
+                torch.ops.llmc_onnx.attention.default, (q, k, v, *past, seqlens_k, total, float(scale), int(window)), features
             )
             out = graph.call_function(operator.getitem, (attn, 0))
             presents += [graph.create_node("call_function", operator.getitem, (attn, i), name=f"present_{kind}_{layer}")

@@ -28,6 +28,10 @@ TESTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
+    "FalconForCausalLM",
+    "BloomForCausalLM",
+    "Gemma2ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from llmc.frontend import experts
+from llmc.frontend import attention_interface, experts
 from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
 from llmc.weights import set_weight
 
@@ -38,13 +38,15 @@ class _Step(torch.nn.Module):
 def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    attention_interface.register()
     experts.register()
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                ckpt.config, dtype=dtype, attn_implementation="sdpa", experts_implementation=experts.IMPLEMENTATION
+                ckpt.config, dtype=dtype, attn_implementation=attention_interface.IMPLEMENTATION,
+                experts_implementation=experts.IMPLEMENTATION,
             )
-    except ValueError as e:  # e.g. a model without an SDPA attention implementation
+    except ValueError as e:  # e.g. a model that refuses a custom attention implementation
         raise CheckpointError(
             f"{ckpt.architecture} cannot be built by llmc: {e}. Tested: {', '.join(TESTED_ARCHITECTURES)}."
         ) from None
@@ -77,9 +79,10 @@ def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int
         torch.arange(3, device="meta")[None],
         torch.tensor([1, 2], device="meta"),
     )
-    return torch.export.export(
-        _Step(model), example, dynamic_shapes=({1: num_tokens}, {1: num_tokens}, {0: num_seqs}), strict=False
-    )
+    with attention_interface.unpacked_sequences():
+        return torch.export.export(
+            _Step(model), example, dynamic_shapes=({1: num_tokens}, {1: num_tokens}, {0: num_seqs}), strict=False
+        )
 
 
 def to_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -191,7 +194,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
     buffers = non_persistent_buffers(model)
     try:
         ep = export_step(model, max_batch_tokens, max_num_seqs)
-    except experts.ExpertsError:
+    except (experts.ExpertsError, CheckpointError):  # llmc refused a feature: its message says which
         raise
     except Exception as e:  # torch.export raises many types; all mean the same thing here
         raise CheckpointError(

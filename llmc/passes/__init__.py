@@ -9,13 +9,15 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
 from llmc.passes import (  # noqa: E402,F401
-    attention, calibrate, canonicalize, expert_parallel, fold_rotary_into_attention, fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears, pipeline_parallel,
-    quantize, quantize_kv_cache, tensor_parallel,
+    attention, calibrate, canonicalize, eager_attention, expert_parallel, fold_rotary_into_attention,
+    fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears,
+    pipeline_parallel, quantize, quantize_kv_cache, tensor_parallel,
 )
 
 PIPELINE = (
     # The whole model:
-    "canonicalize", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation", "fuse_rotary_embedding", "linear",
+    "canonicalize", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
+    "fuse_rotary_embedding", "linear",
     "calibrate", "quantize_kv_cache",
     # After calibration, which records the keys' amax where they enter the cache: after RoPE.
     "fold_rotary_into_attention",

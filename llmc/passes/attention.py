@@ -1,45 +1,34 @@
-"""Attention: HF attention over a contiguous sequence -> llmc's paged-attention op (docs/design.md's step).
+"""Attention: transformers' attention, traced through llmc's AttentionInterface -> llmc's paged-attention op.
 
-Every `aten.scaled_dot_product_attention` of the traced graph becomes `llmc.paged_attention`, layer i
-reading and writing slice i of one KV-cache input. K and V are taken before HF's GQA expansion
-(`repeat_kv`: unsqueeze -> expand -> reshape), so the cache holds each KV head once. The causal-mask
-subgraph that fed SDPA is left dead and removed by the manager. RoPE stays where HF computes it,
-on the new tokens' positions, before the cache write.
+The frontend traces with attn_implementation="llmc" (llmc/frontend/attention_interface.py): each attention is
+one `llmc_trace::attention(q, k, v, mask, scale, softcap, sinks)` node, k and v before GQA expansion, and each
+mask transformers built is one `llmc_trace::causal_mask(sliding_window)` node. Each attention becomes
+`llmc.paged_attention`, layer i reading and writing slice i of one KV-cache input, when its mask is proven to be
+what the op computes (docs/design.md, "Attention"):
+
+- a `causal_mask` node: causal attention, within its sliding window when it has one;
+- an ALiBi bias (llmc/passes/alibi.py) over a causal mask: its per-head slopes become the op's `alibi_slopes`.
+
+Anything else (a mask the model made itself, attention outside transformers' interface, SDPA called directly)
+is a PassError naming the architecture and the feature. RoPE stays where HF computes it, on the new tokens'
+positions, before the cache write.
 
 New program inputs: kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
+import llmc.frontend.attention_interface  # noqa: F401  (registers torch.ops.llmc_trace)
 import llmc.plugins.attention  # noqa: F401  (registers torch.ops.llmc.paged_attention)
+from llmc.passes.alibi import alibi_slopes
 from llmc.passes.manager import BuildContext, PassError, register_pass
 
 aten = torch.ops.aten
+TRACED_ATTENTION, CAUSAL_MASK = torch.ops.llmc_trace.attention.default, torch.ops.llmc_trace.causal_mask.default
 STEP_INPUTS = ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
-
-
-def _before_repeat_kv(node: fx.Node) -> fx.Node:
-    """x for reshape(expand(unsqueeze(x, 2))), the shape of HF's repeat_kv; else the node itself."""
-    if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
-        expand = node.args[0]
-        if expand.target == aten.expand.default and expand.args[0].target == aten.unsqueeze.default:
-            unsqueeze = expand.args[0]
-            if unsqueeze.args[1] == 2:
-                return unsqueeze.args[0]
-    return node
-
-
-def sliding_windows(config, num_layers: int) -> list[int]:
-    window = getattr(config, "sliding_window", None) or 0
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return [window if t == "sliding_attention" else 0 for t in layer_types[:num_layers]]
-    return [window] * num_layers
 
 
 def _add_inputs(graph: fx.Graph) -> dict[str, fx.Node]:
@@ -51,40 +40,69 @@ def _add_inputs(graph: fx.Graph) -> dict[str, fx.Node]:
     return inputs
 
 
+def _architecture(ctx: BuildContext) -> str:
+    return (ctx.hf_config.architectures or [ctx.hf_config.model_type])[0]
+
+
+def _mask(gm: fx.GraphModule, mask: fx.Node, arch: str, layer: int) -> tuple[int, fx.Node | None]:
+    """(sliding window, ALiBi slopes node or None) of the mask an attention received, or a PassError."""
+    if mask.target == CAUSAL_MASK:
+        return int(mask.args[1]), None
+    found = alibi_slopes(gm, mask)
+    if found is not None:
+        return found
+    raise PassError(
+        f"{arch}: the attention mask of layer {layer} is not transformers' causal mask but a tensor the model computes "
+        f"itself ({mask.name}), and not an ALiBi bias llmc recognises; llmc cannot prove what that attention computes"
+    )
+
+
 @register_pass("attention")
 def attention(gm: fx.GraphModule, ctx: BuildContext):
-    graph = gm.graph
+    graph, arch = gm.graph, _architecture(ctx)
     sdpas = [n for n in graph.nodes if n.target == aten.scaled_dot_product_attention.default]
-    if not sdpas:
+    if sdpas:
+        raise PassError(f"{arch} calls scaled_dot_product_attention itself ({sdpas[0].name}), not through transformers' "
+                        "attention interface; llmc cannot prove which mask it applies")
+    traced = [n for n in graph.nodes if n.target == TRACED_ATTENTION]
+    layers = getattr(ctx.hf_config.get_text_config(), "num_hidden_layers", None)
+    if not traced or (layers is not None and len(traced) != layers):
         raise PassError(
-            f"no attention found in the traced {ctx.hf_config.architectures or ctx.hf_config.model_type}: the attention "
-            "pass rewrites torch's scaled_dot_product_attention, which HF emits for attn_implementation='sdpa'"
+            f"{arch}: {len(traced)} of its {layers} layers compute attention through transformers' attention interface; "
+            "the others compute it in the model's own code, which llmc does not lower"
         )
     inputs = _add_inputs(graph)
-    windows = sliding_windows(ctx.hf_config.get_text_config(), len(sdpas))
-    kv_heads = set()
-    for layer, sdpa in enumerate(sdpas):
-        q, k, v = sdpa.args[:3]
-        if sdpa.kwargs.get("dropout_p", 0.0) or (len(sdpa.args) > 4 and sdpa.args[4]):
-            raise PassError(f"{sdpa.name} uses dropout; trace the model in eval mode")
-        if not sdpa.kwargs.get("enable_gqa", False):
-            k, v = _before_repeat_kv(k), _before_repeat_kv(v)
-        q_shape, k_shape = q.meta["val"].shape, k.meta["val"].shape
-        head_dim = int(q_shape[-1])
-        scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(head_dim)
-        kv_heads.add(int(k_shape[1]))
-        with graph.inserting_before(sdpa):
+    kv_heads, head_dims, windows, features = set(), set(), [], set()
+    for layer, node in enumerate(traced):
+        q, k, v, mask, scale, softcap, sinks = node.args
+        window, slopes = _mask(gm, mask, arch, layer)
+        windows.append(window)
+        dk, dv = int(k.meta["val"].shape[-1]), int(v.meta["val"].shape[-1])
+        kv_heads.add(int(k.meta["val"].shape[1]))
+        head_dims.add(max(dk, dv))
+        extra = {"alibi_slopes": slopes, "softcap": float(softcap), "sinks": sinks}
+        extra = {name: value for name, value in extra.items() if value}
+        features |= set(extra) | ({"k_v_head_dims"} if dk != dv else set())
+        with graph.inserting_before(node):
             paged = graph.call_function(
                 torch.ops.llmc.paged_attention.default,
                 (q, k, v, inputs["kv_cache"], layer, inputs["slot_mapping"], inputs["block_tables"],
-                 inputs["seq_lens"], inputs["query_start_loc"], float(scale), int(windows[layer])),
+                 inputs["seq_lens"], inputs["query_start_loc"], float(scale), window),
+                extra,
             )
-        paged.meta["val"] = sdpa.meta.get("val")
-        sdpa.replace_all_uses_with(paged)
-        graph.erase_node(sdpa)
-    if len(kv_heads) != 1:
-        raise PassError(f"layers have different numbers of KV heads {sorted(kv_heads)}; one KV cache cannot hold them")
+        paged.meta["val"] = llmc.plugins.attention.attention_output(node.meta["val"])
+        paged.meta["head_dims"] = (dk, dv)  # K's and V's: what backends that cannot pad (ONNX GQA) check
+        node.replace_all_uses_with(paged)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    left = [n for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("llmc_trace.")]
+    if left:
+        raise PassError(f"{arch}: {left[0].name} ({left[0].target}) is used outside attention; llmc cannot lower it")
+    if len(kv_heads) != 1 or len(head_dims) != 1:
+        raise PassError(f"{arch}: layers have different KV heads {sorted(kv_heads)} or head dims {sorted(head_dims)}; "
+                        "one KV cache cannot hold them")
     ctx.kv_cache = {
-        "num_layers": len(sdpas), "num_kv_heads": kv_heads.pop(), "head_dim": head_dim, "dtype": str(ctx.dtype).removeprefix("torch.")
+        "num_layers": len(traced), "num_kv_heads": kv_heads.pop(), "head_dim": head_dims.pop(),
+        "dtype": str(ctx.dtype).removeprefix("torch."),
     }
-    return gm, {**ctx.kv_cache, "sliding_window": max(windows)}
+    return gm, {**ctx.kv_cache, "sliding_window": max(windows), "features": sorted(features)}

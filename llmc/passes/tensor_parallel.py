@@ -214,11 +214,29 @@ def _sharded_dim(full: tuple, local: torch.Size) -> tuple[int, int] | None:
 class _ReshapeFitter(fx.Interpreter):
     """Runs the rank's graph; before each reshape or split of a sharded tensor, divides the size it names."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, rank: int):
         super().__init__(gm)
+        self.rank = rank
         self.sharded: list[fx.Node] = []  # nodes whose traced shape is no longer the rank's
 
+    def _fit_head_constants(self, n: fx.Node) -> None:
+        """ALiBi slopes and sinks, one per query head, keep the heads this rank's q has (a contiguous run of them)."""
+        heads = self.env[n.args[0]].shape[1]
+        for name in ("alibi_slopes", "sinks"):
+            node = n.kwargs.get(name)
+            if node is None or self.env[node].shape[0] == heads:
+                continue
+            if node.op != "get_attr":
+                raise PassError(f"tensor_parallel: the {name} of {n.name} are computed in the graph; llmc cannot shard them")
+            value = self.module.get_buffer(node.target)
+            if value.shape[0] != heads:  # not yet sliced by another layer reading the same weight
+                value = value[self.rank * heads : (self.rank + 1) * heads].contiguous()
+                set_weight(self.module, node.target, value)
+            self.env[node] = value
+
     def run_node(self, n: fx.Node):
+        if n.target == ATTENTION:
+            self._fit_head_constants(n)
         if (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
             found = _sharded_dim(_shape(n.args[0]), self.env[n.args[0]].shape)
             if found is not None:
@@ -251,7 +269,7 @@ def _fit_view(n: fx.Node, factor: int) -> None:
 
 def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
     gm.recompile()
-    fitter = _ReshapeFitter(gm)
+    fitter = _ReshapeFitter(gm, ctx.tp_rank)
     with torch.no_grad():
         fitter.run(*example_step(gm, ctx).values())
     for n in fitter.sharded:

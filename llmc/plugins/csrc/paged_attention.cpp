@@ -3,6 +3,8 @@
 // sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with OpenMP.
 // An FP8 cache (float8_e4m3fn) holds k / k_scale and v / v_scale, saturated at 448 as torch's cast does.
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
+// Attention features as the reference defines them: logit soft-capping, ALiBi slopes, sink logits per head, and
+// K and V of different head dims (the cache's last dim is the larger, the other zero-padded).
 // Steps that are mostly prefill, and mixed dtypes, take the reference's way in ATen ops (SDPA per sequence).
 // Every index the step program gives (layer, slots, block tables, sequence bounds) is checked against the
 // cache first: a malformed program gets an error, never a read or write outside the cache.
@@ -51,7 +53,7 @@ struct Rope {
 template <typename scalar_t, typename cache_t>
 void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
                         const at::Tensor& slot_mapping, float k_scale, float v_scale, const Rope<scalar_t>& rope) {
-  const int64_t T = k.size(2), Hkv = k.size(1), D = k.size(3);
+  const int64_t T = k.size(2), Hkv = k.size(1), Dk = k.size(3), Dv = v.size(3), D = cache.size(5);
   const int64_t NB = cache.size(2), BS = cache.size(3);
   const float k_inv = 1.f / k_scale, v_inv = 1.f / v_scale;
   cache_t* base = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
@@ -64,8 +66,8 @@ void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, in
       cache_t* vd = kd + NB * BS * Hkv * D;
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t d = 0; d < D; ++d) {
-          kd[h * D + d] = to_cache<cache_t>(rope(ka[0][h][t], t, d), k_inv);
-          vd[h * D + d] = to_cache<cache_t>(static_cast<float>(va[0][h][t][d]), v_inv);
+          kd[h * D + d] = to_cache<cache_t>(d < Dk ? rope(ka[0][h][t], t, d) : 0.f, k_inv);
+          vd[h * D + d] = to_cache<cache_t>(d < Dv ? static_cast<float>(va[0][h][t][d]) : 0.f, v_inv);
         }
     }
   });
@@ -114,9 +116,10 @@ void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += p * v
 template <typename scalar_t, typename cache_t>
 void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
-                   int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope, at::Tensor& out) {
-  const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
-  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4);
+                   int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
+                   const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+  const int64_t H = q.size(1), T = q.size(2), Dk = q.size(3), Dv = out.size(3);
+  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
   const int64_t group = H / Hkv, S = seq_lens.size(0), max_blocks = block_tables.size(1);
   const cache_t* kbase = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
   const cache_t* vbase = kbase + NB * BS * Hkv * D;
@@ -131,7 +134,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
     for (int64_t t = starts[i]; t < starts[i + 1]; ++t) seq_of[t] = i;
 
   at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qv(D), acc(D), scores;
+    std::vector<float> qv(Dk), acc(Dv), scores;
     for (int64_t work = begin; work < end; ++work) {
       const int64_t t = work / H, h = work % H, kvh = h / group, i = seq_of[t];
       const int64_t context = lens[i], n_new = starts[i + 1] - starts[i];
@@ -141,23 +144,29 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
         return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
       };
-      for (int64_t d = 0; d < D; ++d) qv[d] = rope(qa[0][h][t], t, d) * static_cast<float>(scale) * k_scale;
+      // With a soft-cap, the scale goes inside it; else it is folded into q.
+      const float qscale = softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;
+      for (int64_t d = 0; d < Dk; ++d) qv[d] = rope(qa[0][h][t], t, d) * qscale;
+      const float slope = alibi ? alibi[h] : 0.f;
       // Two passes: the scores and their maximum, then the softmax-weighted sum of the values.
       scores.resize(pos + 1 - first);
       float m = -INFINITY;
       for (int64_t j = first; j <= pos; ++j) {
-        const float s = dot(qv.data(), cached(kbase, j), D);
+        float s = dot(qv.data(), cached(kbase, j), Dk);
+        if (softcap > 0.f) s = softcap * std::tanh(s * static_cast<float>(scale) / softcap);
+        s += slope * static_cast<float>(j - pos);
         scores[j - first] = s;
         m = std::max(m, s);
       }
+      if (sinks) m = std::max(m, sinks[h]);
       std::fill(acc.begin(), acc.end(), 0.f);
-      float l = 0.f;
+      float l = sinks ? std::exp(sinks[h] - m) : 0.f;  // a sink takes its share of the softmax, adds no value
       for (int64_t j = first; j <= pos; ++j) {
         const float p = std::exp(scores[j - first] - m);
         l += p;
-        add_scaled(p, cached(vbase, j), acc.data(), D);
+        add_scaled(p, cached(vbase, j), acc.data(), Dv);
       }
-      for (int64_t d = 0; d < D; ++d) oa[0][h][t][d] = static_cast<scalar_t>(acc[d] * v_scale / l);
+      for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(acc[d] * v_scale / l);
     }
   });
 }
@@ -171,12 +180,14 @@ void check_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
   TORCH_CHECK(0 <= layer && layer < cache.size(0), "paged_attention: layer ", layer, " is outside the cache's ",
               cache.size(0), " layers");
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(3) == D, "paged_attention: q must be [1, num_heads, T, ", D,
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(3) <= D, "paged_attention: q must be [1, num_heads, T, dk <= ", D,
               "], got ", q.sizes());
   const int64_t T = q.size(2);
   for (const auto* x : {&k, &v})
-    TORCH_CHECK(x->dim() == 4 && x->size(0) == 1 && x->size(1) == Hkv && x->size(2) == T && x->size(3) == D,
-                "paged_attention: k and v must be [1, ", Hkv, ", ", T, ", ", D, "], got ", x->sizes());
+    TORCH_CHECK(x->dim() == 4 && x->size(0) == 1 && x->size(1) == Hkv && x->size(2) == T && x->size(3) <= D,
+                "paged_attention: k and v must be [1, ", Hkv, ", ", T, ", d <= ", D, "], got ", x->sizes());
+  TORCH_CHECK(k.size(3) == q.size(3) && std::max(k.size(3), v.size(3)) == D, "paged_attention: k's head dim must be q's (",
+              q.size(3), ") and the cache's the larger of k's and v's, got k ", k.sizes(), ", v ", v.sizes(), ", cache ", D);
   TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, "paged_attention: ", q.size(1), " query heads for ", Hkv, " KV heads");
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T, "paged_attention: slot_mapping must have one slot per token (", T,
               "), got ", slots.sizes());
@@ -207,8 +218,8 @@ void check_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 
 // [1, T, H, D] memory viewed as [1, H, T, D]: what HF's transpose(1, 2) after attention expects (attention.py's
 // attention_output, the layout of every implementation's result).
-at::Tensor output_like(const at::Tensor& q) {
-  return at::empty({1, q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+at::Tensor output_like(const at::Tensor& q, int64_t head_dim) {
+  return at::empty({1, q.size(2), q.size(1), head_dim}, q.options()).transpose(1, 2);
 }
 
 // The first `cos.size(-1)` channels of x [1, heads, T, head_dim] rotated (the reference's `apply_rope`).
@@ -223,16 +234,19 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache,
                                int64_t layer, const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens,
                                const at::Tensor& starts, double scale, int64_t sliding_window,
-                               const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
-  const int64_t BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
+                               const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                               const at::Tensor& alibi, double softcap, const at::Tensor& sinks) {
+  const int64_t BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5), Dk = q.size(3), Dv = v.size(3);
+  const bool features = alibi.defined() || softcap > 0 || sinks.defined();
   const c10::optional<at::Tensor>* scales[] = {&k_scale, &v_scale};
   const at::Tensor* news[] = {&k, &v};
   for (int i = 0; i < 2; ++i) {
     auto x = news[i]->select(0, 0).transpose(0, 1);
     if (scales[i]->has_value()) x = x.to(at::kFloat) / **scales[i];  // FP8: torch's cast saturates at 448
+    if (x.size(-1) < D) x = at::constant_pad_nd(x, {0, D - x.size(-1)});
     cache.select(0, layer).select(0, i).view({-1, Hkv, D}).index_put_({slots}, x.to(cache.scalar_type()));
   }
-  auto out = output_like(q);
+  auto out = output_like(q, Dv);
   const int32_t* start = starts.data_ptr<int32_t>();
   const int32_t* len = lens.data_ptr<int32_t>();
   for (int64_t i = 0; i < lens.numel(); ++i) {
@@ -241,6 +255,28 @@ at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const a
     // [2, num_blocks, block_size, kv_heads, d] -> [2, kv_heads, context, d]
     auto kv = cache.select(0, layer).index_select(1, blocks).flatten(1, 2).slice(1, 0, context).transpose(1, 2).to(q.scalar_type());
     if (k_scale.has_value()) kv = kv * at::stack({*k_scale, *v_scale}).to(q.scalar_type()).view({2, 1, 1, 1});
+    auto keys = kv[0].slice(2, 0, Dk).unsqueeze(0), values = kv[1].slice(2, 0, Dv).unsqueeze(0);
+    auto qs = q.slice(2, start[i], start[i + 1]);
+    if (features) {  // the reference's _attention_math
+      const int64_t group = q.size(1) / Hkv;
+      auto scores = at::matmul(qs.to(at::kFloat), keys.repeat_interleave(group, 1).to(at::kFloat).transpose(-1, -2)) * scale;
+      if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
+      auto query_pos = at::arange(context - n_new, context, q.options().dtype(at::kLong)).unsqueeze(1);
+      auto key_pos = at::arange(context, q.options().dtype(at::kLong)).unsqueeze(0);
+      if (alibi.defined()) scores = scores + alibi.view({1, -1, 1, 1}) * (key_pos - query_pos).to(at::kFloat);
+      auto allowed = key_pos <= query_pos;
+      if (sliding_window > 0) allowed = allowed & (key_pos > query_pos - sliding_window);
+      scores = scores.masked_fill(allowed.logical_not(), -INFINITY);
+      at::Tensor probs;
+      if (sinks.defined()) {
+        auto sink = sinks.view({1, -1, 1, 1}).expand({scores.size(0), scores.size(1), scores.size(2), 1});
+        probs = at::softmax(at::cat({scores, sink}, -1), -1).slice(-1, 0, context);
+      } else {
+        probs = at::softmax(scores, -1);
+      }
+      out.slice(2, start[i], start[i + 1]).copy_(at::matmul(probs, values.repeat_interleave(group, 1).to(at::kFloat)));
+      continue;
+    }
     c10::optional<at::Tensor> mask;
     if (context != n_new || sliding_window > 0) {
       auto query_pos = at::arange(context - n_new, context, q.options().dtype(at::kLong)).unsqueeze(1);
@@ -251,7 +287,7 @@ at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const a
     }
     // 4-D inputs: SDPA sends 3-D ones to its slow math path on CPU.
     out.slice(2, start[i], start[i + 1]).copy_(at::scaled_dot_product_attention(
-        q.slice(2, start[i], start[i + 1]), kv[0].unsqueeze(0), kv[1].unsqueeze(0), mask, 0.0, !mask.has_value(), scale,
+        qs, keys, values, mask, 0.0, !mask.has_value(), scale,
         /*enable_gqa=*/true));
   }
   return out;
@@ -262,7 +298,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
                            const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
-                           bool rotary_interleaved) {
+                           bool rotary_interleaved, const c10::optional<at::Tensor>& alibi_slopes, double softcap,
+                           const c10::optional<at::Tensor>& sinks) {
   auto slots = slot_mapping.to(at::kLong).contiguous();
   auto tables = block_tables.to(at::kInt).contiguous();
   auto lens = seq_lens.to(at::kInt).contiguous();
@@ -272,7 +309,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()),
               "paged_attention: an FP8 cache, and only it, takes k_scale and v_scale");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "paged_attention: RoPE takes both cos and sin");
-  const int64_t T = q.size(2);
+  const int64_t T = q.size(2), H = q.size(1);
+  at::Tensor alibi, sink;  // [H] float32, contiguous
+  for (auto [given, name, into] : {std::tuple{&alibi_slopes, "alibi_slopes", &alibi}, std::tuple{&sinks, "sinks", &sink}}) {
+    if (!given->has_value()) continue;
+    TORCH_CHECK((*given)->numel() == H && at::isFloatingType((*given)->scalar_type()), "paged_attention: ", name,
+                " must hold one float per query head (", H, "), got ", (*given)->sizes());
+    *into = (*given)->to(at::kFloat).contiguous().view({-1});
+  }
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "paged_attention: softcap must be finite and >= 0, got ", softcap);
   at::Tensor cos_rows, sin_rows;  // [T, rotary_dim], contiguous
   if (cos.has_value()) {
     cos_rows = cos->reshape({T, -1}).contiguous();
@@ -289,20 +334,23 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   if (!one_dtype || T > 8 * lens.numel()) {
     at::Tensor qr = q, kr = k;
     if (cos_rows.defined()) qr = apply_rope(q, cos_rows, sin_rows, rotary_interleaved), kr = apply_rope(k, cos_rows, sin_rows, rotary_interleaved);
-    return attention_reference(qr, kr, v, kv_cache, layer, slots, tables, lens, starts, scale, sliding_window, k_scale, v_scale);
+    return attention_reference(qr, kr, v, kv_cache, layer, slots, tables, lens, starts, scale, sliding_window, k_scale, v_scale,
+                               alibi, softcap, sink);
   }
   const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
-  auto out = output_like(q);
+  auto out = output_like(q, v.size(3));
+  const float* alibi_ptr = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
+  const float* sink_ptr = sink.defined() ? sink.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention", [&] {
     Rope<scalar_t> rope;
     if (cos_rows.defined())
       rope = {cos_rows.data_ptr<scalar_t>(), sin_rows.data_ptr<scalar_t>(), cos_rows.size(1), rotary_interleaved};
     if (fp8) {
       write_cache<scalar_t, c10::Float8_e4m3fn>(k, v, kv_cache, layer, slots, ks, vs, rope);
-      attend<scalar_t, c10::Float8_e4m3fn>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, out);
+      attend<scalar_t, c10::Float8_e4m3fn>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, alibi_ptr, softcap, sink_ptr, out);
     } else {
       write_cache<scalar_t, scalar_t>(k, v, kv_cache, layer, slots, 1.f, 1.f, rope);
-      attend<scalar_t, scalar_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, out);
+      attend<scalar_t, scalar_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, alibi_ptr, softcap, sink_ptr, out);
     }
   });
   return out;
