@@ -34,6 +34,7 @@ from llmc.runtime.openai_protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    SamplingRequest,
     chat_logprobs,
     completion_logprobs,
     error_body,
@@ -121,11 +122,17 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "not_found_error", "model", "model_not_found")
 
-    def checked(params: SamplingParams) -> SamplingParams:
+    async def checked(req: SamplingRequest, params: SamplingParams) -> SamplingParams:
+        """`params` checked against the engine; a grammar is compiled now, on a thread (it may take a while),
+        and one that does not compile is a 400 naming the request's field that holds it."""
         try:
-            engine.check_params(params)
+            if params.guided_decoding is None:
+                engine.check_params(params)
+            else:
+                await asyncio.to_thread(engine.check_params, params)
         except InvalidParam as e:
-            raise APIError(400, str(e), param=e.param) from None
+            field = req.guided_field if e.param.startswith("guided_decoding") else e.param
+            raise APIError(400, f"{field}: {e}" if field != e.param else str(e), param=field) from None
         return params
 
     async def start(prompts: list, params: SamplingParams) -> list[AsyncIterator[RequestOutput]]:
@@ -156,7 +163,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        params = checked(req.sampling_params(req.max_tokens, req.logprobs))
+        params = await checked(req, req.sampling_params(req.max_tokens, req.logprobs))
         prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else req.prompt
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -199,7 +206,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         check_model(req.model)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         names = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens", "logprobs": "top_logprobs"}
-        params = checked(req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
+        params = await checked(req, req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
         tokenizer = llm.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"`{model_name}` has no chat template in its tokenizer; use /v1/completions", param="messages")

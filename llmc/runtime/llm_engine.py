@@ -21,6 +21,7 @@ from llmc.runtime.outputs import RequestOutput, RequestState
 from llmc.runtime.sampler import greedy_tokens, sample_one
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.structured_output import StructuredOutput
 from llmc.runtime.worker import torchrun_rank
 from llmc.runtime.sequence import Sequence
 
@@ -99,6 +100,11 @@ class LLMEngine:
         self.scheduler_of: dict[str, Scheduler] = {}
 
     @functools.cached_property
+    def structured_output(self) -> StructuredOutput:
+        """Built at the first guided request: the tokenizer's vocabulary is read for the grammar compiler once."""
+        return StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+
+    @functools.cached_property
     def max_token_chars(self) -> int:
         """The most characters one token stands for (its vocabulary string is at least as long as its text)."""
         return max(map(len, self.tokenizer.get_vocab()))
@@ -136,10 +142,13 @@ class LLMEngine:
         return ids
 
     def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: token ids within this engine's vocabulary (raises InvalidParam)."""
+        """What SamplingParams cannot check alone (raises InvalidParam): token ids within this engine's vocabulary, and
+        that the guided decoding's grammar compiles (compiling it now: requests with the same grammar then find it cached)."""
         vocab = self.config.vocab_size
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidParam("logit_bias", f"logit_bias has token ids outside the vocabulary [0, {vocab})")
+        if params.guided_decoding is not None:
+            self.structured_output.compile(params.guided_decoding)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
@@ -149,6 +158,8 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, params, request_id)
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in flight")
+        if params.guided_decoding is not None:
+            seq.grammar = self.structured_output.matcher(params.guided_decoding)
         self.requests[seq.request_id] = RequestState(seq, self.tokenizer, prompt)
         scheduler = min(self.schedulers, key=lambda s: len(s.waiting) + len(s.running))
         self.scheduler_of[seq.request_id] = scheduler
@@ -159,6 +170,7 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self.scheduler_of.pop(request_id).abort(state.seq)
+            state.seq.grammar = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -186,12 +198,16 @@ class LLMEngine:
         if len(live) < len(sampled):
             logits, sampled = logits[live], [sampled[i] for i in live]
         # Each request's sampling, detokenization and stop matching: one that fails ends alone, with its error.
-        logits = logits.float()
+        raw = logits.float()
+        grammars = [seq.grammar for seq in sampled]
+        logits = self.structured_output.mask(raw, grammars) if any(g is not None for g in grammars) else raw
         outputs = []
-        for seq, row, greedy_token in zip(sampled, logits, greedy_tokens(logits)):
+        for seq, row, raw_row, greedy_token in zip(sampled, logits, raw, greedy_tokens(logits)):
             state = self.requests[seq.request_id]
             try:
-                token, token_logprobs = sample_one(row, seq, greedy_token)
+                token, token_logprobs = sample_one(row, seq, greedy_token, raw_row)
+                if seq.grammar is not None and not seq.grammar.accept_token(token):
+                    raise RuntimeError(f"token {token} does not follow the request's grammar")
                 seq.token_ids.append(token)
                 delta = state.append(token, token_logprobs)
                 reason = self._finish_reason(seq, token, state)
@@ -211,12 +227,15 @@ class LLMEngine:
 
     def _finish(self, scheduler: Scheduler, seq: Sequence, reason: str) -> None:
         scheduler.finish(seq, reason)
+        seq.grammar = None
         del self.requests[seq.request_id]
         del self.scheduler_of[seq.request_id]
 
     def _finish_reason(self, seq: Sequence, token: int, state: RequestState) -> str | None:
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or state.detokenizer.stopped:
+            return "stop"
+        if seq.grammar is not None and seq.grammar.is_terminated():  # it took a stop token: the structure is complete
             return "stop"
         if len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
             return "length"

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from llmc.runtime.openai_guided import GuidedRequestFields
 from llmc.runtime.outputs import RequestOutput
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 
@@ -41,8 +42,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions."""
+class SamplingRequest(GuidedRequestFields):
+    """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions (structured output's in GuidedRequestFields)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: Text | None = None
@@ -74,6 +75,7 @@ class SamplingRequest(BaseModel):
                 raise APIError(400, f"logit_bias keys must be token ids (decimal integers), got {key[:40]!r}", param="logit_bias")
             bias[int(key)] = value
         try:
+            guided_decoding = self.guided_decoding()
             return SamplingParams(
                 max_tokens=16 if max_tokens is None else max_tokens,
                 temperature=self.temperature,
@@ -89,6 +91,7 @@ class SamplingRequest(BaseModel):
                 logit_bias=bias,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
+                guided_decoding=guided_decoding,
             )
         except InvalidParam as e:
             raise APIError(400, str(e), param=(names or {}).get(e.param, e.param)) from None

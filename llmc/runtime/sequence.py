@@ -32,6 +32,7 @@ class Sequence:
         self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache has already seen
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         bias = params.logit_bias  # as tensors once, for the sampler's index_add at every step
+        self.grammar = None  # structured output: the request's xgrammar GrammarMatcher, advanced by each token
         self.logit_bias = (torch.tensor(list(bias)), torch.tensor(list(bias.values()), dtype=torch.float32)) if bias else None
 
     def __len__(self) -> int:
