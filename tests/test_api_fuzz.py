@@ -54,6 +54,14 @@ VALID = {
     "n": st.just(1),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    # Structured output: each alone is valid; two in one body are a 400.
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}]),
+    "guided_json": st.sampled_from([{"type": "integer"}, {"enum": ["a", "b"]}, '{"type": "array", "maxItems": 2}']),
+    "guided_regex": st.sampled_from(["[a-z]+", "(yes|no)", r"\d{1,3}", "a{99999999}"]),
+    "guided_choice": st.lists(valid_text.filter(bool), min_size=1, max_size=3),
+    "guided_grammar": st.just('root ::= "a" root | "b"'),
+    "guided_decoding_backend": st.sampled_from(["xgrammar", "xgrammar:disable-any-whitespace"]),
 }
 # Out of range or of another type.
 number = st.floats(-1e3, 1e3) | st.sampled_from([-1e-40, 1e400, float("nan"), float("inf"), -float("inf")])
@@ -72,6 +80,13 @@ HOSTILE = {
     "stop_token_ids": st.lists(st.integers(-(2**70), 2**70), max_size=3),
     "logit_bias": st.dictionaries(text | st.integers(-5, 400).map(str), number, max_size=4),
     "n": st.integers(-3, 5),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "json_object", "yaml"]) | text},
+                                             optional={"json_schema": st.fixed_dictionaries({}, optional={"schema": any_json}) | any_json}),
+    "guided_json": text | any_json,
+    "guided_regex": text,
+    "guided_choice": st.lists(text, max_size=3),
+    "guided_grammar": text,
+    "guided_decoding_backend": text,
 }
 
 
@@ -120,11 +135,22 @@ def served(checkpoints, tmp_path_factory):
     llm.shutdown()
 
 
-def check(served, counter, path: str, body: dict) -> None:
+GUIDED_FIELDS = ["response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+
+
+def with_one_guided_field(values: dict):
+    """Completion bodies of valid fields and exactly one structured-output field, of `values`' strategies."""
+    prompts = st.text(min_size=1, max_size=12) | st.lists(token, min_size=1, max_size=12)
+    base = st.fixed_dictionaries({"prompt": prompts}, optional={k: v for k, v in VALID.items() if k not in GUIDED_FIELDS})
+    return st.builds(lambda body, guided: {**body, **guided}, base, st.one_of(*(st.fixed_dictionaries({k: values[k]}) for k in GUIDED_FIELDS)))
+
+
+def check(served, counter, path: str, body: dict, must_serve: bool = False) -> None:
     client, reference, llm = served
     content = json.dumps(body)  # NaN and Infinity as Python writes them; lone surrogates as \ud800 escapes
     r = client.post(path, content=content, headers={"content-type": "application/json"})
     assert r.status_code < 500, (content, r.text)
+    assert r.status_code == 200 or not must_serve, (content, r.text)
     if r.status_code == 200 and body.get("stream") is True:
         events = [e for e in r.text.split("\n\n") if e]
         assert events[-1] == "data: [DONE]" and not any('"error"' in e[:12] for e in events), (content, r.text)
@@ -152,3 +178,15 @@ def test_any_completion_request_gets_an_answer(served, counter, body):
 @given(body=chat_bodies)
 def test_any_chat_request_gets_an_answer(served, counter, body):
     check(served, counter, "/v1/chat/completions", body)
+
+
+@settings(CASES, max_examples=60)
+@given(body=with_one_guided_field(VALID))
+def test_any_valid_structured_output_request_is_served(served, counter, body):
+    check(served, counter, "/v1/completions", body, must_serve=True)
+
+
+@settings(CASES, max_examples=60)
+@given(body=with_one_guided_field(HOSTILE))
+def test_any_structured_output_request_gets_an_answer(served, counter, body):
+    check(served, counter, "/v1/completions", body)
