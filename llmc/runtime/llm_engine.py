@@ -198,14 +198,17 @@ class LLMEngine:
         if len(live) < len(sampled):
             logits, sampled = logits[live], [sampled[i] for i in live]
         # Each request's sampling, detokenization and stop matching: one that fails ends alone, with its error.
-        raw = logits.float()
+        logits = logits.float().contiguous()  # contiguous: grammars mask it in place
         grammars = [seq.grammar for seq in sampled]
-        logits = self.structured_output.mask(raw, grammars) if any(g is not None for g in grammars) else raw
+        unmasked = {}  # rows whose logprobs are asked for, before their grammar masks them
+        if any(g is not None for g in grammars):
+            unmasked = {i: logits[i].clone() for i, seq in enumerate(sampled) if seq.grammar is not None and seq.params.logprobs is not None}
+            self.structured_output.mask_(logits, grammars)
         outputs = []
-        for seq, row, raw_row, greedy_token in zip(sampled, logits, raw, greedy_tokens(logits)):
+        for i, (seq, row, greedy_token) in enumerate(zip(sampled, logits, greedy_tokens(logits))):
             state = self.requests[seq.request_id]
             try:
-                token, token_logprobs = sample_one(row, seq, greedy_token, raw_row)
+                token, token_logprobs = sample_one(row, seq, greedy_token, unmasked.get(i))
                 if seq.grammar is not None and not seq.grammar.accept_token(token):
                     raise RuntimeError(f"token {token} does not follow the request's grammar")
                 seq.token_ids.append(token)

@@ -18,6 +18,7 @@ import torch
 from llmc.runtime.guided_decoding_params import GuidedDecodingParams
 from llmc.runtime.sampling_params import InvalidParam
 
+CACHE_BYTES = 256 << 20
 _CPP_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[02:41:21] /project/cpp/regex_converter.cc:94: " before xgrammar's messages
 
 
@@ -31,7 +32,8 @@ class StructuredOutput:
         self.vocab_size = vocab_size
         # Without EOS tokens in the engine's config, xgrammar takes the tokenizer's.
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids) or None)
-        self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=True)  # caches by grammar text
+        # Compiled grammars are cached by their text; least recently used ones go past CACHE_BYTES.
+        self.compiler = xgrammar.GrammarCompiler(info, cache_enabled=True, cache_limit_bytes=CACHE_BYTES)
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)  # grown to the largest batch seen
 
     def compile(self, guided: GuidedDecodingParams):
@@ -48,22 +50,19 @@ class StructuredOutput:
             return self.compiler.compile_grammar(guided.grammar)
         except (RuntimeError, ValueError) as e:  # xgrammar's parsers raise RuntimeError
             message = _CPP_LOCATION.sub("", str(e)).strip()
-            raise InvalidParam(f"guided_decoding.{kind}", f"{kind} does not compile to a grammar: {message}") from None
+            what = {"json": "the JSON schema", "regex": "the regex", "grammar": "the grammar"}.get(kind, kind)
+            raise InvalidParam(f"guided_decoding.{kind}", f"{what} does not compile: {message}") from None
 
     def matcher(self, guided: GuidedDecodingParams):
         return self.xgr.GrammarMatcher(self.compile(guided))
 
-    def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """logits [rows, vocab] (float32, CPU) with each row whose matcher is not None masked to its grammar's next tokens: a copy."""
+    def mask_(self, logits: torch.Tensor, matchers: list) -> None:
+        """Mask, in place, each row of logits [rows, vocab] (float32, CPU) whose matcher is not None to the tokens its grammar allows next."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return logits
-        logits = logits.clone()
         if self._bitmask.shape[0] < len(matchers):
             self._bitmask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         bitmask = self._bitmask[: len(matchers)]
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)
         self.xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
-        return logits
 
