@@ -186,8 +186,8 @@ def test_grammars_that_do_not_compile_are_refused_before_queueing(llm, guided, m
     with pytest.raises(InvalidParam, match=message) as e:
         llm.engine.check_params(params)
     assert e.value.param == f"guided_decoding.{guided.kind}"
-    with pytest.raises(InvalidParam, match=message):
-        llm.generate(PROMPTS[0], params)
+    with pytest.raises(InvalidParam, match=message):  # the second request's grammar: the first is not left queued
+        llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=2), params])
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -98,11 +99,17 @@ class LLMEngine:
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self.scheduler_of: dict[str, Scheduler] = {}
+        self._structured_output: StructuredOutput | None = None
+        self._structured_output_lock = threading.Lock()
 
-    @functools.cached_property
+    @property
     def structured_output(self) -> StructuredOutput:
-        """Built at the first guided request: the tokenizer's vocabulary is read for the grammar compiler once."""
-        return StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+        """Built at the first guided request (the server's threads may ask at once): the tokenizer's vocabulary
+        is read for the grammar compiler once."""
+        with self._structured_output_lock:
+            if self._structured_output is None:
+                self._structured_output = StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+            return self._structured_output
 
     @functools.cached_property
     def max_token_chars(self) -> int:
