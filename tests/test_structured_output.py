@@ -138,6 +138,19 @@ def test_preempted_requests_keep_their_grammar_state(engine):
     assert all(re.fullmatch(r"([a-z]+_){10,14}[a-z]+", o.text) for o in outputs)
 
 
+@pytest.mark.slow
+def test_multi_rank_engine_masks_the_same(checkpoints, tmp_path):
+    """tp 2 (logits from the output rank, over a pipe) and pp 2 (two schedulers, steps in flight) give the single rank's tokens."""
+    prompts, regex = ["def fib(n):", "class A:", "import os"], r"[a-z]{3,6}\(\d\)"
+    params = SamplingParams(max_tokens=30, temperature=0, guided_decoding=GuidedDecodingParams(regex=regex))
+    outputs = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        with LLM(llmc.build(checkpoints["qwen2"], tmp_path / f"tp{tp}pp{pp}", max_seq_len=64, tp=tp, pp=pp, log=lambda _: None)) as llm:
+            outputs[tp, pp] = llm.generate(prompts, params)
+    assert all(re.fullmatch(regex, o.text) and o.finish_reason == "stop" for o in outputs[1, 1])
+    assert [o.token_ids for o in outputs[2, 1]] == [o.token_ids for o in outputs[1, 2]] == [o.token_ids for o in outputs[1, 1]]
+
+
 def test_finished_and_aborted_requests_drop_their_grammar(llm):
     engine = llm.engine
     done = engine.add_request(engine.tokenize(PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0, guided_decoding=GUIDED["choice"]))
