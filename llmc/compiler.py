@@ -45,6 +45,8 @@ def build(
     exclude: tuple[str, ...] = ("lm_head",),
     verify_passes: bool = False,
     dump_graphs: str | os.PathLike | None = None,
+    force: bool = False,
+    verbose: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Compile `model` (a HF directory or hub id) into an engine at `output_dir`; returns its path.
@@ -55,10 +57,12 @@ def build(
     `quant` (fp8, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
     `exclude`; `kv_cache_dtype="fp8"` stores the KV cache in FP8. Activation scales come from running
     the model on `calib_samples` windows of `calib_data` (a UTF-8 text file; llmc's own corpus by default).
+
+    `dtype` may be "auto" (the checkpoint's own) or an alias (half, fp16, bf16, float, fp32). An existing
+    engine at `output_dir` is replaced only with `force`. `verbose` logs every pass; otherwise a summary.
     """
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = normalize_dtype(dtype)
     if quant is not None and quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
@@ -68,20 +72,26 @@ def build(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG).is_file():
-        raise FileExistsError(f"{out} exists and is not an llmc engine; choose another output directory")
+    if out.exists() and any(out.iterdir()):
+        if not (out / CONFIG).is_file():
+            raise FileExistsError(f"{out} exists and is not an llmc engine; choose another output directory")
+        if not force:
+            raise FileExistsError(f"{out} already holds an engine; give --force (force=True) to replace it, or another -o")
     writer = get_backend(backend)
 
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
-    log(f"[llmc] {ckpt.architecture} from {ckpt.path}")
+    if dtype == "auto":
+        dtype = checkpoint_dtype(ckpt.config)
+    check_mapping(ckpt.config, tp, pp, pp_layers)
+    log(f"[llmc] {ckpt.architecture} from {ckpt.path}, {dtype}")
     limit = ckpt.config.get_text_config().max_position_embeddings
     max_seq_len = max_seq_len or min(limit, 4096)
     if not 2 <= max_seq_len <= limit:
         raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
     if backend in CONTIGUOUS_CACHE:
         block_size = max_seq_len  # one block per sequence: its contiguous cache row
-    writer.check_build(dtype, tp, max_seq_len, block_size)
+    writer.check_build(dtype, tp, max_seq_len, block_size, kv_cache_dtype=kv_cache_dtype)
 
     samples = []
     if needs_calibration(quant) or kv_cache_dtype is not None:
@@ -97,9 +107,9 @@ def build(
         pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
         calibration_samples=samples,
     )
-    gm, records = run_passes(
-        gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=lambda m: log(f"[llmc] {m}")
-    )
+    pass_log = (lambda m: log(f"[llmc] {m}")) if verbose else (lambda m: None)
+    gm, records = run_passes(gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=pass_log)
+    log(f"[llmc] {len(records)} whole-model passes in {time.perf_counter() - start:.1f} s; now {tp * pp} rank(s)")
 
     # Write beside the destination and swap in at the end: an interrupted build leaves no half engine.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +121,7 @@ def build(
             rank_gm, rank_records = run_passes(
                 _copy(gm), rank_ctx, PIPELINE[FIRST_RANK_PASS:], verify=verify_passes,
                 dump_dir=None if dump_graphs is None else Path(dump_graphs) / (f"rank{rank}" if tp * pp > 1 else ""),
-                first_stage=FIRST_RANK_PASS + 1, log=lambda m: log(f"[llmc] rank {rank}: {m}"),
+                first_stage=FIRST_RANK_PASS + 1, log=(lambda m: log(f"[llmc] rank {rank}: {m}")) if verbose else (lambda m: None),
             )
             backend_record = writer.write_rank(rank_gm, staging / f"rank{rank}", rank_ctx)
             del rank_gm  # its shards: only one rank's are in memory at a time
@@ -163,6 +173,43 @@ def build(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"[llmc] engine written to {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+
+
+def normalize_dtype(dtype: str) -> str:
+    """A dtype name as llmc stores it, or "auto"; vLLM's aliases (half, bf16, float...) accepted."""
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join([*DTYPES, *DTYPE_ALIASES])}, got {dtype!r}")
+    return dtype
+
+
+def checkpoint_dtype(hf_config) -> str:
+    """The dtype a checkpoint was saved in (`--dtype auto`); float32 where its config does not say."""
+    text = hf_config.get_text_config()
+    saved = getattr(text, "dtype", None) or getattr(hf_config, "dtype", None)
+    name = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def check_mapping(hf_config, tp: int, pp: int, pp_layers: list[int] | None) -> None:
+    """tp and pp against the model's heads and layers, before any tracing (the passes check the graph itself)."""
+    text = hf_config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    layers = getattr(text, "num_hidden_layers", None)
+    if heads and tp > 1:
+        def fits(t):
+            return heads % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0)
+        if not fits(tp):
+            valid = ", ".join(str(t) for t in range(1, heads + 1) if fits(t))
+            raise ValueError(f"tp={tp} does not divide the model's {heads} attention heads ({kv_heads} KV heads); tp can be {valid}")
+    if layers and pp > layers:
+        raise ValueError(f"pp={pp} exceeds the model's {layers} layers; pp can be 1 to {layers}")
+    if pp_layers is not None and (len(pp_layers) != pp or min(pp_layers) < 1 or (layers and sum(pp_layers) != layers)):
+        raise ValueError(f"pp_layers {pp_layers} must give each of the {pp} stages at least one layer, {layers} layers in all")
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -51,7 +51,10 @@ VALID = {
     "stop_token_ids": st.lists(token, max_size=5),
     "logit_bias": st.dictionaries(token.map(str), st.floats(-100, 100), max_size=6),
     "ignore_eos": st.booleans(),
-    "n": st.just(1),
+    "n": st.integers(1, 3),
+    "best_of": st.integers(1, 4),
+    "min_tokens": st.integers(0, 1),
+    "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     # Structured output: each alone is valid; two in one body are a 400.
@@ -79,7 +82,9 @@ HOSTILE = {
     "stop": st.lists(text, max_size=20) | st.text(min_size=257, max_size=300),
     "stop_token_ids": st.lists(st.integers(-(2**70), 2**70), max_size=3),
     "logit_bias": st.dictionaries(text | st.integers(-5, 400).map(str), number, max_size=4),
-    "n": st.integers(-3, 5),
+    "n": st.integers(-3, 0) | st.integers(129, 2**70),
+    "best_of": st.integers(-3, 0) | st.integers(129, 2**70),
+    "min_tokens": st.integers(-(2**70), -1) | st.integers(10**6, 2**70),
     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "json_object", "yaml"]) | text},
                                              optional={"json_schema": st.fixed_dictionaries({}, optional={"schema": any_json}) | any_json}),
     "guided_json": text | any_json,
@@ -140,9 +145,19 @@ GUIDED_FIELDS = ["response_format", "guided_json", "guided_regex", "guided_choic
 
 def with_one_guided_field(values: dict):
     """Completion bodies of valid fields and exactly one structured-output field, of `values`' strategies."""
-    prompts = st.text(min_size=1, max_size=12) | st.lists(token, min_size=1, max_size=12)
-    base = st.fixed_dictionaries({"prompt": prompts}, optional={k: v for k, v in VALID.items() if k not in GUIDED_FIELDS})
+    # Prompt and max_tokens within the engine's 32 tokens (5 characters: at most 4 byte tokens each, and BOS and a space).
+    prompts = st.text(min_size=1, max_size=5) | st.lists(token, min_size=1, max_size=12)
+    fields = {**{k: v for k, v in VALID.items() if k not in GUIDED_FIELDS}, "max_tokens": st.integers(1, 6)}
+    base = st.fixed_dictionaries({"prompt": prompts, "max_tokens": fields.pop("max_tokens")}, optional=fields).map(valid_best_of)
     return st.builds(lambda body, guided: {**body, **guided}, base, st.one_of(*(st.fixed_dictionaries({k: values[k]}) for k in GUIDED_FIELDS)))
+
+
+def valid_best_of(body: dict) -> dict:
+    """best_of made valid beside the body's n: at least n, and n itself when streaming."""
+    if "best_of" in body:
+        n = body.get("n", 1)
+        body["best_of"] = n if body.get("stream") else max(n, body["best_of"])
+    return body
 
 
 def check(served, counter, path: str, body: dict, must_serve: bool = False) -> None:

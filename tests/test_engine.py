@@ -41,12 +41,12 @@ def test_engine_layout(engine):
 
 def test_round_trip_in_fresh_process(engine):
     params = SamplingParams(max_tokens=12, temperature=0)
-    here = [o.token_ids for o in LLM(engine).generate(PROMPTS, params)]
+    here = [o.outputs[0].token_ids for o in LLM(engine).generate(PROMPTS, params)]
     code = (
         "import json, sys; from llmc import LLM, SamplingParams; "
         f"outs = LLM(sys.argv[1]).generate({PROMPTS!r}, SamplingParams(max_tokens=12, temperature=0)); "
         "compiler = [m for m in sys.modules if m.startswith(('llmc.frontend', 'llmc.passes'))]; "
-        "print(json.dumps([[o.token_ids for o in outs], compiler]))"
+        "print(json.dumps([[o.outputs[0].token_ids for o in outs], compiler]))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True, check=True)
     tokens, compiler_modules = json.loads(result.stdout.strip().splitlines()[-1])

@@ -87,19 +87,22 @@ def test_bad_prompt_leaves_no_request_behind(llm):
     with pytest.raises(ValueError):
         llm.generate([[1, 2, 3], [1] * 40], SamplingParams(max_tokens=4))
     assert not llm.engine.schedulers[0].has_unfinished()
-    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids) == 4
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids) == 4
 
 
 def test_generation_stops_at_max_seq_len(llm):
     out = llm.generate([[1] * 30], SamplingParams(max_tokens=10, temperature=0))[0]
-    assert len(out.token_ids) == 2 and out.finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 2 and out.outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
-        (dict(max_tokens=-5), "max_tokens must be an integer >= 1"),
+        (dict(max_tokens=-5), "max_tokens must be an integer >= 0"),
+        (dict(n=0), r"n must be an integer in \[1, 128\]"),
+        (dict(n=3, best_of=2), r"best_of must be an integer in \[n, 128\]"),
+        (dict(max_tokens=4, min_tokens=5), r"min_tokens must be an integer in \[0, max_tokens\]"),
+        (dict(prompt_logprobs=21), r"prompt_logprobs must be an integer in \[0, 20\]"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(temperature=-1.0), "temperature must be >= 0"),

@@ -37,8 +37,8 @@ def test_example_matches_transformers(engine, reference):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             expected = model.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1] :].tolist()
-        assert out.token_ids == expected[: len(out.token_ids)]
-        assert len(out.token_ids) == len(expected) or out.finish_reason == "stop"
+        assert out.outputs[0].token_ids == expected[: len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) == len(expected) or out.outputs[0].finish_reason == "stop"
 
 
 def test_example_model_has_learned_python(reference):
@@ -66,11 +66,11 @@ def test_readme_headline_tp8_pp2(engine, tmp_path):
     from llmc.cli import main
 
     sharded = tmp_path / "stdlib-llama-tp8-pp2"
-    result = CliRunner().invoke(main, ["build", str(MODEL), "-o", str(sharded), "--tp", "8", "--pp", "2"])
+    result = CliRunner().invoke(main, ["build", str(MODEL), "-o", str(sharded), "--tp", "8", "--pp", "2", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     args = ["generate", str(sharded), "--max-tokens", "24", "--json"] + [a for p in PROMPTS for a in ("-p", p)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     got = [json.loads(line)["token_ids"] for line in result.stdout.splitlines() if line.startswith("{")]
-    expected = [o.token_ids for o in LLM(engine).generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+    expected = [o.outputs[0].token_ids for o in LLM(engine).generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
     assert got == expected

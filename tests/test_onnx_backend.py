@@ -78,9 +78,23 @@ def test_onnx_engine_generates_torch_tokens(arch, engines):
 def assert_same_outputs(want, got):
     """The same tokens, and the same top logprobs within 1e-4."""
     for a, b in zip(want, got, strict=True):
-        assert b.token_ids == a.token_ids
-        for x, y in zip(a.logprobs, b.logprobs):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
+
+
+def test_onnx_prompt_logprobs_and_samples_match_torch(engines):
+    """Prompt logprobs (more logits rows than sequences in a step) and n samples of a prompt, as the torch engine's."""
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=2, prompt_logprobs=3, n=2)
+    outputs = {}
+    for kind in ("torch", "onnx"):
+        with LLM(engines["llama"][kind], max_num_seqs=3) as llm:
+            outputs[kind] = llm.generate(PROMPTS, params)
+    for want, got in zip(outputs["torch"], outputs["onnx"], strict=True):
+        assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(got.prompt_token_ids)
+        for x, y in zip(want.prompt_logprobs[1:], got.prompt_logprobs[1:], strict=True):
+            assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) <= 1e-4
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs] and len(got.outputs) == 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -100,7 +114,7 @@ def test_onnx_pipeline_parallel_matches(checkpoints, engines, tmp_path):
         want = llm.generate(PROMPTS, PARAMS)
     with LLM(engine, max_num_seqs=3) as llm:
         got = llm.generate(PROMPTS, PARAMS)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2-pp2"])

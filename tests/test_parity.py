@@ -33,8 +33,8 @@ def test_greedy_tokens_match_transformers_fp32(arch, checkpoints, tmp_path):
 
     reference = AutoModelForCausalLM.from_pretrained(checkpoints[arch]).eval()
     for prompt, out in zip(prompts, outputs):
-        assert out.token_ids == hf_greedy(reference, prompt, NEW_TOKENS)
-        assert out.finish_reason == "length"
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, NEW_TOKENS)
+        assert out.outputs[0].finish_reason == "length"
 
 
 # bf16 rounds differently in every kernel. The logits of these tiny models are O(1), where one bf16

@@ -37,7 +37,7 @@ def uncached(engine, **kwargs) -> LLM:
 
 
 def alone(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
-    return [llm.generate([p], params)[0].token_ids for p in prompts]
+    return [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def test_requests_one_after_another_share_the_prefix(engine, prompts, reference)
 
 def test_requests_in_one_batch_share_the_prefix(engine, prompts, reference):
     llm = LLM(engine)
-    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == reference
     # The first prompt's prefill is chunked (32 tokens a step), so the others find its first blocks.
     assert llm.engine.block_manager.prefix_cache_hits > 0
-    assert [o.token_ids for o in llm.generate(prompts + prompts, GREEDY)] == reference + reference
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts + prompts, GREEDY)] == reference + reference
 
 
 @pytest.mark.parametrize("length", [3 * BS, 3 * BS + 5], ids=["whole-blocks", "part-block"])
@@ -83,7 +83,7 @@ def test_preemption_with_a_small_cache_and_shared_prefixes(engine, plain, prompt
     params = SamplingParams(max_tokens=16, temperature=0)
     expected = alone(plain, prompts, params)
     llm = LLM(engine, kv_cache_tokens=128)  # 8 blocks: preemptions, even with the prefix shared
-    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
     blocks = llm.engine.block_manager
     assert llm.engine.schedulers[0].num_preemptions > 0 and blocks.prefix_cache_hits > 0
     assert len(blocks.free_blocks) == blocks.num_blocks and blocks.ref_counts == [0] * blocks.num_blocks
@@ -192,6 +192,6 @@ def test_prefix_cache_with_sliding_window(checkpoints, tmp_path):
     prefix = random_tokens(3 * BS + 2, seed=5)
     shared = [prefix + random_tokens(n, seed=50 + n) for n in (3, 9, 1)]
     cached = LLM(engine)
-    got = [cached.generate([p], GREEDY)[0].token_ids for p in shared]
+    got = [cached.generate([p], GREEDY)[0].outputs[0].token_ids for p in shared]
     assert cached.engine.block_manager.prefix_cache_hits > 0
     assert got == alone(uncached(engine), shared)

@@ -74,7 +74,7 @@ def test_quantized_engine_generates_and_kernels_match_reference(quant_engines, a
     record = next(r for r in config.ranks[0]["passes"] if r["pass"] == "quantize")
     assert record["mode"] == mode and record["quantized"] >= 6 and record["kept"]  # the LM head stays
     outputs = LLM(engine).generate(PROMPTS, GREEDY)
-    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
 
     prompt = list(range(3, 40))
     # fp32 sums in another order; W8A8/W4A4 inputs are quantized identically by both.
@@ -120,7 +120,7 @@ def test_tensor_parallel_quantized_engine_matches_single_rank(quant_checkpoints,
     expected = LLM(quant_engines["llama", "fp8"]).generate(PROMPTS, GREEDY)
     # Row-parallel weights have per-channel scales over their shard, so logits differ slightly.
     for a, b in zip(expected, got):
-        assert b.token_ids == a.token_ids
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
 
 
 def test_pipeline_parallel_quantized_engine_equals_single_rank(quant_checkpoints, tmp_path):
@@ -132,8 +132,8 @@ def test_pipeline_parallel_quantized_engine_equals_single_rank(quant_checkpoints
     with LLM(staged) as llm:
         got = llm.generate(PROMPTS, GREEDY)
     for a, b in zip(expected, got):
-        assert b.token_ids == a.token_ids
-        for want, have in zip(a.logprobs, b.logprobs):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for want, have in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert max(abs(want[t] - have[t]) for t in want) <= 1e-5
 
 
@@ -169,7 +169,7 @@ def test_fp8_kv_cache(quant_checkpoints, tmp_path):
     torch.testing.assert_close(step_logits(fp8_kv, prompt), step_logits(fp32, prompt), atol=0.05, rtol=0)
     # Decoding reads the quantized cache back for every new token.
     outputs = LLM(fp8_kv).generate(PROMPTS, GREEDY)
-    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
 
 
 def test_perplexity_of_quantized_example_models(tmp_path):

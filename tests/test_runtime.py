@@ -29,18 +29,18 @@ def prompts():
 @pytest.fixture(scope="module")
 def alone(engine, prompts):
     llm = LLM(engine)
-    return [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
 
 
 def test_batched_equals_alone(engine, prompts, alone):
-    assert [o.token_ids for o in LLM(engine).generate(prompts, GREEDY)] == alone
+    assert [o.outputs[0].token_ids for o in LLM(engine).generate(prompts, GREEDY)] == alone
 
 
 def test_preemption_recomputes_and_gives_the_same_tokens(engine, prompts, alone):
     llm = LLM(engine, kv_cache_tokens=64)  # one full-length request at a time
     outputs = llm.generate(prompts, GREEDY)
     assert llm.engine.schedulers[0].num_preemptions > 0
-    assert [o.token_ids for o in outputs] == alone
+    assert [o.outputs[0].token_ids for o in outputs] == alone
     assert len(llm.engine.block_manager.free_blocks) == llm.engine.block_manager.num_blocks
 
 
@@ -52,17 +52,17 @@ def test_kv_cache_smaller_than_one_request_is_refused(engine):
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, prompts):
     llm = LLM(engine)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234)
-    alone = llm.generate([prompts[0]], seeded)[0].token_ids
+    alone = llm.generate([prompts[0]], seeded)[0].outputs[0].token_ids
     others = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9)
-    batched = llm.generate([prompts[1], prompts[0], prompts[2]], [others, seeded, others])[1].token_ids
+    batched = llm.generate([prompts[1], prompts[0], prompts[2]], [others, seeded, others])[1].outputs[0].token_ids
     assert batched == alone
-    assert llm.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99))[0].token_ids != alone
+    assert llm.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99))[0].outputs[0].token_ids != alone
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(engine, prompts, alone):
     llm = LLM(engine)
     for params in (SamplingParams(max_tokens=24, temperature=1.0, top_k=1), SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6)):
-        assert llm.generate([prompts[1]], params)[0].token_ids == alone[1]
+        assert llm.generate([prompts[1]], params)[0].outputs[0].token_ids == alone[1]
 
 
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
@@ -82,12 +82,12 @@ def test_text_prompts_and_eos(checkpoints, tmp_path):
     llm = LLM(engine)
     out = llm.generate("def fib(n):", GREEDY)[0]
     assert out.prompt_token_ids == llm.tokenizer("def fib(n):")["input_ids"]
-    assert out.text == llm.tokenizer.decode(out.token_ids)
-    llm.engine.eos_token_ids = {out.token_ids[3]}
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+    llm.engine.eos_token_ids = {out.outputs[0].token_ids[3]}
     stopped = llm.generate("def fib(n):", GREEDY)[0]
-    assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(out.token_ids[3]) + 1]
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].token_ids == out.outputs[0].token_ids[: out.outputs[0].token_ids.index(out.outputs[0].token_ids[3]) + 1]
     ignored = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
-    assert ignored.token_ids == out.token_ids
+    assert ignored.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 def test_staggered_arrivals_equal_alone(engine, prompts, alone):
@@ -100,7 +100,7 @@ def test_staggered_arrivals_equal_alone(engine, prompts, alone):
     while len(finished) < len(prompts):
         for i in arrivals.get(step, []):
             core.add_request(prompts[i], GREEDY, request_id=str(i))
-        finished.update((int(o.request_id), o.token_ids) for o in core.step() if o.finished)
+        finished.update((int(o.request_id), o.outputs[0].token_ids) for o in core.step() if o.finished)
         step += 1
     assert [finished[i] for i in range(len(prompts))] == alone
 
@@ -108,9 +108,9 @@ def test_staggered_arrivals_equal_alone(engine, prompts, alone):
 def test_chunked_prefill_equals_unchunked(engine, prompts, alone):
     llm = LLM(engine)
     llm.engine.schedulers[0].max_batch_tokens = 4096  # every prompt in one piece
-    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == alone
     llm.engine.schedulers[0].max_batch_tokens = 3  # a few tokens a step
-    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == alone
 
 
 def test_kv_cache_memory_in_gib(engine):

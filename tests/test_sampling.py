@@ -57,20 +57,20 @@ def test_presence_and_frequency_penalties_count_output_tokens_only():
 
 def test_greedy_with_repetition_penalty_matches_transformers_generate(llm, checkpoints):
     prompt = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(4)).tolist()
-    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, repetition_penalty=8.0))[0].token_ids
+    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, repetition_penalty=8.0))[0].outputs[0].token_ids
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
     with torch.no_grad():
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, repetition_penalty=8.0)
     assert ours == theirs[0, 12:].tolist()
-    assert ours != llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].token_ids
+    assert ours != llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].token_ids
 
 
 def test_bad_words_match_transformers_generate(llm, checkpoints):
     """Banned token sequences (one token, and two tokens whose first is allowed) as HF's bad_words_ids."""
     prompt = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist()
-    base = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].token_ids
+    base = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].token_ids
     bad = [[base[2]], [base[5], base[6]]]
-    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, bad_words_ids=bad))[0].token_ids
+    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, bad_words_ids=bad))[0].outputs[0].token_ids
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
     with torch.no_grad():
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, bad_words_ids=bad)
@@ -80,19 +80,47 @@ def test_bad_words_match_transformers_generate(llm, checkpoints):
 
 def test_stop_strings_and_stop_token_ids(llm):
     base = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0))[0]
-    stop = base.text[5:8]
+    stop = base.outputs[0].text[5:8]
     out = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop=[stop]))[0]
-    assert out.finish_reason == "stop" and out.text == base.text[: base.text.index(stop)]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].text == base.outputs[0].text[: base.outputs[0].text.index(stop)]
     kept = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop=stop, include_stop_str_in_output=True))[0]
-    assert kept.text == base.text[: base.text.index(stop) + len(stop)]
-    by_id = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[base.token_ids[6]]))[0]
-    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[6]) + 1]
+    assert kept.outputs[0].text == base.outputs[0].text[: base.outputs[0].text.index(stop) + len(stop)]
+    by_id = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[base.outputs[0].token_ids[6]]))[0]
+    assert by_id.outputs[0].finish_reason == "stop" and by_id.outputs[0].token_ids == base.outputs[0].token_ids[: base.outputs[0].token_ids.index(base.outputs[0].token_ids[6]) + 1]
+
+
+def test_min_tokens_holds_off_stop_tokens_and_strings(llm):
+    base = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
+    stop_id = base.token_ids[1]
+    held = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id], min_tokens=6))[0].outputs[0]
+    assert stop_id not in held.token_ids[:6] and len(held.token_ids) > 6
+    assert held.finish_reason == "length" or (held.token_ids[-1] == stop_id and held.stop_reason == stop_id)
+    stop = base.text[:3]  # would stop at once
+    late = llm.generate("def fib(n):", SamplingParams(max_tokens=24, temperature=0, stop=[stop], min_tokens=6))[0].outputs[0]
+    assert late.text.startswith(stop) and len(late.token_ids) >= 6 and (late.finish_reason == "length" or late.stop_reason == stop)
+
+
+def test_n_and_best_of(llm):
+    prompt = list(range(5, 45))
+    every = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=5))[0]
+    assert [c.index for c in every.outputs] == list(range(5)) and all(c.cumulative_logprob is None for c in every.outputs)
+    scored = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=5, logprobs=0))[0]
+    assert [c.token_ids for c in scored.outputs] == [c.token_ids for c in every.outputs]  # seed + index per sample
+    for c in scored.outputs:
+        assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs)))
+    best = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=2, best_of=5))[0]
+    ranked = sorted(scored.outputs, key=lambda c: -c.cumulative_logprob)[:2]
+    assert [c.token_ids for c in best.outputs] == [c.token_ids for c in ranked] and [c.index for c in best.outputs] == [c.index for c in ranked]
+    scoring_only = llm.generate(prompt, SamplingParams(max_tokens=0, n=3, prompt_logprobs=1))[0]
+    assert [(c.token_ids, c.finish_reason) for c in scoring_only.outputs] == [([], "length")] * 3
+    assert len(scoring_only.prompt_logprobs) == len(prompt) and scoring_only.prompt_logprobs[0] is None
+    assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.usage == 0
 
 
 def test_logprobs_of_chosen_tokens(llm):
     out = llm.generate("import os", SamplingParams(max_tokens=6, temperature=0, logprobs=3))[0]
-    assert len(out.logprobs) == 6
-    for token, lp in zip(out.token_ids, out.logprobs):
+    assert len(out.outputs[0].logprobs) == 6
+    for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
         assert lp[token] == max(lp.values()) and len(lp) == 3  # greedy: the chosen token is the top one
         assert all(v <= 0 for v in lp.values())
 
@@ -101,8 +129,8 @@ def test_stream_yields_each_token_and_the_same_text(llm):
     params = SamplingParams(max_tokens=20, temperature=0)
     full = llm.generate("class A:", params)[0]
     outs = list(llm.stream("class A:", params))
-    assert [len(o.token_ids) for o in outs] == list(range(1, 21))
-    assert "".join(o.delta_text for o in outs) == full.text and outs[-1].finished
+    assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 21))
+    assert "".join(o.outputs[0].delta_text for o in outs) == full.outputs[0].text and outs[-1].finished
 
 
 def test_stream_closed_early_frees_the_request(llm):
@@ -148,10 +176,10 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm):
 
 
 def test_logit_bias_is_added_to_the_logits(llm):
-    forced = llm.generate("def", SamplingParams(max_tokens=5, temperature=0, logit_bias={17: 100}))[0].token_ids
+    forced = llm.generate("def", SamplingParams(max_tokens=5, temperature=0, logit_bias={17: 100}))[0].outputs[0].token_ids
     assert forced == [17] * 5
     sampled = llm.generate("def", SamplingParams(max_tokens=5, temperature=1.0, seed=3, logit_bias={t: -100 for t in range(VOCAB) if t != 9}))[0]
-    assert sampled.token_ids == [9] * 5
+    assert sampled.outputs[0].token_ids == [9] * 5
 
 
 extreme = st.sampled_from([0.0, 1e-40, 1e-5, 1.0, 1e5, 1e38, 1e300])

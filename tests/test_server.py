@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import llmc
@@ -86,7 +87,7 @@ def client(server):
 def expected(engine):
     """What LLM.generate says, greedy, for each prompt: the server must say the same."""
     llm = LLM(engine)
-    return {p: o.text for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0)))}
+    return {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0)))}
 
 
 def test_completion(client, expected):
@@ -111,7 +112,7 @@ def test_chat_and_streaming_chat(client, engine):
     messages = [{"role": "user", "content": "def fib(n):"}]
     llm = LLM(engine)
     prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].text
+    want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
     out = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
     chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0, stream=True))
@@ -152,7 +153,7 @@ def test_100_concurrent_streams(server, expected):
     [
         ("{not json", 400, "invalid request"),
         (json.dumps({"model": "gpt-4", "prompt": "x"}), 404, "The model `gpt-4` does not exist"),
-        (json.dumps({"prompt": "x", "max_tokens": -1}), 400, "max_tokens must be an integer >= 1"),
+        (json.dumps({"prompt": "x", "max_tokens": -1}), 400, "max_tokens must be an integer >= 0"),
         (json.dumps({"prompt": "x", "top_p": 2}), 400, "top_p must be in (0, 1]"),
         (json.dumps({"prompt": "x " * 500}), 400, "at most 128 tokens"),
         (json.dumps({"max_tokens": 3}), 400, "prompt"),
@@ -193,7 +194,17 @@ def post(server, body: dict | str, path: str = "/v1/completions", timeout: float
         ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "keys must be token ids"),
         ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary [0, 320)"),
         ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "numbers in [-100, 100]"),
-        ({"prompt": "x", "n": 2}, "n", "only n=1"),
+        ({"prompt": "x", "n": 0}, "n", "n must be an integer in [1, 128]"),
+        ({"prompt": "x", "n": 3, "best_of": 2}, "best_of", "best_of must be an integer in [n, 128]"),
+        ({"prompt": "x", "n": 1, "best_of": 2, "stream": True}, "best_of", "best_of must equal n when streaming"),
+        ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "min_tokens must be an integer in [0, max_tokens]"),
+        ({"prompt": "x", "max_tokens": 200}, "max_tokens", "context holds 128 tokens, but the request asks for 201 (1 in the prompt, 200 to generate)"),
+        ({"prompt": "x", "max_tokens": 10**30}, "max_tokens", "context holds 128 tokens"),
+        # Fields llmc does not implement are refused by name, never ignored.
+        ({"prompt": "x", "suffix": "y"}, "suffix", "suffix: not supported by this server"),
+        ({"prompt": "x", "response_format": {"type": "json_object", "strict": True}}, "response_format", "response_format.strict: not supported"),
+        ({"prompt": "x", "guided_regex": "a+", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search", "not supported"),
         ('{"prompt": "x\\ud800y"}', "prompt", "surrogates not allowed at character 1 ('\\ud800'): not valid Unicode"),
         ('{"prompt": ["ok", "\\udfff"]}', "prompt", "not valid Unicode"),
         ('{"prompt": "x", "stop": "\\ud800"}', "stop", "not valid Unicode"),
@@ -213,7 +224,9 @@ def test_every_sampling_field_is_checked(server, body, param, message):
         ({"messages": [{"role": "user", "content": "x\ud800"}]}, "messages", "messages.0.content: surrogates not allowed"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
          "content parts of type 'image_url' are not supported"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", "max_tokens must be"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be an integer >= 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, "max_tokens", "context holds 128 tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools", "tools: not supported by this server"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs", "[0, 20]"),
         ({"messages": []}, "messages", "at least 1 item"),
     ],
@@ -238,7 +251,6 @@ def test_chat_fields_are_checked(server, body, param, message):
         dict(logit_bias={str(t): -100 for t in range(320)}),
         dict(seed=2**64 - 1, temperature=1.0),
         dict(seed=-(2**63), top_k=10**30),
-        dict(max_tokens=10**30),
     ],
 )
 def test_extreme_admitted_values_sample_and_leave_the_engine_well(server, client, expected, extreme):
@@ -256,7 +268,7 @@ def test_tiny_temperature_is_greedy(server, expected):
 
 
 def test_logit_bias(server, engine):
-    greedy = LLM(engine).generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    greedy = LLM(engine).generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].token_ids
     forced = post(server, {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logit_bias": {"42": 100}, "logprobs": 0}).json()
     assert forced["usage"]["completion_tokens"] == 6
     tok = tokenizer()
@@ -287,12 +299,12 @@ def test_disconnected_client_aborts_its_requests(server):
     llm = server.llm
     tokens = llm.num_step_requests
     with pytest.raises(httpx.ReadTimeout):
-        post(server, {"prompt": [PROMPTS[i % 5] for i in range(20)], "max_tokens": 120, "ignore_eos": True}, timeout=0.3)
+        post(server, {"prompt": [PROMPTS[i % 5] for i in range(20)], "max_tokens": 100, "ignore_eos": True}, timeout=0.3)
     gone = time.perf_counter()
     while llm.engine.has_unfinished_requests() or llm.engine.block_manager.usage:
         assert time.perf_counter() - gone < 0.5, "requests of a disconnected client still running"
         time.sleep(0.01)
-    assert llm.num_step_requests - tokens < 20 * 120 / 2
+    assert llm.num_step_requests - tokens < 20 * 100 / 2
 
 
 def test_a_huge_prompt_does_not_stall_other_requests(server, expected):
@@ -464,3 +476,91 @@ def test_engine_failure_gives_503_not_a_hang(engine):
     finally:
         server.stop()
         llm.shutdown()
+
+
+def test_n_choices_and_streaming_n(client, expected):
+    out = client.completions.create(model="tiny-llama", prompt=PROMPTS[:2], max_tokens=16, temperature=0, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [expected[PROMPTS[0]]] * 2 + [expected[PROMPTS[1]]] * 2
+    assert out.usage.completion_tokens == 4 * 16
+    # Samples that end at different steps (stop strings): each one's chunks, and its finish once.
+    sampled = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3, stop=["e", "a"])
+    assert len({c.text for c in sampled.choices}) > 1  # each sample draws its own tokens
+    assert len({c.finish_reason for c in sampled.choices}) > 1 or len({len(c.text) for c in sampled.choices}) > 1
+    texts, finishes = {}, []
+    for chunk in client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=5, n=3,
+                                           stop=["e", "a"], stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            finishes += [c.index] if c.finish_reason else []
+    assert [texts[i] for i in range(3)] == [c.text for c in sampled.choices]  # seeded: the same samples
+    assert sorted(finishes) == [0, 1, 2]
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_best_of_returns_the_likeliest_and_shares_the_prompt(server, client):
+    prompt = list(range(3, 60))  # three full KV blocks of 16
+    blocks = server.llm.engine.block_manager
+    hits = blocks.prefix_cache_hits
+    every = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=4, logprobs=0)
+    # The first sample computes the prompt; the other three share its full blocks.
+    assert blocks.prefix_cache_hits - hits >= 3 * 48
+    totals = [sum(c.logprobs.token_logprobs) for c in every.choices]
+    best = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=2, best_of=4, logprobs=0)
+    ranked = sorted(range(4), key=lambda i: -totals[i])
+    assert [c.text for c in best.choices] == [every.choices[i].text for i in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+
+
+def test_echo_with_prompt_logprobs_matches_transformers(server, checkpoints):
+    """What lm-evaluation-harness's loglikelihood reads: echo, logprobs and max_tokens 0 or 1."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = tokenizer()("def fib(n):\n    return fib(n - 1)")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    want = [logprobs[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    for max_tokens in (0, 1):
+        r = post(server, {"prompt": prompt, "max_tokens": max_tokens, "echo": True, "logprobs": 1, "temperature": 0}).json()
+        [choice] = r["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + max_tokens and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1 : len(prompt)] == pytest.approx(want, abs=1e-4)
+        assert all(len(top) <= 2 and max(top.values()) >= chosen - 1e-6 for top, chosen in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+        assert choice["text"].startswith(tokenizer().decode(prompt)) and r["usage"]["prompt_tokens"] == len(prompt)
+    echoed = post(server, {"prompt": PROMPTS[0], "max_tokens": 4, "echo": True, "temperature": 0}).json()["choices"][0]
+    assert echoed["text"].startswith(PROMPTS[0]) and echoed["logprobs"] is None
+
+
+def test_stop_strings_and_min_tokens(server, client, expected):
+    text = expected[PROMPTS[0]]
+    stop = text[4:7]
+    cut = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    kept = post(server, {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "stop": stop, "include_stop_str_in_output": True}).json()
+    assert kept["choices"][0]["text"] == text[: text.index(stop) + len(stop)]
+    late = post(server, {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "stop": text[:2], "min_tokens": 8}).json()
+    assert late["choices"][0]["text"].startswith(text[:2]) and late["usage"]["completion_tokens"] >= 8  # not stopped before 8 tokens
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(client):
+    out = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "def fib(n):"}], temperature=0)
+    assert out.choices[0].finish_reason == "length"  # the tiny model has no EOS: it fills the context
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 128
+
+
+def test_tokenize_detokenize_version(server, engine):
+    tok = LLM(engine).tokenizer
+    r = post(server, {"prompt": "def fib(n):"}, "/tokenize").json()
+    assert r["tokens"] == tok("def fib(n):")["input_ids"] and r["count"] == len(r["tokens"]) and r["max_model_len"] == 128
+    messages = [{"role": "user", "content": "hi"}]
+    chat = post(server, {"messages": messages, "return_token_strs": True}, "/tokenize").json()
+    assert chat["tokens"] == tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert chat["token_strs"] == tok.convert_ids_to_tokens(chat["tokens"])
+    assert post(server, {"tokens": r["tokens"]}, "/detokenize").json() == {"prompt": "def fib(n):"}
+    bad = post(server, {"tokens": [99999]}, "/detokenize")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert post(server, {"prompt": "x", "unknown": 1}, "/tokenize").status_code == 400
+    assert httpx.get(server.url + "/version").json() == {"version": llmc.__version__}

@@ -53,6 +53,11 @@ def llm(engine):
     return LLM(engine)
 
 
+def samples(outputs: list) -> list:
+    """Every request's samples (CompletionOutput), in order."""
+    return [sample for out in outputs for sample in out.outputs]
+
+
 def follows(kind: str, text: str) -> bool:
     """Whether `text` is, whole, what the grammar of `kind` (the constants above) describes."""
     if kind == "json":
@@ -82,16 +87,28 @@ GUIDED = {  # grammars of bounded length: every request ends with its grammar co
 @pytest.mark.parametrize("kind", list(GUIDED))
 def test_generated_text_follows_the_grammar(llm, kind, sampling):
     params = SamplingParams(max_tokens=120, seed=7, guided_decoding=GUIDED[kind], **sampling)
-    for out in llm.generate(PROMPTS, params):
+    for out in samples(llm.generate(PROMPTS, params)):
         assert follows(kind, out.text), out.text
         assert out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kind", ["regex", "choice"])
+def test_each_sample_of_a_request_follows_the_grammar(llm, kind):
+    """n=2 and best_of: each sample has its own grammar state (one shared would be advanced by both samples' tokens)."""
+    for extra in (dict(n=2), dict(n=2, best_of=3)):
+        params = SamplingParams(max_tokens=60, temperature=1.0, seed=11, guided_decoding=GUIDED[kind], **extra)
+        outputs = llm.generate(PROMPTS, params)
+        assert all(len(out.outputs) == 2 for out in outputs)
+        for sample in samples(outputs):
+            assert follows(kind, sample.text) and sample.finish_reason == "stop", sample.text
+        assert any(out.outputs[0].text != out.outputs[1].text for out in outputs)  # the samples are drawn apart
 
 
 def test_json_object(llm):
     """Any JSON object: unbounded, so this model (which writes Python) may fill a string until max_tokens;
     whatever ends with the grammar complete is an object."""
     guided = GuidedDecodingParams(json_object=True, disable_any_whitespace=True)
-    outputs = llm.generate(PROMPTS * 2, [SamplingParams(max_tokens=120, temperature=1.0, seed=s, guided_decoding=guided) for s in range(6)])
+    outputs = samples(llm.generate(PROMPTS * 2, [SamplingParams(max_tokens=120, temperature=1.0, seed=s, guided_decoding=guided) for s in range(6)]))
     assert all(follows("json_object", o.text) for o in outputs if o.finish_reason == "stop")
     assert sum(o.finish_reason == "stop" for o in outputs) >= 3
     assert all(o.text.startswith("{") and o.finish_reason == "length" for o in outputs if o.finish_reason != "stop")
@@ -99,16 +116,16 @@ def test_json_object(llm):
 
 def test_unguided_output_would_not_follow_the_grammar(llm):
     """The tests above prove something: the model left alone writes Python, not these grammars."""
-    for out in llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0)):
+    for out in samples(llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0))):
         assert not any(follows(kind, out.text) for kind in ["json_object", *GUIDED]), out.text
 
 
 def test_grammar_does_not_disturb_other_requests_in_the_batch(llm):
     """In-flight batching: unguided requests beside guided ones get exactly what they get alone."""
     free = SamplingParams(max_tokens=30, temperature=0)
-    alone = [o.token_ids for o in llm.generate(PROMPTS, free)]
+    alone = [o.token_ids for o in samples(llm.generate(PROMPTS, free))]
     params = [free, SamplingParams(max_tokens=60, temperature=0, guided_decoding=GUIDED["json"])] * len(PROMPTS)
-    mixed = llm.generate([p for p in PROMPTS for _ in range(2)], params)
+    mixed = samples(llm.generate([p for p in PROMPTS for _ in range(2)], params))
     assert [o.token_ids for o in mixed[::2]] == alone
     assert all(follows("json", o.text) for o in mixed[1::2])
 
@@ -118,14 +135,24 @@ def test_eos_only_once_the_grammar_is_complete_and_grammar_ends_with_ignore_eos(
     ends when the grammar is complete (the grammar then allows nothing but EOS)."""
     long = GuidedDecodingParams(regex=r"[a-z]{40,45}")
     for ignore_eos in (False, True):
-        for out in llm.generate(PROMPTS, SamplingParams(max_tokens=80, temperature=0, ignore_eos=ignore_eos, guided_decoding=long)):
+        for out in samples(llm.generate(PROMPTS, SamplingParams(max_tokens=80, temperature=0, ignore_eos=ignore_eos, guided_decoding=long))):
             assert re.fullmatch(r"[a-z]{40,45}", out.text) and out.finish_reason == "stop"
+
+
+def test_min_tokens_the_grammar_cannot_meet_ends_the_request_with_an_error(llm):
+    """min_tokens bans EOS; once the grammar is complete it allows only EOS: nothing is left, which is an error, never a
+    silent stop short of min_tokens. A min_tokens the grammar can meet is met."""
+    params = dict(max_tokens=30, temperature=0, guided_decoding=GUIDED["choice"])
+    out = llm.generate(PROMPTS[1], SamplingParams(min_tokens=20, **params))[0]
+    assert out.outputs[0].finish_reason == "error" and "min_tokens=20 cannot be met" in out.error, out
+    out = llm.generate(PROMPTS[1], SamplingParams(min_tokens=2, **params))[0].outputs[0]
+    assert follows("choice", out.text) and out.finish_reason == "stop" and len(out.token_ids) >= 2
 
 
 def test_json_allows_any_whitespace_unless_disabled(llm):
     """By default (vLLM's) JSON may hold whitespace between tokens; this model, which writes Python, fills it with newlines."""
-    spaced = llm.generate(PROMPTS[0], SamplingParams(max_tokens=60, temperature=0, guided_decoding=GuidedDecodingParams(json=SCHEMA)))[0]
-    compact = llm.generate(PROMPTS[0], SamplingParams(max_tokens=60, temperature=0, guided_decoding=GUIDED["json"]))[0]
+    spaced = llm.generate(PROMPTS[0], SamplingParams(max_tokens=60, temperature=0, guided_decoding=GuidedDecodingParams(json=SCHEMA)))[0].outputs[0]
+    compact = llm.generate(PROMPTS[0], SamplingParams(max_tokens=60, temperature=0, guided_decoding=GUIDED["json"]))[0].outputs[0]
     assert "\n" in spaced.text and "\n" not in compact.text and follows("json", compact.text)
 
 
@@ -133,7 +160,7 @@ def test_preempted_requests_keep_their_grammar_state(engine):
     """Preemption recomputes a request's tokens: its grammar state must carry on from where it was."""
     small = LLM(engine, kv_cache_tokens=256)  # room for one full-length request
     params = SamplingParams(max_tokens=90, temperature=0, guided_decoding=GuidedDecodingParams(regex=r"([a-z]+_){10,14}[a-z]+"))
-    outputs = small.generate(PROMPTS * 2, params)
+    outputs = samples(small.generate(PROMPTS * 2, params))
     assert small.engine.schedulers[0].num_preemptions > 0
     assert all(re.fullmatch(r"([a-z]+_){10,14}[a-z]+", o.text) for o in outputs)
 
@@ -146,29 +173,31 @@ def test_multi_rank_engine_masks_the_same(checkpoints, tmp_path):
     outputs = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         with LLM(llmc.build(checkpoints["qwen2"], tmp_path / f"tp{tp}pp{pp}", max_seq_len=64, tp=tp, pp=pp, log=lambda _: None)) as llm:
-            outputs[tp, pp] = llm.generate(prompts, params)
+            outputs[tp, pp] = samples(llm.generate(prompts, params))
     assert all(re.fullmatch(regex, o.text) and o.finish_reason == "stop" for o in outputs[1, 1])
     assert [o.token_ids for o in outputs[2, 1]] == [o.token_ids for o in outputs[1, 2]] == [o.token_ids for o in outputs[1, 1]]
 
 
 def test_finished_and_aborted_requests_drop_their_grammar(llm):
+    """Each sample holds its own matcher until it finishes or its request is aborted (samples held back included)."""
     engine = llm.engine
-    done = engine.add_request(engine.tokenize(PROMPTS[0]), SamplingParams(max_tokens=50, temperature=0, guided_decoding=GUIDED["choice"]))
-    aborted = engine.add_request(engine.tokenize(PROMPTS[1]), SamplingParams(max_tokens=50, temperature=0, guided_decoding=GUIDED["json"]))
-    seqs = {rid: engine.requests[rid].seq for rid in (done, aborted)}
-    assert all(seq.grammar is not None for seq in seqs.values())
+    done = engine.add_request(engine.tokenize(PROMPTS[0]), SamplingParams(max_tokens=50, n=2, guided_decoding=GUIDED["choice"]))
+    aborted = engine.add_request(engine.tokenize(PROMPTS[1]), SamplingParams(max_tokens=50, n=2, guided_decoding=GUIDED["json"]))
+    seqs = {rid: engine.requests[rid].seqs for rid in (done, aborted)}
+    grammars = [seq.grammar for group in seqs.values() for seq in group]
+    assert all(g is not None for g in grammars) and len({id(g) for g in grammars}) == 4
     engine.step()
     engine.abort_request(aborted)
     while engine.has_unfinished_requests():
         engine.step()
-    assert seqs[done].finish_reason == "stop" and seqs[aborted].finish_reason == "abort"
-    assert all(seq.grammar is None for seq in seqs.values())
+    assert [seq.finish_reason for seq in seqs[done]] == ["stop", "stop"] and [seq.finish_reason for seq in seqs[aborted]] == ["abort", "abort"]
+    assert all(seq.grammar is None for group in seqs.values() for seq in group)
 
 
 def test_logprobs_are_the_models_not_the_masks(llm):
     """logprobs come from the model's distribution (as vLLM's): the mask changes the token, not its log-probability."""
-    free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0]
-    guided = llm.generate(PROMPTS[0], SamplingParams(max_tokens=1, temperature=0, logprobs=5, guided_decoding=GUIDED["choice"]))[0]
+    free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0].outputs[0]
+    guided = llm.generate(PROMPTS[0], SamplingParams(max_tokens=1, temperature=0, logprobs=5, guided_decoding=GUIDED["choice"]))[0].outputs[0]
     assert guided.token_ids != free.token_ids
     top = lambda lp: sorted(lp.items(), key=lambda kv: -kv[1])[:5]  # noqa: E731
     assert top(guided.logprobs[0]) == pytest.approx(top(free.logprobs[0]))
@@ -254,6 +283,18 @@ def test_json_object_over_http(client):
     out = client.chat.completions.create(model="stdlib-llama", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=120,
                                          temperature=0, response_format={"type": "json_object"}, extra_body=fields)
     assert follows("json_object", out.choices[0].message.content) and out.choices[0].finish_reason == "stop", out.choices[0].message.content
+
+
+@pytest.mark.parametrize("fields", [{"guided_choice": CHOICES}, {"guided_regex": REGEX}], ids=["choice", "regex"])
+def test_each_choice_of_n_follows_the_grammar(client, fields):
+    kind = "choice" if "guided_choice" in fields else "regex"
+    for extra in ({"n": 2}, {"n": 2, "best_of": 3}):
+        out = client.completions.create(model="stdlib-llama", prompt=PROMPTS[:2], max_tokens=60, temperature=1.0, seed=5, extra_body={**fields, **extra})
+        assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+        assert all(follows(kind, c.text) and c.finish_reason == "stop" for c in out.choices), [c.text for c in out.choices]
+    out = client.chat.completions.create(model="stdlib-llama", messages=[{"role": "user", "content": PROMPTS[0]}], n=2, max_tokens=60,
+                                         temperature=1.0, seed=5, extra_body=fields)
+    assert len(out.choices) == 2 and all(follows(kind, c.message.content) for c in out.choices), [c.message.content for c in out.choices]
 
 
 def test_streaming_follows_the_grammar(client):

@@ -56,7 +56,7 @@ def torch_tokens(checkpoints, tmp_path_factory):
 
 def _tokens(engine):
     with LLM(engine, max_num_seqs=3) as llm:
-        return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
 def _tokens_on_onnx_runtime(trt_engine, tmp_path):

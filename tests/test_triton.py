@@ -146,7 +146,7 @@ def test_generate_returns_what_llm_generate_does(server, llm):
         r = generate(server, text_input=prompt, max_tokens=24)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["text_output"] == want.text and body["output_ids"] == want.token_ids
+        assert body["text_output"] == want.outputs[0].text and body["output_ids"] == want.outputs[0].token_ids
         assert body["finish_reason"] == "length"
 
 
@@ -154,42 +154,42 @@ def test_generate_stream_yields_each_token_in_order(server, llm):
     want = llm.generate(PROMPTS[0], GREEDY)[0]
     events = generate_stream(server, text_input=PROMPTS[0], max_tokens=24, stream=True)
     assert len(events) == 24  # one event per token
-    assert [e["output_ids"] for e in events] == want.token_ids  # (the JSON of a one-element tensor is its element)
-    assert "".join(e["text_output"] for e in events) == want.text
+    assert [e["output_ids"] for e in events] == want.outputs[0].token_ids  # (the JSON of a one-element tensor is its element)
+    assert "".join(e["text_output"] for e in events) == want.outputs[0].text
     assert events[-1]["finish_reason"] == "length" and all(e["finish_reason"] == "" for e in events[:-1])
     # Without "stream", generate_stream answers once, with everything.
     [single] = generate_stream(server, text_input=PROMPTS[0], max_tokens=24)
-    assert single["text_output"] == want.text
+    assert single["text_output"] == want.outputs[0].text
 
 
 def test_grpc_streaming_yields_each_token_in_order(server, llm):
     want = llm.generate(PROMPTS[1], GREEDY)[0]
     results = grpc_stream(server, PROMPTS[1], 24)
-    assert [r.as_numpy("output_ids").reshape(-1).tolist() for r in results] == [[t] for t in want.token_ids]
-    assert "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in results) == want.text
+    assert [r.as_numpy("output_ids").reshape(-1).tolist() for r in results] == [[t] for t in want.outputs[0].token_ids]
+    assert "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in results) == want.outputs[0].text
 
 
 def test_sampling_stop_words_and_bad_words_map_onto_llmc(server, llm):
     tok = llm.tokenizer
     base = llm.generate(PROMPTS[2], GREEDY)[0]
-    stop = base.text[6:9]
+    stop = base.outputs[0].text[6:9]
     r = generate(server, text_input=PROMPTS[2], max_tokens=24, stop_words=[stop]).json()
-    assert r["text_output"] == llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, stop=[stop]))[0].text
+    assert r["text_output"] == llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, stop=[stop]))[0].outputs[0].text
     assert r["finish_reason"] == "stop" and stop not in r["text_output"]
 
-    word = tok.decode(base.token_ids[3:4])
+    word = tok.decode(base.outputs[0].token_ids[3:4])
     r = generate(server, text_input=PROMPTS[2], max_tokens=24, bad_words=[word]).json()
     banned = [tok(word, add_special_tokens=False)["input_ids"]]
-    assert r["output_ids"] == llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, bad_words_ids=banned))[0].token_ids
-    assert r["output_ids"] != base.token_ids
+    assert r["output_ids"] == llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, bad_words_ids=banned))[0].outputs[0].token_ids
+    assert r["output_ids"] != base.outputs[0].token_ids
 
     sampled = SamplingParams(max_tokens=16, temperature=0.8, top_k=40, top_p=0.9, seed=7)
     r = generate(server, text_input=PROMPTS[3], max_tokens=16, temperature=0.8, top_k=40, top_p=0.9, random_seed=7).json()
-    assert r["output_ids"] == llm.generate(PROMPTS[3], sampled)[0].token_ids  # seeded: reproducible in any batch
+    assert r["output_ids"] == llm.generate(PROMPTS[3], sampled)[0].outputs[0].token_ids  # seeded: reproducible in any batch
 
-    end_id = base.token_ids[4]
+    end_id = base.outputs[0].token_ids[4]
     r = generate(server, text_input=PROMPTS[2], max_tokens=24, end_id=end_id).json()
-    assert ids(r) == base.token_ids[: base.token_ids.index(end_id) + 1] and r["finish_reason"] == "stop"
+    assert ids(r) == base.outputs[0].token_ids[: base.outputs[0].token_ids.index(end_id) + 1] and r["finish_reason"] == "stop"
 
 
 def test_32_concurrent_requests_are_batched_in_flight(server, llm):
@@ -204,7 +204,7 @@ def test_32_concurrent_requests_are_batched_in_flight(server, llm):
 
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 32
-    assert [r.json()["output_ids"] for r in responses] == [o.token_ids for o in expected]
+    assert [r.json()["output_ids"] for r in responses] == [o.outputs[0].token_ids for o in expected]
     steps, advanced = metric(server, "llmc_steps") - steps, metric(server, "llmc_step_requests") - advanced
     assert advanced == 32 * 32  # every token of every request came from a step
     assert advanced / steps >= 8, f"{steps} steps advanced {advanced} requests: not batched in flight"
@@ -214,7 +214,7 @@ def test_32_concurrent_requests_are_batched_in_flight(server, llm):
     "body, message",
     [
         ({"max_tokens": 8}, "text_input"),
-        ({"text_input": "def f():", "max_tokens": -1}, "max_tokens must be an integer >= 1, got -1"),
+        ({"text_input": "def f():", "max_tokens": -1}, "max_tokens must be an integer >= 0, got -1"),
         ({"text_input": "def f():", "max_tokens": 8, "top_p": 2.0}, "top_p must be in (0, 1]"),
         ({"text_input": "", "max_tokens": 8}, "prompt is empty"),
         ({"text_input": "x " * 300, "max_tokens": 8}, "at most 128 tokens"),
@@ -225,11 +225,11 @@ def test_bad_requests_get_triton_errors_and_the_server_keeps_serving(server, llm
     r = generate(server, **body)
     assert r.status_code >= 400 and message in r.json()["error"]
     ok = generate(server, text_input=PROMPTS[4], max_tokens=8)
-    assert ok.status_code == 200 and ok.json()["text_output"] == llm.generate(PROMPTS[4], SamplingParams(max_tokens=8, temperature=0))[0].text
+    assert ok.status_code == 200 and ok.json()["text_output"] == llm.generate(PROMPTS[4], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
 
 
 def test_postprocessing_detokenizes_token_ids(server, llm):
-    ids = llm.generate(PROMPTS[0], GREEDY)[0].token_ids
+    ids = llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids
     r = httpx.post(f"http://{server.http_url}/v2/models/postprocessing/generate", json={"TOKENS_BATCH": ids}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["OUTPUT"] == llm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -242,9 +242,9 @@ def test_tp2_pp2_engine_behind_the_repository(checkpoints, llm, tmp_path):
     with TritonServer(repository) as server:
         expected = llm.generate(PROMPTS, GREEDY)
         for prompt, want in zip(PROMPTS, expected):
-            assert generate(server, text_input=prompt, max_tokens=24).json()["output_ids"] == want.token_ids
+            assert generate(server, text_input=prompt, max_tokens=24).json()["output_ids"] == want.outputs[0].token_ids
         events = generate_stream(server, text_input=PROMPTS[0], max_tokens=24, stream=True)
-        assert "".join(e["text_output"] for e in events) == expected[0].text
+        assert "".join(e["text_output"] for e in events) == expected[0].outputs[0].text
         group = server.process.pid
         assert len(live_processes(group)) >= 9  # the server, 3 stubs, the forkserver, 4 ranks
     deadline = time.monotonic() + 10

@@ -29,10 +29,12 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 COLLECTIVES = {"llmc::all_reduce": collectives.all_reduce, "llmc::all_gather": collectives.all_gather}
 
 
-def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
-    """Raise ValueError for a build the ONNX form cannot express."""
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int, kv_cache_dtype: str | None = None) -> None:
+    """Raise ValueError for a build the ONNX form cannot express (before any tracing or calibration)."""
     if dtype not in DTYPES:
         raise ValueError(f"the ONNX backend builds float32 or float16 engines, not {dtype}; give --dtype float32 or float16")
+    if kv_cache_dtype is not None:
+        raise ValueError(f"the ONNX backend has no {kv_cache_dtype} KV cache; build without --kv-cache-dtype, or with --backend torch")
 
 
 def rank_files(record: dict) -> tuple[set[str], set[str]]:

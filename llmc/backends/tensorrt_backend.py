@@ -22,8 +22,8 @@ from llmc.engine import EngineConfig, EngineError
 BUILDERS = ("tensorrt", "tensorrt_rtx")
 
 
-def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
-    check_onnx_build(dtype, tp, max_seq_len, block_size)
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int, kv_cache_dtype: str | None = None) -> None:
+    check_onnx_build(dtype, tp, max_seq_len, block_size, kv_cache_dtype)
     builder()
 
 

@@ -26,7 +26,7 @@ WEIGHTS = "weights.safetensors"
 ATTENTION = torch.ops.llmc.paged_attention.default
 
 
-def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int) -> None:
+def check_build(dtype: str, tp: int, max_seq_len: int, block_size: int, kv_cache_dtype: str | None = None) -> None:
     """Every build the passes accept runs on the torch backend."""
 
 

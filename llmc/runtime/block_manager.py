@@ -44,7 +44,7 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks that hold the start of seq's tokens, longest run first to last."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.scores_prompt:
             return []
         blocks = []
         # Stop short of the last token: it must be computed to give the logits of the next one.

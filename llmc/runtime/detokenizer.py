@@ -37,6 +37,8 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._byte_fallback = backend is None or "ByteFallback" in repr(backend.decoder)
         self._text, self._emitted, self._stopped, self._open_run = "", 0, False, False
+        self._match_stops = True
+        self.stop_string: str | None = None  # the stop string that ended the text
         # Context: the prompt's last CONTEXT tokens; more if needed so that it holds a token that is not
         # skipped (the first decoded token loses its sentencepiece space: it must not be an output token)
         # and does not begin inside a byte-fallback run (which decodes as a whole).
@@ -62,12 +64,14 @@ class IncrementalDetokenizer:
         if self._byte_fallback and token_id not in self._special:  # skipped tokens do not end a run
             self._open_run = self._is_byte(token_id)
 
-    def add(self, token_id: int) -> str:
-        """Append one generated token; return the newly finalized text (possibly "")."""
+    def add(self, token_id: int, match_stops: bool = True) -> str:
+        """Append one generated token; return the newly finalized text (possibly "").
+        With match_stops False (before min_tokens), the text it adds cannot end the output at a stop string."""
         if self._stopped:
             return ""
         self._ids.append(token_id)
         self._note_byte_run(token_id)
+        self._match_stops = match_stops
         self._step(final=False)
         return self._release()
 
@@ -117,6 +121,8 @@ class IncrementalDetokenizer:
     def _append(self, delta: str) -> None:
         start = len(self._text)
         self._text += delta
+        if not self._match_stops:
+            return
         best = None  # the stop string that is complete first (then the longest): ((end, begin), begin, s)
         for s in self._stops:
             i = self._text.find(s, max(0, start - len(s) + 1))
@@ -126,6 +132,7 @@ class IncrementalDetokenizer:
             _, i, s = best
             self._text = self._text[:i + len(s) if self._include else i]
             self._stopped = True
+            self.stop_string = s
 
     def _release(self, final: bool = False) -> str:
         end = len(self._text)

@@ -28,6 +28,20 @@ class RankError(RuntimeError):
     """A rank died, hung, or failed; every rank has been stopped."""
 
 
+# A rank process re-imports the script that started the engine (multiprocessing does, to find its
+# functions). A script without the `if __name__ == "__main__":` guard would start an engine again in
+# every rank; the rank exits with this code at once instead, and the driver names the guard.
+UNGUARDED_MAIN_EXIT = 87
+UNGUARDED_MAIN = ('your script starts a multi-rank engine at import time; put that code under `if __name__ == "__main__":` '
+                  "(each rank process imports the script, as Python's multiprocessing does)")
+
+
+def exit_if_importing_main() -> None:
+    """Called as an engine starts: in a rank process that is importing the user's script, exit quietly."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        os._exit(UNGUARDED_MAIN_EXIT)
+
+
 class Executor:
     def submit(self, inputs: dict[str, np.ndarray]) -> None:
         """Start a step."""
@@ -163,6 +177,8 @@ class MultiprocExecutor(Executor):
 
     def _dead(self) -> str:
         dead = [(r, p) for r, p in enumerate(self.procs) if not p.is_alive()]
+        if any(p.exitcode == UNGUARDED_MAIN_EXIT for _, p in dead):
+            return UNGUARDED_MAIN
         dead.sort(key=lambda rp: rp[1].exitcode >= 0)  # the killed first: the others likely failed on them
         return "; ".join(f"rank {r} (pid {p.pid}) {_exit_description(p.exitcode)}" for r, p in dead)
 
@@ -170,7 +186,7 @@ class MultiprocExecutor(Executor):
         for proc in self.procs:  # the ranks of a failed step are stuck or dying: no grace
             proc.kill()
         self.shutdown()
-        raise RankError(f"{why}; all ranks were stopped (their errors are above, on stderr)")
+        raise RankError(why if why == UNGUARDED_MAIN else f"{why}; all ranks were stopped (their errors are above, on stderr)")
 
     def shutdown(self) -> None:
         self._stop()

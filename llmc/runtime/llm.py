@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterator, Sequence as Seq
 
 from llmc.runtime.llm_engine import LLMEngine
@@ -10,16 +11,37 @@ from llmc.runtime.outputs import RequestOutput
 from llmc.runtime.sampling_params import SamplingParams
 
 
-class LLM:
-    """An engine, loaded and ready to generate.
+# vLLM's names for llmc's build options.
+VLLM_NAMES = {"tensor_parallel_size": "tp", "pipeline_parallel_size": "pp", "quantization": "quant"}
 
-    Options (device, kv_cache_tokens, kv_cache_memory, max_num_seqs, rank_timeout) are `LLMEngine`'s.
-    An engine of several ranks starts one process per rank; `shutdown()` (or leaving a `with LLM(...)`
-    block, or the program's exit) stops them.
+
+class LLM:
+    """An engine, loaded and ready to generate: an engine directory, or a Hugging Face checkpoint (a
+    directory or hub id) whose engine is built into the cache the first time (`llmc.engine_cache`).
+
+    Build options (`llmc.build`'s: dtype, tp, pp, quant, max_batch_tokens..., or vLLM's names
+    tensor_parallel_size, pipeline_parallel_size, quantization) apply to a checkpoint; given with an
+    engine they must match it. dtype defaults to "auto", the checkpoint's own. `max_model_len` is the
+    engine's max_seq_len when built here, and a cap below it otherwise. The other options (device,
+    kv_cache_tokens, kv_cache_memory, max_num_seqs, rank_timeout) are `LLMEngine`'s. An engine of
+    several ranks starts one process per rank; `shutdown()` (or leaving a `with LLM(...)` block, or
+    the program's exit) stops them.
     """
 
-    def __init__(self, engine: str | os.PathLike, **options):
-        self.engine = LLMEngine(engine, **options)
+    def __init__(self, model: str | os.PathLike, *, log=lambda m: print(m, file=sys.stderr), **options):
+        from llmc.engine_cache import BUILD_OPTIONS, is_engine, resolve_engine
+        from llmc.runtime.executor import exit_if_importing_main
+
+        exit_if_importing_main()  # before a build, too
+
+        options = {VLLM_NAMES.get(k, k): v for k, v in options.items()}
+        build = {k: options.pop(k) for k in list(options) if k in BUILD_OPTIONS and k != "max_num_seqs"}  # also a runtime cap
+        if not is_engine(model):
+            build.setdefault("dtype", "auto")
+            if options.get("max_model_len") is not None:
+                build["max_seq_len"] = options.pop("max_model_len")
+        self.engine_dir = resolve_engine(model, log=log, **build)
+        self.engine = LLMEngine(self.engine_dir, **options)
         self.tokenizer = self.engine.tokenizer
 
     def shutdown(self) -> None:

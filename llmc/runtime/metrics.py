@@ -49,16 +49,18 @@ class ServerMetrics:
         try:
             async for out in outputs:
                 now = time.perf_counter()
-                new = len(out.token_ids) - count
-                if count == 0:
+                # (the last output of a best_of request holds only the n it returns: its tokens were counted)
+                total = max(count, sum(len(c.token_ids) for c in out.outputs))
+                new = total - count
+                if last == start:  # the first output
                     self.ttft.observe(now - start)
                     self.prompt_tokens.inc(len(out.prompt_token_ids))
                 elif new:
                     self.tpot.observe((now - last) / new)
-                count, last = len(out.token_ids), now
+                count, last = total, now
                 self.generation_tokens.inc(new)
                 if out.finished:
-                    ended = out.finish_reason
+                    ended = out.outputs[0].finish_reason
                     self.requests.labels(ended).inc()
                 yield out
         except Exception:  # the engine failed, or the server shut down before the request finished

@@ -16,8 +16,16 @@ Batch = list[tuple[Sequence, int]]
 
 def prepare_inputs(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], list[Sequence]]:
     """Step inputs (arrays, cheap to send to ranks), and the sequences whose next token this step yields."""
+    inputs, sampled, _ = prepare_step(batch, block_size)
+    return inputs, sampled
+
+
+def prepare_step(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], list[Sequence], list[tuple[Sequence, int, int]]]:
+    """`prepare_inputs`, and the prompt positions whose logits this step also returns for prompt logprobs:
+    (sequence, first, end) per sequence that scores its prompt. The step's logits rows are the sampled
+    sequences' first, then each scored range's in turn (row of position p: the prediction of token p + 1)."""
     input_ids, positions, slots, seq_lens, starts, logits_indices = [], [], [], [], [0], []
-    sampled = []
+    sampled, scored, scored_rows = [], [], []
     for seq, n in batch:
         first = seq.num_computed_tokens
         input_ids += seq.token_ids[first : first + n]
@@ -28,19 +36,24 @@ def prepare_inputs(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray]
         if first + n == len(seq):  # its last token is computed: it gets a new one
             logits_indices.append(starts[-1] - 1)
             sampled.append(seq)
+        if seq.prompt_logprobs is not None:  # positions whose next prompt token is not scored yet
+            lo, hi = max(first, len(seq.prompt_logprobs) - 1), min(first + n, seq.num_prompt_tokens - 1)
+            if lo < hi:
+                scored.append((seq, lo, hi))
+                scored_rows += range(starts[-2] + lo - first, starts[-2] + hi - first)
     width = max(len(seq.block_table) for seq, _ in batch)
     block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
     inputs = {
         "input_ids": np.array([input_ids], dtype=np.int64),
         "position_ids": np.array([positions], dtype=np.int64),
         # A step of prompt chunks only still needs one row of logits to trace through; it is dropped.
-        "logits_indices": np.array(logits_indices or [0], dtype=np.int64),
+        "logits_indices": np.array(logits_indices + scored_rows or [0], dtype=np.int64),
         "slot_mapping": np.array(slots, dtype=np.int64),
         "block_tables": np.array(block_tables, dtype=np.int32),
         "seq_lens": np.array(seq_lens, dtype=np.int32),
         "query_start_loc": np.array(starts, dtype=np.int32),
     }
-    return inputs, sampled
+    return inputs, sampled, scored
 
 
 class ModelRunner:

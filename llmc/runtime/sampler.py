@@ -31,11 +31,18 @@ def ban_bad_words(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return row.index_fill(0, torch.tensor(banned, dtype=torch.long), float("-inf")) if banned else row
 
 
+def before_min_tokens(seq: Sequence) -> bool:
+    return seq.min_tokens_ban is not None and len(seq.output_token_ids) < seq.params.min_tokens
+
+
 def adjust_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """Penalties, bad words and logit bias; +inf (an overflowing penalty) becomes the largest float, NaN impossible."""
+    """Penalties, bad words, the min_tokens ban and logit bias; +inf (an overflowing penalty) becomes the
+    largest float, NaN impossible."""
     p = seq.params
     row = apply_penalties(row, seq) if p.penalized else row
     row = ban_bad_words(row, seq) if p.bad_words_ids else row
+    if before_min_tokens(seq):  # EOS and stop tokens cannot end the output yet
+        row = row.index_fill(0, seq.min_tokens_ban, float("-inf"))
     if seq.logit_bias is not None:
         row = row.index_add(0, *seq.logit_bias)
     return row.nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
@@ -65,6 +72,12 @@ def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, float]
     return {token: logprobs[token].item(), **dict(zip(ids.tolist(), values.tolist()))}
 
 
+def prompt_logprobs(rows: torch.Tensor, next_tokens: list[int], n: int) -> list[dict[int, float]]:
+    """Per row (float32 logits at a prompt position), the next prompt token's logprob and the n likeliest."""
+    logprobs = rows.log_softmax(-1)
+    return [top_logprobs(lp, token, n) for lp, token in zip(logprobs, next_tokens)]
+
+
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """The argmax of each row, batched (numpy's argmax is vectorized: 10x torch's on CPU)."""
     return logits.float().cpu().numpy().argmax(-1).tolist()
@@ -77,7 +90,7 @@ def sample_one(
     from `raw_row` where `row` was masked by a grammar (logprobs are the model's, as vLLM's)."""
     p = seq.params
     token = greedy_token
-    if p.penalized or p.bad_words_ids or p.logit_bias or not p.greedy:  # else the argmax stands
+    if p.penalized or p.bad_words_ids or p.logit_bias or not p.greedy or before_min_tokens(seq):  # else the argmax stands
         adjusted = adjust_logits(row, seq)
         token = int(adjusted.argmax())
         if not p.greedy:

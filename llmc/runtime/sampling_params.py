@@ -13,6 +13,7 @@ GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (dividing by them
 MAX_STOP_STRINGS = 16  # stop strings are matched against every new token's text: bound the work per token
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20
+MAX_SAMPLES = 128  # n / best_of: each sample holds KV blocks and a share of every step
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, 100 all but forces it
 
 
@@ -40,7 +41,10 @@ def _guided_params_class() -> type:
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (prompt_logprobs), generate nothing
+    n: int = 1  # outputs returned for the prompt
+    best_of: int | None = None  # samples generated (>= n; default n); the n of highest cumulative logprob are returned
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the output before this many tokens
     temperature: float = 1.0  # 0 (or below 1e-5) means greedy
     top_k: int = 0  # 0 (or -1) keeps all tokens
     top_p: float = 1.0
@@ -56,6 +60,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # return the chosen token's log-probability and this many of the top ones
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     guided_decoding: GuidedDecodingParams | None = None  # structured output: the grammar the text must follow
 
@@ -67,7 +72,12 @@ class SamplingParams:
         self.bad_words_ids = [list(w) for w in self.bad_words_ids or []]
         self.logit_bias = dict(self.logit_bias or {})
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 0, f"max_tokens must be an integer >= 0, got {self.max_tokens!r}"),
+            ("n", _is_int(self.n) and 1 <= self.n <= MAX_SAMPLES, f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}"),
+            ("best_of", self.best_of is None or (_is_int(self.best_of) and self.n <= self.best_of <= MAX_SAMPLES),
+             f"best_of must be an integer in [n, {MAX_SAMPLES}] (n={self.n!r}), got {self.best_of!r}"),
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens and (not _is_int(self.max_tokens) or self.min_tokens <= self.max_tokens),
+             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0 and finite (0, or below {GREEDY_BELOW:g}, for greedy), got {self.temperature!r}"),
             ("top_k", _is_int(self.top_k) and self.top_k >= -1, f"top_k must be an integer >= 1, or 0 / -1 to disable it, got {self.top_k!r}"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
@@ -86,10 +96,16 @@ class SamplingParams:
             ("guided_decoding", self.guided_decoding is None or isinstance(self.guided_decoding, _guided_params_class()),
              f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
         ]
         for param, ok, message in checks:
             if not ok:
                 raise InvalidParam(param, message)
+
+    @property
+    def num_samples(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

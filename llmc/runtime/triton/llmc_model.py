@@ -116,12 +116,13 @@ class LLMCModel:
             if out.finished:  # before the last response, so that a client that has it sees the counts
                 self._count_steps()
             if stream or out.finished:
-                text, ids = (out.delta_text, out.token_ids[sent:]) if stream else (out.text, out.token_ids)
-                sent = len(out.token_ids)
+                completion = out.outputs[0]
+                text, ids = (completion.delta_text, completion.token_ids[sent:]) if stream else (completion.text, completion.token_ids)
+                sent = len(completion.token_ids)
                 response = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_)),
                     pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32).reshape(1, -1)),
-                    pb_utils.Tensor("finish_reason", np.array([[(out.finish_reason or "").encode()]], dtype=np.object_)),
+                    pb_utils.Tensor("finish_reason", np.array([[(completion.finish_reason or "").encode()]], dtype=np.object_)),
                 ])
                 sender.send(response, flags=FINAL if out.finished else 0)
 

