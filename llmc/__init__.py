@@ -16,7 +16,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 def __getattr__(name):
     # Lazy, so that `import llmc` for the runtime does not import the compiler (and vice versa).
-    if name in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
+    if name in ("LLM", "SamplingParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput"):
         import llmc.runtime
 
         return getattr(llmc.runtime, name)
@@ -27,4 +27,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'llmc' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "build", "__version__"]
+__all__ = ["LLM", "SamplingParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput", "build", "__version__"]

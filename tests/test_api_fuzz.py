@@ -57,6 +57,14 @@ VALID = {
     "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    # Structured output: each alone is valid; two in one body are a 400.
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}}]),
+    "guided_json": st.sampled_from([{"type": "integer"}, {"enum": ["a", "b"]}, '{"type": "array", "maxItems": 2}']),
+    "guided_regex": st.sampled_from(["[a-z]+", "(yes|no)", r"\d{1,3}", "a{99999999}"]),
+    "guided_choice": st.lists(valid_text.filter(bool), min_size=1, max_size=3),
+    "guided_grammar": st.just('root ::= "a" root | "b"'),
+    "guided_decoding_backend": st.sampled_from(["xgrammar", "xgrammar:disable-any-whitespace"]),
 }
 # Out of range or of another type.
 number = st.floats(-1e3, 1e3) | st.sampled_from([-1e-40, 1e400, float("nan"), float("inf"), -float("inf")])
@@ -77,6 +85,13 @@ HOSTILE = {
     "n": st.integers(-3, 0) | st.integers(129, 2**70),
     "best_of": st.integers(-3, 0) | st.integers(129, 2**70),
     "min_tokens": st.integers(-(2**70), -1) | st.integers(10**6, 2**70),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "json_object", "yaml"]) | text},
+                                             optional={"json_schema": st.fixed_dictionaries({}, optional={"schema": any_json}) | any_json}),
+    "guided_json": text | any_json,
+    "guided_regex": text,
+    "guided_choice": st.lists(text, max_size=3),
+    "guided_grammar": text,
+    "guided_decoding_backend": text,
 }
 
 
@@ -125,11 +140,32 @@ def served(checkpoints, tmp_path_factory):
     llm.shutdown()
 
 
-def check(served, counter, path: str, body: dict) -> None:
+GUIDED_FIELDS = ["response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+
+
+def with_one_guided_field(values: dict):
+    """Completion bodies of valid fields and exactly one structured-output field, of `values`' strategies."""
+    # Prompt and max_tokens within the engine's 32 tokens (5 characters: at most 4 byte tokens each, and BOS and a space).
+    prompts = st.text(min_size=1, max_size=5) | st.lists(token, min_size=1, max_size=12)
+    fields = {**{k: v for k, v in VALID.items() if k not in GUIDED_FIELDS}, "max_tokens": st.integers(1, 6)}
+    base = st.fixed_dictionaries({"prompt": prompts, "max_tokens": fields.pop("max_tokens")}, optional=fields).map(valid_best_of)
+    return st.builds(lambda body, guided: {**body, **guided}, base, st.one_of(*(st.fixed_dictionaries({k: values[k]}) for k in GUIDED_FIELDS)))
+
+
+def valid_best_of(body: dict) -> dict:
+    """best_of made valid beside the body's n: at least n, and n itself when streaming."""
+    if "best_of" in body:
+        n = body.get("n", 1)
+        body["best_of"] = n if body.get("stream") else max(n, body["best_of"])
+    return body
+
+
+def check(served, counter, path: str, body: dict, must_serve: bool = False) -> None:
     client, reference, llm = served
     content = json.dumps(body)  # NaN and Infinity as Python writes them; lone surrogates as \ud800 escapes
     r = client.post(path, content=content, headers={"content-type": "application/json"})
     assert r.status_code < 500, (content, r.text)
+    assert r.status_code == 200 or not must_serve, (content, r.text)
     if r.status_code == 200 and body.get("stream") is True:
         events = [e for e in r.text.split("\n\n") if e]
         assert events[-1] == "data: [DONE]" and not any('"error"' in e[:12] for e in events), (content, r.text)
@@ -157,3 +193,15 @@ def test_any_completion_request_gets_an_answer(served, counter, body):
 @given(body=chat_bodies)
 def test_any_chat_request_gets_an_answer(served, counter, body):
     check(served, counter, "/v1/chat/completions", body)
+
+
+@settings(CASES, max_examples=60)
+@given(body=with_one_guided_field(VALID))
+def test_any_valid_structured_output_request_is_served(served, counter, body):
+    check(served, counter, "/v1/completions", body, must_serve=True)
+
+
+@settings(CASES, max_examples=60)
+@given(body=with_one_guided_field(HOSTILE))
+def test_any_structured_output_request_gets_an_answer(served, counter, body):
+    check(served, counter, "/v1/completions", body)

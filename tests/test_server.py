@@ -202,7 +202,8 @@ def post(server, body: dict | str, path: str = "/v1/completions", timeout: float
         ({"prompt": "x", "max_tokens": 10**30}, "max_tokens", "context holds 128 tokens"),
         # Fields llmc does not implement are refused by name, never ignored.
         ({"prompt": "x", "suffix": "y"}, "suffix", "suffix: not supported by this server"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"prompt": "x", "response_format": {"type": "json_object", "strict": True}}, "response_format", "response_format.strict: not supported"),
+        ({"prompt": "x", "guided_regex": "a+", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search", "not supported"),
         ('{"prompt": "x\\ud800y"}', "prompt", "surrogates not allowed at character 1 ('\\ud800'): not valid Unicode"),
         ('{"prompt": ["ok", "\\udfff"]}', "prompt", "not valid Unicode"),

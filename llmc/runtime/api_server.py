@@ -40,6 +40,7 @@ from llmc.runtime.openai_protocol import (
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    SamplingRequest,
     TokenizeRequest,
     chat_logprobs,
     completion_logprobs,
@@ -128,11 +129,17 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "not_found_error", "model", "model_not_found")
 
-    def checked(params: SamplingParams) -> SamplingParams:
+    async def checked(req: SamplingRequest, params: SamplingParams) -> SamplingParams:
+        """`params` checked against the engine; a grammar is compiled now, on a thread (it may take a while),
+        and one that does not compile is a 400 naming the request's field that holds it."""
         try:
-            engine.check_params(params)
+            if params.guided_decoding is None:
+                engine.check_params(params)
+            else:
+                await asyncio.to_thread(engine.check_params, params)
         except InvalidParam as e:
-            raise APIError(400, str(e), param=e.param) from None
+            field = req.guided_field if e.param.startswith("guided_decoding") else e.param
+            raise APIError(400, f"{field}: {e}" if field != e.param else str(e), param=field) from None
         return params
 
     async def start(prompts: list, params: SamplingParams, max_tokens_param: str = "max_tokens",
@@ -209,7 +216,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        params = checked(req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None))
+        params = await checked(req, req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None))
         prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else req.prompt
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -273,7 +280,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         if max_tokens == 0:  # only completions' echo scores a prompt without generating
             raise APIError(400, f"{max_name} must be an integer >= 1, got 0", param=max_name)
         names = {"max_tokens": max_name, "logprobs": "top_logprobs"}
-        params = checked(req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
+        params = await checked(req, req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, names))
         prompt = await chat_prompt(req.messages)
         [stream] = await start([prompt], params, max_name, fill_context=max_tokens is None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

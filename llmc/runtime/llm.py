@@ -65,8 +65,10 @@ class LLM:
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        # Check every prompt before queueing any, so a bad one leaves no request behind.
+        # Check every prompt and every params (a grammar compiles now) before queueing any, so a bad one leaves no request behind.
         token_ids = [self.engine.tokenize(p) for p in prompts]
+        for sp in {id(sp): sp for sp in params}.values():
+            self.engine.check_params(sp)
         ids = [
             self.engine.add_request(t, sp, prompt=p if isinstance(p, str) else None)
             for t, sp, p in zip(token_ids, params, prompts)

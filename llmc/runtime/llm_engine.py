@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
 from llmc.runtime.model_runner import prepare_step
 from llmc.runtime.outputs import RequestOutput, RequestState, SampleState
-from llmc.runtime.sampler import greedy_tokens, prompt_logprobs, sample_one
+from llmc.runtime.sampler import before_min_tokens, greedy_tokens, prompt_logprobs, sample_one
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.structured_output import StructuredOutput
 from llmc.runtime.worker import torchrun_rank
 from llmc.runtime.sequence import Sequence, Status
 
@@ -111,6 +113,17 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self.scheduler_of: dict[str, Scheduler] = {}
         self.held: dict[str, list[Sequence]] = {}  # samples after a request's first, until its prompt is in the cache
+        self._structured_output: StructuredOutput | None = None
+        self._structured_output_lock = threading.Lock()
+
+    @property
+    def structured_output(self) -> StructuredOutput:
+        """Built at the first guided request (the server's threads may ask at once): the tokenizer's vocabulary
+        is read for the grammar compiler once."""
+        with self._structured_output_lock:
+            if self._structured_output is None:
+                self._structured_output = StructuredOutput(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+            return self._structured_output
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -150,10 +163,13 @@ class LLMEngine:
         return ids
 
     def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: token ids within this engine's vocabulary (raises InvalidParam)."""
+        """What SamplingParams cannot check alone (raises InvalidParam): token ids within this engine's vocabulary, and
+        that the guided decoding's grammar compiles (compiling it now: requests with the same grammar then find it cached)."""
         vocab = self.config.vocab_size
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidParam("logit_bias", f"logit_bias has token ids outside the vocabulary [0, {vocab})")
+        if params.guided_decoding is not None:
+            self.structured_output.compile(params.guided_decoding)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
@@ -171,6 +187,9 @@ class LLMEngine:
             ban = torch.tensor(sorted(self.eos_token_ids | set(params.stop_token_ids)), dtype=torch.long)
             for seq in seqs:
                 seq.min_tokens_ban = ban
+        if params.guided_decoding is not None:  # each sample follows the grammar on its own
+            for seq in seqs:
+                seq.grammar = self.structured_output.matcher(params.guided_decoding)
         self.requests[first.request_id] = RequestState(seqs, self.tokenizer, prompt)
         scheduler = min(self.schedulers, key=lambda s: len(s.waiting) + len(s.running))
         self.scheduler_of[first.request_id] = scheduler
@@ -188,6 +207,7 @@ class LLMEngine:
             for seq in state.seqs:
                 if not seq.is_finished:
                     scheduler.abort(seq)
+                seq.grammar = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -225,8 +245,10 @@ class LLMEngine:
                     touched[seq.request_id] = self.requests[seq.request_id]
                     failed[seq.request_id] = f"{type(e).__name__}: {e}"
         live = [i for i, seq in enumerate(sampled) if self._live(seq) and seq.request_id not in failed]
-        rows = logits[: len(sampled)][live].float()
-        for seq, row, greedy_token in zip([sampled[i] for i in live], rows, greedy_tokens(rows)):
+        rows = logits[: len(sampled)][live].float().contiguous()  # contiguous: grammars mask it in place
+        seqs = [sampled[i] for i in live]
+        raw_rows = self._mask_by_grammars(rows, seqs)
+        for i, (seq, row, greedy_token) in enumerate(zip(seqs, rows, greedy_tokens(rows))):
             state = touched[seq.request_id] = self.requests[seq.request_id]
             if seq.request_id in failed:  # an earlier sample of the request failed this step
                 continue
@@ -236,12 +258,15 @@ class LLMEngine:
                 if seq.params.max_tokens == 0:  # the prompt is scored: nothing to generate
                     self._finish(scheduler, seq, "length")
                     continue
-                token, token_logprobs = sample_one(row, seq, greedy_token)
+                raw_row = raw_rows.get(i)
+                token, token_logprobs = sample_one(row, seq, greedy_token, raw_row)
+                if seq.grammar is not None:
+                    self._advance_grammar(seq, token)
                 seq.token_ids.append(token)
                 sample = state.samples[seq.index]
                 logprob = None
                 if sample.cumulative_logprob is not None:
-                    logprob = token_logprobs[token] if token_logprobs else row.log_softmax(-1)[token].item()
+                    logprob = token_logprobs[token] if token_logprobs else (row if raw_row is None else raw_row).log_softmax(-1)[token].item()
                 sample.append(token, token_logprobs, logprob)
                 reason = self._finish_reason(seq, token, sample)
                 if reason:
@@ -259,6 +284,28 @@ class LLMEngine:
                     del self.requests[request_id], self.scheduler_of[request_id]
                 outputs.append(state.output())
         return outputs
+
+    def _mask_by_grammars(self, rows: torch.Tensor, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """Mask, in place, the rows of guided samples to the tokens their grammars allow next. Returns the rows, as the
+        model gave them, of those whose logprobs are kept (logprobs are the model's, as vLLM's), by row index."""
+        grammars = [seq.grammar for seq in seqs]
+        if all(g is None for g in grammars):
+            return {}
+        p = [seq.params for seq in seqs]  # logprobs kept: asked for, or summed to rank best_of's samples
+        raw_rows = {i: rows[i].clone() for i, seq in enumerate(seqs) if seq.grammar is not None and (p[i].logprobs is not None or p[i].num_samples > p[i].n)}
+        self.structured_output.mask_(rows, grammars)
+        return raw_rows
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> None:
+        """Feed the sampled token to the sample's grammar. Before min_tokens, a banned token (EOS, a stop token) or one
+        the grammar refuses is taken only where the ban and the grammar together leave nothing: an error, not a stop."""
+        short = before_min_tokens(seq)
+        if short and token in seq.min_tokens_ban.tolist() or not seq.grammar.accept_token(token):
+            if short:
+                raise RuntimeError(f"min_tokens={seq.params.min_tokens} cannot be met: after {len(seq.output_token_ids)} tokens "
+                                   "the grammar allows nothing but EOS or stop tokens")
+            raise RuntimeError(f"token {token} does not follow the request's grammar")
 
     def _live(self, seq: Sequence) -> bool:
         """Not aborted (nor finished) since its step was scheduled."""
@@ -278,6 +325,7 @@ class LLMEngine:
 
     def _finish(self, scheduler: Scheduler, seq: Sequence, reason: str) -> None:
         scheduler.finish(seq, reason)
+        seq.grammar = None
 
     def _finish_reason(self, seq: Sequence, token: int, sample: SampleState) -> str | None:
         p = seq.params
@@ -286,6 +334,8 @@ class LLMEngine:
             return "stop"
         if sample.detokenizer.stopped:
             sample.stop_reason = sample.detokenizer.stop_string
+            return "stop"
+        if seq.grammar is not None and seq.grammar.is_terminated():  # it took a stop token: the structure is complete
             return "stop"
         if len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
             return "length"

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from llmc.runtime.openai_guided import GuidedRequestFields
 from llmc.runtime.outputs import CompletionOutput, RequestOutput
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 
@@ -41,9 +42,9 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions. A field llmc does
-    not implement is refused (400 naming it), never silently ignored."""
+class SamplingRequest(GuidedRequestFields):
+    """Fields shared by both endpoints; names as in OpenAI's API, plus vLLM's extensions (structured output's in
+    GuidedRequestFields). A field llmc does not implement is refused (400 naming it), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: Text | None = None
@@ -81,6 +82,7 @@ class SamplingRequest(BaseModel):
                 raise APIError(400, f"logit_bias keys must be token ids (decimal integers), got {key[:40]!r}", param="logit_bias")
             bias[int(key)] = value
         try:
+            guided_decoding = self.guided_decoding()
             return SamplingParams(
                 max_tokens=16 if max_tokens is None else max_tokens,
                 n=self.n,
@@ -102,6 +104,7 @@ class SamplingRequest(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                guided_decoding=guided_decoding,
             )
         except InvalidParam as e:
             raise APIError(400, str(e), param=(names or {}).get(e.param, e.param)) from None

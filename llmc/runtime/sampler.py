@@ -83,8 +83,11 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.float().cpu().numpy().argmax(-1).tolist()
 
 
-def sample_one(row: torch.Tensor, seq: Sequence, greedy_token: int) -> tuple[int, dict[int, float] | None]:
-    """One sequence's next token from its logits row (float32) given the row's argmax; and its logprobs if asked for."""
+def sample_one(
+    row: torch.Tensor, seq: Sequence, greedy_token: int, raw_row: torch.Tensor | None = None
+) -> tuple[int, dict[int, float] | None]:
+    """One sequence's next token from its logits row (float32) given the row's argmax; and its logprobs if asked for,
+    from `raw_row` where `row` was masked by a grammar (logprobs are the model's, as vLLM's)."""
     p = seq.params
     token = greedy_token
     if p.penalized or p.bad_words_ids or p.logit_bias or not p.greedy or before_min_tokens(seq):  # else the argmax stands
@@ -94,7 +97,7 @@ def sample_one(row: torch.Tensor, seq: Sequence, greedy_token: int) -> tuple[int
             probs = filter_logits(adjusted, p).softmax(-1)
             if torch.isfinite(probs).all() and probs.sum() > 0:
                 token = int(torch.multinomial(probs, 1, generator=seq.generator).item())
-    logprobs = top_logprobs(row.log_softmax(-1), token, p.logprobs) if p.logprobs is not None else None
+    logprobs = top_logprobs((row if raw_row is None else raw_row).log_softmax(-1), token, p.logprobs) if p.logprobs is not None else None
     return token, logprobs
 
 

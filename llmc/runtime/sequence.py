@@ -41,6 +41,7 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, float] | None] | None = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.min_tokens_ban: torch.Tensor | None = None  # token ids that cannot come before min_tokens (set by the engine)
         bias = params.logit_bias  # as tensors once, for the sampler's index_add at every step
+        self.grammar = None  # structured output: this sample's own xgrammar GrammarMatcher, advanced by each of its tokens
         self.logit_bias = (torch.tensor(list(bias)), torch.tensor(list(bias.values()), dtype=torch.float32)) if bias else None
 
     def __len__(self) -> int:
