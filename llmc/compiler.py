@@ -18,6 +18,7 @@ from llmc.engine import CONFIG, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
+from llmc.frontend.rope import engine_record, max_context
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
 from llmc.passes.quantize import QUANT_MODES, needs_calibration
 from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
@@ -75,10 +76,10 @@ def build(
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}")
-    limit = ckpt.config.get_text_config().max_position_embeddings
+    limit = max_context(ckpt.config.get_text_config())
     max_seq_len = max_seq_len or min(limit, 4096)
     if not 2 <= max_seq_len <= limit:
-        raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
+        raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings, times the factor of dynamic RoPE), got {max_seq_len}")
     if backend in CONTIGUOUS_CACHE:
         block_size = max_seq_len  # one block per sequence: its contiguous cache row
     writer.check_build(dtype, tp, max_seq_len, block_size)
@@ -138,6 +139,7 @@ def build(
             eos_token_ids=ckpt.eos_token_ids(),
             mapping={"tp": tp, "pp": pp, "pp_layers": [ranks[s * tp]["kv_cache"]["num_layers"] for s in range(pp)]},
             ranks=ranks,
+            rope=engine_record(ckpt.config),
             quantization=None if quant is None and kv_cache_dtype is None else {
                 "mode": quant,
                 "kv_cache_dtype": kv_cache_dtype,

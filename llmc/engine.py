@@ -171,6 +171,14 @@ class Quantization(_Schema):
     calibration: Optional[Calibration]
 
 
+class Rope(_Schema):
+    """RoPE whose frequencies depend on the sequence's length (llmc/frontend/rope.py): its keys depend on more
+    than the tokens before them, so no prefix is shared; above `recompute_above` tokens a sequence recomputes
+    its cache once (Phi-3's switch from short to long factors, as transformers' generate does)."""
+    type: Literal["longrope", "dynamic"]
+    recompute_above: Optional[int] = Field(default=None, ge=1, le=MAX_SEQ_LEN)
+
+
 class FileEntry(_Schema):
     bytes: int = _range(0, MAX_FILE_BYTES)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -190,6 +198,7 @@ class ConfigSchema(_Schema):
     mapping: Mapping
     ranks: list[Rank]
     quantization: Optional[Quantization]
+    rope: Optional[Rope] = None
     files: dict[str, FileEntry]
     passes: list[dict[str, Any]]
     build: dict[str, Any]
@@ -276,6 +285,8 @@ class EngineConfig:
     ranks: list[dict[str, Any]]
     # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}}, or None.
     quantization: dict[str, Any] | None = None
+    # {type: longrope | dynamic, recompute_above: tokens or None} for length-dependent RoPE, else None.
+    rope: dict[str, Any] | None = None
     # relative path -> {"bytes": n, "sha256": hex}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # One record per whole-model pass: what it matched, how long it took.

@@ -24,6 +24,18 @@ TINY_CONFIGS = {
     "gptj": dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, rotary_pct=0.5),
+    # RoPE whose frequencies depend on the sequence's length, switching at 16 tokens: prompts and generations
+    # cross it. Weights larger than the default init, so that positions change the greedy tokens.
+    "phi3_longrope": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                          max_position_embeddings=128, original_max_position_embeddings=16,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0 + 0.2 * i for i in range(8)],
+                                           "long_factor": [1.5 + 3.0 * i for i in range(8)]}),
+    "llama_dynamic_rope": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                               max_position_embeddings=16,
+                               rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}),
 }
 ARCHITECTURES = list(TINY_CONFIGS)
 TOKENIZER_TEXT = (
