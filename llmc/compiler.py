@@ -84,12 +84,11 @@ def build(
         block_size = max_seq_len  # one block per sequence: its contiguous cache row
     writer.check_build(dtype, tp, max_seq_len, block_size)
 
+    tokenizer = ckpt.tokenizer()
     samples = []
     if needs_calibration(quant) or kv_cache_dtype is not None:
-        from transformers import AutoTokenizer
-
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
-        samples = calibration_samples(AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False), calib_data, calib_samples, seq_len)
+        samples = calibration_samples(tokenizer, calib_data, calib_samples, seq_len)
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
@@ -140,6 +139,7 @@ def build(
             mapping={"tp": tp, "pp": pp, "pp_layers": [ranks[s * tp]["kv_cache"]["num_layers"] for s in range(pp)]},
             ranks=ranks,
             rope=engine_record(ckpt.config),
+            tokenizer_class=type(tokenizer).__name__,
             quantization=None if quant is None and kv_cache_dtype is None else {
                 "mode": quant,
                 "kv_cache_dtype": kv_cache_dtype,

@@ -199,6 +199,7 @@ class ConfigSchema(_Schema):
     ranks: list[Rank]
     quantization: Optional[Quantization]
     rope: Optional[Rope] = None
+    tokenizer_class: Optional[str] = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     files: dict[str, FileEntry]
     passes: list[dict[str, Any]]
     build: dict[str, Any]
@@ -287,6 +288,9 @@ class EngineConfig:
     quantization: dict[str, Any] | None = None
     # {type: longrope | dynamic, recompute_above: tokens or None} for length-dependent RoPE, else None.
     rope: dict[str, Any] | None = None
+    # The class AutoTokenizer resolved from the checkpoint (transformers picks some by the model's config, which
+    # the engine does not carry); load_tokenizer loads tokenizer/ with it.
+    tokenizer_class: str | None = None
     # relative path -> {"bytes": n, "sha256": hex}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # One record per whole-model pass: what it matched, how long it took.
@@ -389,3 +393,20 @@ def verify_files(engine_dir: str | Path, config: EngineConfig, prefixes: tuple[s
         for path in sorted((engine_dir / TOKENIZER_DIR).iterdir()):
             if path.relative_to(engine_dir).as_posix() not in config.files:
                 raise EngineError(f"{path} is not in the engine's file list; remove it or rebuild the engine")
+
+
+def load_tokenizer(engine_dir: str | Path, config: EngineConfig | None = None):
+    """The engine's tokenizer/ as the class AutoTokenizer chose for its checkpoint, so ids are the checkpoint's.
+    The class is looked up among transformers' own tokenizer classes only; remote code is never run."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = config or EngineConfig.load(engine_dir)
+    path = Path(engine_dir) / TOKENIZER_DIR
+    if config.tokenizer_class is None:  # an engine from before tokenizer_class was recorded
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    cls = tokenizer_class_from_name(config.tokenizer_class)
+    if cls is None:
+        raise EngineError(f"{Path(engine_dir) / CONFIG}: tokenizer_class {config.tokenizer_class!r} is not a tokenizer class "
+                          "of this transformers; rebuild the engine, or install the transformers that built it")
+    return cls.from_pretrained(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmc.engine import EngineConfig, verify_files
+from llmc.engine import EngineConfig, load_tokenizer, verify_files
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor
 from llmc.runtime.model_runner import prepare_inputs
@@ -56,9 +56,7 @@ class LLMEngine:
         self.engine_dir = Path(engine)
         self.config = config = EngineConfig.load(self.engine_dir)
         verify_files(self.engine_dir, config)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir / "tokenizer", trust_remote_code=False)
+        self.tokenizer = load_tokenizer(self.engine_dir, config)
         self.device = torch.device(device)
 
         limits = config.limits
