@@ -4,9 +4,9 @@ transformers recomputes these frequencies in each forward call from the largest 
 (`dynamic_rope_update`), a data-dependent branch torch.export cannot trace. In `generate`, a token is
 rotated with the frequencies of the call that processes it: a prompt token with those of the prompt's
 length, a generated token with those of the length so far, and the keys in the cache keep theirs.
-So the frequencies a token needs are those of `max(position + 1, prompt length)` of its sequence:
-the step input `rope_seq_lens[1, T]` (docs/design.md's step contract), which the runtime fills per
-token. Each such rotary module is traced with that input instead of its data-dependent update:
+So the frequencies a token needs are those of `max(position + 1, prefill length)` of its sequence
+(the prompt's length; Phi-3's generate recomputes the cache once at its switch, engine_record): the
+step input `rope_seq_lens[1, T]` (docs/design.md's step contract), which the runtime fills per token. Each such rotary module is traced with that input instead of its data-dependent update:
 transformers' own forward (undecorated) over a per-token inverse-frequency table [1, T, dim / 2].
 """
 
@@ -19,9 +19,6 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmc.frontend.checkpoint import CheckpointError
-
-ROPE_INPUT = "rope_seq_lens"
-
 
 def _is_length_dependent(rope_type: str) -> bool:
     return rope_type == "longrope" or "dynamic" in rope_type  # as transformers' dynamic_rope_update tells them apart
@@ -42,7 +39,7 @@ def length_dependent_rotaries(model: torch.nn.Module) -> dict[str, torch.nn.Modu
             raise CheckpointError(
                 f"{type(module).__name__} uses RoPE {rope_type!r}, whose frequencies depend on the sequence length, in a "
                 "form llmc does not trace (per-layer RoPE types, or not transformers' dynamic_rope_update); "
-                "llmc supports longrope and dynamic NTK on one rotary embedding per model"
+                "llmc supports longrope and dynamic NTK with one RoPE type for all layers"
             )
         found[name] = module
     return found
