@@ -38,6 +38,7 @@ TINY_CONFIGS = {
                                rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}),
 }
 ARCHITECTURES = list(TINY_CONFIGS)
+NO_TENSOR_PARALLEL = {"phi3_longrope"}  # a build error at tp > 1 (tests/test_rope.py)
 TOKENIZER_TEXT = (
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
     "The quick brown fox jumps over the lazy dog. import os, sys\nclass A:\n    pass\n"

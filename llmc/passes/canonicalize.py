@@ -16,7 +16,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, register_pass
+from llmc.passes.manager import BuildContext, PassError, register_pass
 
 aten = torch.ops.aten
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
@@ -99,5 +99,8 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             else:
                 node.update_arg(0, kept)
     splits = _slices_to_splits(gm.graph)
+    if splits and ctx.tp_size > 1:  # measured: Phi-3 at tp 2 differs from transformers
+        raise PassError(f"{ctx.hf_config.model_type}: fused projections cut by slices (Phi-3's QKV and gate/up) are not "
+                        "tensor-parallel in llmc yet; build with tp 1 (pipeline parallelism works)")
     return gm, {"slices_to_splits": splits, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
                 "aliases_removed": aliases, "empty_concatenated_removed": empties}
