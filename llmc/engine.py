@@ -198,8 +198,8 @@ class ConfigSchema(_Schema):
     mapping: Mapping
     ranks: list[Rank]
     quantization: Optional[Quantization]
-    rope: Optional[Rope] = None
-    tokenizer_class: Optional[str] = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    rope: Optional[Rope]
+    tokenizer_class: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     files: dict[str, FileEntry]
     passes: list[dict[str, Any]]
     build: dict[str, Any]
@@ -403,7 +403,7 @@ def load_tokenizer(engine_dir: str | Path, config: EngineConfig | None = None):
 
     config = config or EngineConfig.load(engine_dir)
     path = Path(engine_dir) / TOKENIZER_DIR
-    if config.tokenizer_class is None:  # an engine from before tokenizer_class was recorded
+    if config.tokenizer_class is None:  # an EngineConfig made in code, not loaded
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     cls = tokenizer_class_from_name(config.tokenizer_class)
     if cls is None:
