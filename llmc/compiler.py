@@ -19,6 +19,7 @@ from llmc.engine import CONFIG, MAX_SEQ_LEN, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
+from llmc.frontend.rope import engine_record, max_context
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
 from llmc.passes.manager import PassError
 from llmc.passes.quantize import QUANT_MODES, needs_calibration
@@ -98,21 +99,19 @@ def build(
         raise CheckpointError(f"{ckpt.architecture}: eos_token_id {ckpt.eos_token_ids()} is outside the vocabulary "
                               f"(vocab_size {vocab_size}); fix generation_config.json or config.json")
     log(f"[llmc] {ckpt.architecture} from {ckpt.path}, {dtype}")
-    # Models without position embeddings or RoPE tables (ALiBi: Bloom) have no limit of their own.
-    limit = getattr(ckpt.config.get_text_config(), "max_position_embeddings", None) or MAX_SEQ_LEN
+    limit = max_context(ckpt.config.get_text_config())
     max_seq_len = max_seq_len or min(limit, 4096)
     if not 2 <= max_seq_len <= limit:
-        raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings), got {max_seq_len}")
+        raise CheckpointError(f"max_seq_len must be in [2, {limit}] for this model (its max_position_embeddings, times the factor of dynamic RoPE), got {max_seq_len}")
     if backend in CONTIGUOUS_CACHE:
         block_size = max_seq_len  # one block per sequence: its contiguous cache row
     writer.check_build(dtype, tp, max_seq_len, block_size, kv_cache_dtype=kv_cache_dtype)
 
+    tokenizer = ckpt.tokenizer()
     samples = []
     if needs_calibration(quant) or kv_cache_dtype is not None:
-        from transformers import AutoTokenizer
-
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
-        samples = calibration_samples(AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False), calib_data, calib_samples, seq_len)
+        samples = calibration_samples(tokenizer, calib_data, calib_samples, seq_len)
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
@@ -166,6 +165,8 @@ def build(
             mapping={"tp": tp, **({"ep": ep} if ep > 1 else {}), "pp": pp,
                      "pp_layers": [ranks[s * stage]["kv_cache"]["num_layers"] for s in range(pp)]},
             ranks=ranks,
+            rope=engine_record(ckpt.config),
+            tokenizer_class=type(tokenizer).__name__,
             quantization=None if quant is None and kv_cache_dtype is None else {
                 "mode": quant,
                 "kv_cache_dtype": kv_cache_dtype,

@@ -172,6 +172,14 @@ class Quantization(_Schema):
     calibration: Optional[Calibration]
 
 
+class Rope(_Schema):
+    """RoPE whose frequencies depend on the sequence's length (llmc/frontend/rope.py): its keys depend on more
+    than the tokens before them, so no prefix is shared; above `recompute_above` tokens a sequence recomputes
+    its cache once (Phi-3's switch from short to long factors, as transformers' generate does)."""
+    type: Literal["longrope", "dynamic"]
+    recompute_above: Optional[int] = Field(default=None, ge=1, le=MAX_SEQ_LEN)
+
+
 class FileEntry(_Schema):
     bytes: int = _range(0, MAX_FILE_BYTES)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -191,6 +199,8 @@ class ConfigSchema(_Schema):
     mapping: Mapping
     ranks: list[Rank]
     quantization: Optional[Quantization]
+    rope: Optional[Rope]
+    tokenizer_class: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     files: dict[str, FileEntry]
     passes: list[dict[str, Any]]
     build: dict[str, Any]
@@ -279,6 +289,11 @@ class EngineConfig:
     ranks: list[dict[str, Any]]
     # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}}, or None.
     quantization: dict[str, Any] | None = None
+    # {type: longrope | dynamic, recompute_above: tokens or None} for length-dependent RoPE, else None.
+    rope: dict[str, Any] | None = None
+    # The class AutoTokenizer resolved from the checkpoint (transformers picks some by the model's config, which
+    # the engine does not carry); load_tokenizer loads tokenizer/ with it.
+    tokenizer_class: str | None = None
     # relative path -> {"bytes": n, "sha256": hex}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # One record per whole-model pass: what it matched, how long it took.
@@ -386,3 +401,20 @@ def verify_files(engine_dir: str | Path, config: EngineConfig, prefixes: tuple[s
         for path in sorted((engine_dir / TOKENIZER_DIR).iterdir()):
             if path.relative_to(engine_dir).as_posix() not in config.files:
                 raise EngineError(f"{path} is not in the engine's file list; remove it or rebuild the engine")
+
+
+def load_tokenizer(engine_dir: str | Path, config: EngineConfig | None = None):
+    """The engine's tokenizer/ as the class AutoTokenizer chose for its checkpoint, so ids are the checkpoint's.
+    The class is looked up among transformers' own tokenizer classes only; remote code is never run."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = config or EngineConfig.load(engine_dir)
+    path = Path(engine_dir) / TOKENIZER_DIR
+    if config.tokenizer_class is None:  # an EngineConfig made in code, not loaded
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    cls = tokenizer_class_from_name(config.tokenizer_class)
+    if cls is None:
+        raise EngineError(f"{Path(engine_dir) / CONFIG}: tokenizer_class {config.tokenizer_class!r} is not a tokenizer class "
+                          "of this transformers; rebuild the engine, or install the transformers that built it")
+    return cls.from_pretrained(path)

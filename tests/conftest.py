@@ -47,8 +47,21 @@ TINY_CONFIGS = {
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=2,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=256),
+    # RoPE whose frequencies depend on the sequence's length, switching at 16 tokens: prompts and generations
+    # cross it. Weights larger than the default init, so that positions change the greedy tokens.
+    "phi3_longrope": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                          max_position_embeddings=128, original_max_position_embeddings=16,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0 + 0.2 * i for i in range(8)],
+                                           "long_factor": [1.5 + 3.0 * i for i in range(8)]}),
+    "llama_dynamic_rope": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                               max_position_embeddings=16,
+                               rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}),
 }
 ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, quantization
+NO_TENSOR_PARALLEL = {"phi3_longrope"}  # a build error at tp > 1 (tests/test_rope.py)
 # Tested at one tensor-parallel rank only: OLMoE's q/k norms span all heads, which tensor_parallel cannot split.
 SINGLE_RANK_CONFIGS = {
     "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ARCHITECTURES, make_checkpoint  # noqa: E402
+from conftest import ARCHITECTURES, NO_TENSOR_PARALLEL, make_checkpoint  # noqa: E402
 
 BUILDS = {
     "float32": {},
@@ -42,7 +42,8 @@ REFUSED = {
 
 
 def builds(arch: str) -> dict:
-    return {build: options for build, options in BUILDS.items() if build not in REFUSED.get(arch, ())}
+    return {build: options for build, options in BUILDS.items()
+            if build not in REFUSED.get(arch, ()) and not (arch in NO_TENSOR_PARALLEL and options.get("tp", 1) > 1)}
 
 
 def call_targets(program: dict) -> set[str]:

@@ -45,7 +45,8 @@ def test_generated_step_is_what_the_backend_runs_and_matches_the_graph_module(ar
     kv_cache = runner.kv_cache.clone()  # the GraphModule's own cache, starting from the same zeros
     with torch.inference_mode():
         for inputs in _steps(config.kv_cache["block_size"]):
-            want = gm(**{name: torch.as_tensor(v) for name, v in {**inputs, "kv_cache": kv_cache}.items()})
+            values = {**inputs, "kv_cache": kv_cache}
+            want = gm(**{name: torch.as_tensor(values[name]) for name in runner.input_names})
             got = runner.run(inputs)
             assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
     assert torch.equal(runner.kv_cache, kv_cache)

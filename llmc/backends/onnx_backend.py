@@ -172,6 +172,7 @@ class OnnxRunner:
         values = {
             "input_ids": inputs["input_ids"][:, tokens],
             "position_ids": inputs["position_ids"][:, tokens],
+            "rope_seq_lens": inputs["rope_seq_lens"][:, tokens],  # read by length-dependent RoPE only
             "logits_indices": logits_indices.astype(np.int64),
             "seqlens_k": (context[seqs] - 1).astype(np.int32),
             "total_sequence_length": np.array(context[seqs].max(), dtype=np.int32),

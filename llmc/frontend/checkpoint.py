@@ -128,6 +128,16 @@ class Checkpoint:
             )
         return files
 
+    def tokenizer(self):
+        """AutoTokenizer's tokenizer of the checkpoint: the class it resolves (by tokenizer_config.json and, in
+        transformers 5, by the model's config) is what the engine records."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+        except (OSError, ValueError, ImportError) as e:
+            raise CheckpointError(f"cannot load the tokenizer of {self.path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
     def eos_token_ids(self) -> list[int]:
         """EOS ids from generation_config.json, else config.json (HF's own precedence)."""
         for source in (self.path / "generation_config.json", self.path / "config.json"):

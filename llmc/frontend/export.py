@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.fx as fx
@@ -20,17 +21,20 @@ from tqdm import tqdm
 
 from llmc.frontend import attention_interface, experts
 from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
+from llmc.frontend.rope import per_token_rope
 from llmc.weights import set_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Step(torch.nn.Module):
-    def __init__(self, hf: torch.nn.Module):
+    def __init__(self, hf: torch.nn.Module, rope_lengths: SimpleNamespace):
         super().__init__()
         self.hf = hf
+        self.rope_lengths = rope_lengths  # where length-dependent RoPE reads its input (llmc/frontend/rope.py)
 
-    def forward(self, input_ids, position_ids, logits_indices):
+    def forward(self, input_ids, position_ids, logits_indices, rope_seq_lens=None):
+        self.rope_lengths.value = rope_seq_lens
         out = self.hf(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_indices)
         return out.logits
 
@@ -70,7 +74,9 @@ def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int) -> torch.export.ExportedProgram:
+def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int,
+                rope_lengths: SimpleNamespace | None = None) -> torch.export.ExportedProgram:
+    """With `rope_lengths` (length-dependent RoPE, llmc/frontend/rope.py) the step takes rope_seq_lens too."""
     num_tokens = torch.export.Dim("num_tokens", min=2, max=max(max_batch_tokens, 3))
     num_seqs = torch.export.Dim("num_seqs", min=1, max=max(max_num_seqs, 3))
     # Example sizes avoid 0 and 1, which torch.export would specialise on.
@@ -79,10 +85,12 @@ def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int
         torch.arange(3, device="meta")[None],
         torch.tensor([1, 2], device="meta"),
     )
+    dims = ({1: num_tokens}, {1: num_tokens}, {0: num_seqs})
+    if rope_lengths is not None:
+        example, dims = (*example, torch.full((1, 3), 3, device="meta")), (*dims, {1: num_tokens})
     with attention_interface.unpacked_sequences():
-        return torch.export.export(
-            _Step(model), example, dynamic_shapes=({1: num_tokens}, {1: num_tokens}, {0: num_seqs}), strict=False
-        )
+        return torch.export.export(_Step(model, rope_lengths or SimpleNamespace()), example, dynamic_shapes=dims,
+                                   strict=False)
 
 
 def to_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -192,8 +200,10 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
     model = build_meta_model(ckpt, dtype)
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)
+    rope_lengths = SimpleNamespace(value=None)
     try:
-        ep = export_step(model, max_batch_tokens, max_num_seqs)
+        with per_token_rope(model, rope_lengths) as rope_buffers:
+            ep = export_step(model, max_batch_tokens, max_num_seqs, None if rope_buffers is None else rope_lengths)
     except (experts.ExpertsError, CheckpointError):  # llmc refused a feature: its message says which
         raise
     except Exception as e:  # torch.export raises many types; all mean the same thing here
@@ -202,7 +212,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
             f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
         ) from e
     gm = to_graph_module(ep)
-    load_weights(gm, model, buffers, weights)
+    load_weights(gm, model, {**buffers, **(rope_buffers or {})}, weights)
     return gm
 
 

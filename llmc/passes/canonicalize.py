@@ -2,15 +2,21 @@
 
 - runtime asserts on tensor metadata (they pin the traced device and block pattern matches),
 - dtype/device conversions that convert nothing (`x.to(float32)` of an fp32 tensor),
-- dropout in eval mode (`dropout(x, p, train=False)` is x).
+- dropout in eval mode (`dropout(x, p, train=False)` is x),
+- aliases (`x[..., :d]` of a last dim of d, as Phi-3 slices its whole head for RoPE) and empty tensors in a
+  concatenation (its pass-through part `x[..., d:]`), so RoPE is found as on any other model,
+- slices that cut a linear's output into consecutive parts (Phi-3's fused QKV `qkv[..., :q]`, `qkv[..., q:q + k]`,
+  ...) become the one split the other passes know (tensor parallelism splits such sections).
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
-from llmc.passes.manager import BuildContext, register_pass
+from llmc.passes.manager import BuildContext, PassError, register_pass
 
 from llmc.passes.graph import ASSERTS, CASTS, arg, calls, val
 
@@ -24,9 +30,48 @@ def _is_noop_conversion(node: fx.Node) -> bool:
     return src.dtype == out.dtype and "memory_format" not in node.kwargs
 
 
+def _is_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and any(isinstance(d, int) and d == 0 for d in val.shape)
+
+
+def _slices_to_splits(graph: fx.Graph) -> int:
+    """Slices of a linear's output along one dim that tile it exactly, step 1 -> split_with_sizes; returns splits made."""
+    groups: dict[tuple, list] = {}
+    for node in graph.nodes:
+        if not (node.target == aten.slice.Tensor and node.args[0].target == aten.linear.default
+                and isinstance(node.args[0].meta.get("val"), torch.Tensor)):
+            continue
+        x = node.args[0]
+        dim, lo, hi, step = (*node.args[1:], *(0, None, None, 1)[len(node.args) - 1:])
+        size = x.meta["val"].shape[dim]
+        if not (isinstance(size, int) and isinstance(lo, int) and step == 1):
+            continue
+        dim = dim % x.meta["val"].dim()
+        groups.setdefault((x, dim), []).append((lo, min(size if hi is None else hi, size), node))
+    made = 0
+    for (x, dim), parts in groups.items():
+        parts.sort(key=lambda p: p[:2])
+        bounds = [p[:2] for p in parts]
+        if len(parts) < 2 or bounds[0][0] != 0 or bounds[-1][1] != x.meta["val"].shape[dim] or any(
+                a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(bounds[-1][1], None)])):
+            continue
+        with graph.inserting_after(x):
+            split = graph.call_function(aten.split_with_sizes.default, (x, [hi - lo for lo, hi, _ in parts], dim))
+        split.meta["val"] = list(x.meta["val"].split([hi - lo for lo, hi, _ in parts], dim))
+        for i, (_, _, node) in enumerate(parts):
+            with graph.inserting_after(split):
+                item = graph.call_function(operator.getitem, (split, i))
+            item.meta = dict(node.meta)
+            node.replace_all_uses_with(item)
+            graph.erase_node(node)
+        made += 1
+    return made
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
-    asserts = conversions = dropouts = 0
+    asserts = conversions = dropouts = aliases = empties = 0
     for node in list(gm.graph.nodes):
         if calls(node, ASSERTS):
             gm.graph.erase_node(node)
@@ -39,4 +84,21 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             node.replace_all_uses_with(arg(node, "input"))
             gm.graph.erase_node(node)
             dropouts += 1
-    return gm, {"asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts}
+        elif node.target == aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            aliases += 1
+        elif node.target == aten.cat.default and any(map(_is_empty, node.args[0])) and not _is_empty(node):
+            kept = [x for x in node.args[0] if not _is_empty(x)]
+            empties += len(node.args[0]) - len(kept)
+            if len(kept) == 1:
+                node.replace_all_uses_with(kept[0])
+                gm.graph.erase_node(node)
+            else:
+                node.update_arg(0, kept)
+    splits = _slices_to_splits(gm.graph)
+    if splits and ctx.tp_size > 1:  # measured: Phi-3 at tp 2 differs from transformers
+        raise PassError(f"{ctx.hf_config.model_type}: fused projections cut by slices (Phi-3's QKV and gate/up) are not "
+                        "tensor-parallel in llmc yet; build with tp 1 (pipeline parallelism works)")
+    return gm, {"slices_to_splits": splits, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
+                "aliases_removed": aliases, "empty_concatenated_removed": empties}

@@ -83,6 +83,7 @@ def example_step(gm: fx.GraphModule, ctx: BuildContext, num_tokens: int = 7, inp
     inputs = {
         "input_ids": torch.tensor([input_ids]) if input_ids is not None else torch.randint(0, vocab, (1, num_tokens), generator=g),
         "position_ids": torch.arange(num_tokens)[None],
+        "rope_seq_lens": torch.full((1, num_tokens), num_tokens),
         "logits_indices": torch.tensor([num_tokens // 2, num_tokens - 1]),
         "slot_mapping": torch.arange(num_tokens),
         "block_tables": torch.arange(blocks, dtype=torch.int32)[None],

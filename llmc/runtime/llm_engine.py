@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmc.engine import EngineConfig, verify_files
+from llmc.engine import EngineConfig, load_tokenizer, verify_files
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
 from llmc.runtime.model_runner import prepare_step
@@ -62,9 +62,7 @@ class LLMEngine:
         self.engine_dir = Path(engine)
         self.config = config = EngineConfig.load(self.engine_dir)
         verify_files(self.engine_dir, config)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir / "tokenizer", trust_remote_code=False)
+        self.tokenizer = load_tokenizer(self.engine_dir, config)
         self.device = torch.device(device)
 
         limits = config.limits
@@ -104,10 +102,13 @@ class LLMEngine:
             started_by_torchrun = torchrun_rank() is not None
             executor = TorchrunExecutor if started_by_torchrun else MultiprocExecutor
             self.executor = executor(self.engine_dir, config, num_blocks, rank_timeout)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        rope = config.rope or {}
+        # Keys rotated by length-dependent RoPE depend on the sequence's length, not only on the tokens before them.
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching and not rope)
         self.schedulers: list[Scheduler] = []
         for _ in range(config.mapping["pp"]):  # peers: they share the max_num_seqs cap
-            self.schedulers.append(Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs, peers=self.schedulers))
+            self.schedulers.append(Scheduler(self.block_manager, limits["max_batch_tokens"], max_num_seqs, peers=self.schedulers,
+                                             recompute_above=rope.get("recompute_above")))
         self.in_flight: deque[tuple[Scheduler, list, list]] = deque()  # (scheduler, batch, sampled) in submission order
         self.eos_token_ids = set(config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}  # in flight, by request id

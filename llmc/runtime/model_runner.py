@@ -24,12 +24,14 @@ def prepare_step(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], 
     """`prepare_inputs`, and the prompt positions whose logits this step also returns for prompt logprobs:
     (sequence, first, end) per sequence that scores its prompt. The step's logits rows are the sampled
     sequences' first, then each scored range's in turn (row of position p: the prediction of token p + 1)."""
-    input_ids, positions, slots, seq_lens, starts, logits_indices = [], [], [], [], [0], []
+    input_ids, positions, slots, seq_lens, starts, logits_indices, rope_seq_lens = [], [], [], [], [0], [], []
     sampled, scored, scored_rows = [], [], []
     for seq, n in batch:
         first = seq.num_computed_tokens
         input_ids += seq.token_ids[first : first + n]
         positions += range(first, first + n)
+        # the length whose RoPE frequencies a token takes (llmc/frontend/rope.py): its prefill's, or its own
+        rope_seq_lens += [max(p + 1, seq.rope_prefill_len) for p in range(first, first + n)]
         slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(first, first + n)]
         seq_lens.append(first + n)
         starts.append(starts[-1] + n)
@@ -46,6 +48,7 @@ def prepare_step(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], 
     inputs = {
         "input_ids": np.array([input_ids], dtype=np.int64),
         "position_ids": np.array([positions], dtype=np.int64),
+        "rope_seq_lens": np.array([rope_seq_lens], dtype=np.int64),
         # A step of prompt chunks only still needs one row of logits to trace through; it is dropped.
         "logits_indices": np.array(logits_indices + scored_rows or [0], dtype=np.int64),
         "slot_mapping": np.array(slots, dtype=np.int64),

@@ -5,6 +5,9 @@ left of the budget goes to prompts, chunked (Sarathi-Serve's stall-free batching
 has no block for a running sequence, the newest running sequence is preempted: its blocks are freed
 and it goes back to the front of the queue, to be recomputed from its tokens.
 
+An engine whose RoPE switches frequencies above some length the way Phi-3's does (`recompute_above`)
+recomputes a sequence's cache from its tokens when it first grows past it, as transformers' generate does.
+
 With prefix caching, a request admitted from the queue starts after the longest prefix of its tokens
 already in the cache (see BlockManager); that prefix costs no budget.
 """
@@ -21,8 +24,10 @@ class Scheduler:
     """One step's worth of work at a time. Schedulers that share a block manager (the pp virtual
     engines) are given one list, `peers`, holding them all: `max_num_seqs` caps their running requests together."""
 
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int, peers: list[Scheduler] | None = None):
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int, peers: list[Scheduler] | None = None,
+                 recompute_above: int | None = None):
         self.block_manager = block_manager
+        self.recompute_above = recompute_above
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.peers = peers if peers is not None else [self]
@@ -41,6 +46,10 @@ class Scheduler:
         # Last step's tokens are now in the cache, so their full blocks can be shared.
         for seq in self.running:
             self.block_manager.cache_blocks(seq)
+        if self.recompute_above is not None:
+            for seq in (*self.running, *self.waiting):
+                if seq.rope_prefill_len <= self.recompute_above < len(seq):  # its cache holds short-factor keys
+                    seq.rope_prefill_len, seq.num_computed_tokens = len(seq), 0
         budget = self.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):

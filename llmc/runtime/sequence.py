@@ -30,6 +30,9 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        # The length whose RoPE frequencies its tokens take at least (length-dependent RoPE, llmc/frontend/rope.py):
+        # its prompt's, or its length when a RoPE switch made it recompute its cache (Scheduler.recompute_above).
+        self.rope_prefill_len = self.num_prompt_tokens
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks so far (the block manager's memo)
         self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache has already seen

@@ -53,9 +53,9 @@ def errors_as_responses(one):
 
 class _TokenizerModel:
     def initialize(self, args):
-        from transformers import AutoTokenizer
+        from llmc.engine import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path(args, "tokenizer_dir"), trust_remote_code=False)
+        self.tokenizer = load_tokenizer(model_path(args, "tokenizer_dir").parent)  # the engine's tokenizer/
 
 
 class Preprocessing(_TokenizerModel):
