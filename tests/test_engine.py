@@ -12,6 +12,7 @@ import pytest
 import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig, EngineError
+from llmc.frontend.checkpoint import CheckpointError
 from llmc.passes import PIPELINE
 
 PROMPTS = ["def fib(n):", "import os", "class A:\n    pass"]
@@ -54,9 +55,11 @@ def test_round_trip_in_fresh_process(engine):
     assert compiler_modules == []  # serving an engine needs neither the frontend nor the passes
 
 
-def test_rebuild_over_an_engine_replaces_it(engine, checkpoints, tmp_path):
+def test_rebuild_over_an_engine_needs_force_and_replaces_it(engine, checkpoints, tmp_path):
     out = shutil.copytree(engine, tmp_path / "engine")
-    llmc.build(checkpoints["qwen2"], out, max_seq_len=64, log=lambda _: None)
+    with pytest.raises(FileExistsError, match="already holds an engine; give --force"):
+        llmc.build(checkpoints["qwen2"], out, max_seq_len=64, log=lambda _: None)
+    llmc.build(checkpoints["qwen2"], out, max_seq_len=64, force=True, log=lambda _: None)
     assert EngineConfig.load(out).architecture == "Qwen2ForCausalLM"
     LLM(out)  # its file list matches what is on disk
 
@@ -84,13 +87,14 @@ def test_missing_tokenizer_is_named(engine_copy):
 
 
 def test_corrupt_config_is_named(engine_copy):
+    """LLM takes an engine or a checkpoint: a config.json that is neither is named as such."""
     (engine_copy / "config.json").write_text("{not json")
-    with pytest.raises(EngineError, match=r"config\.json is corrupt"):
+    with pytest.raises(CheckpointError, match=r"cannot read .*config\.json: .*not a valid JSON"):
         LLM(engine_copy)
 
 
 def test_not_an_engine(tmp_path):
-    with pytest.raises(EngineError, match="not an llmc engine"):
+    with pytest.raises(CheckpointError, match="has no config.json: is it a Hugging Face model directory"):
         LLM(tmp_path)
 
 
