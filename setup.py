@@ -3,8 +3,10 @@ ISA level into llmc/_C_<level>, of which llmc/plugins/cpu_kernels.py loads the b
 Everything else is in pyproject.toml. The build needs the torch it runs with (pinned in both places)."""
 
 import copy
+import importlib.util
 import os
 import platform
+from pathlib import Path
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -29,6 +31,14 @@ def kernels(level: str, capability: str, flags: list[str]) -> CppExtension:
     )
 
 
+def kernel_sources():
+    """llmc/plugins/kernel_sources.py, loaded on its own (importing llmc needs llmc's dependencies)."""
+    spec = importlib.util.spec_from_file_location("kernel_sources", "llmc/plugins/kernel_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class BuildKernels(BuildExtension.with_options(use_ninja=False)):  # ninja would share one build file among them
     """One translation unit per level: the levels build in parallel, one per core unless `-j` says otherwise."""
 
@@ -42,6 +52,12 @@ class BuildKernels(BuildExtension.with_options(use_ninja=False)):  # ninja would
         level = copy.copy(self)
         level.build_temp = os.path.join(self.build_temp, ext.name)
         return super(BuildKernels, level).build_extension(ext)
+
+    def run(self):
+        super().run()
+        sources = kernel_sources()  # the stamp beside the libraries: what they were built from
+        for folder in {Path(self.get_ext_fullpath(ext.name)).parent for ext in self.extensions}:
+            (folder / sources.STAMP).write_text(sources.sources_digest(Path("llmc/plugins/csrc")) + "\n")
 
 
 setup(ext_modules=[kernels(level, *spec) for level, spec in LEVELS.items()], cmdclass={"build_ext": BuildKernels})

@@ -233,3 +233,15 @@ def test_llmc_env_shows_the_choice():
     assert f"kernels     {cpu_kernels.load()}: " in result.output and f"_C_{cpu_kernels.load()}." in result.output
     assert any(line.split() == ["llmc::paged_attention", "C++", "kernel"] for line in lines)
     assert any(line.split() == ["llmc::vocab_embedding", "reference", "(plain", "torch)"] for line in lines)
+
+
+def test_kernels_built_from_other_sources_are_refused(tmp_path):
+    """A checkout whose csrc changed since the build gets an ImportError naming the fix, not torch's abort on a
+    library whose op schemas no longer match."""
+    from llmc.plugins.kernel_sources import STAMP, sources_digest
+
+    (tmp_path / STAMP).write_text(sources_digest() + "\n")
+    cpu_kernels.check_stamp(tmp_path)  # built from these sources: fine
+    (tmp_path / STAMP).write_text("0" * 64 + "\n")
+    with pytest.raises(ImportError, match=r"built from other sources .*rebuild them \(`pip install -e \.`"):
+        cpu_kernels.check_stamp(tmp_path)

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -51,8 +52,19 @@ def load() -> str | None:
         raise ImportError(f"llmc's C++ CPU kernels for {level} are not built: install llmc (`pip install -e .` in a "
                           "checkout, again after editing llmc/plugins/csrc), or set LLMC_DISABLE_KERNELS=1 to run the "
                           "plain-torch references")
+    check_stamp(Path(spec.origin).parent)
     torch.ops.load_library(spec.origin)
     return level
+
+
+def check_stamp(folder: Path) -> None:
+    """Refuses libraries built from other sources than the checkout's csrc has now (llmc/plugins/kernel_sources.py)."""
+    from llmc.plugins.kernel_sources import CSRC, STAMP, sources_digest
+
+    stamp = folder / STAMP
+    if CSRC.is_dir() and stamp.is_file() and stamp.read_text().strip() != sources_digest():
+        raise ImportError("llmc's C++ CPU kernels were built from other sources than llmc/plugins/csrc holds now: "
+                          "rebuild them (`pip install -e .` in the checkout), or set LLMC_DISABLE_KERNELS=1")
 
 
 def has_kernel(op: torch._ops.OpOverload) -> bool:
