@@ -29,15 +29,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMC_CACHE") or Path.home() / ".cache" / "llmc")
 
 
+# Keys only an llmc engine's config.json has (a damaged one, missing its schema version, is still named as an engine).
+ENGINE_KEYS = {"schema_version", "ranks", "files"}
+
+
 def is_engine(path: str | os.PathLike) -> bool:
-    """An llmc engine directory (its config.json has llmc's schema version), not a HF checkpoint."""
+    """An llmc engine directory, not a HF checkpoint."""
     config = Path(path) / CONFIG
     if not config.is_file():
         return False
     try:
-        return "schema_version" in json.loads(config.read_text())
+        keys = json.loads(config.read_text())
     except (ValueError, OSError):
         return False
+    return isinstance(keys, dict) and bool(ENGINE_KEYS & keys.keys())
 
 
 def checkpoint_hash(path: Path) -> str:

@@ -11,7 +11,6 @@ import pytest
 import llmc
 from llmc import sweep
 from llmc.compiler import BUILD_ERRORS
-from llmc.frontend.checkpoint import CheckpointError
 
 DOC = Path(__file__).parent.parent / "docs" / "architectures.md"
 
@@ -44,19 +43,6 @@ def test_tiny_config_shrinks_through_each_configs_own_names():
 def test_skips_and_gaps_are_registry_entries():
     assert set(sweep.SKIPPED) | set(sweep.TINY_CONFIG_GAPS) <= set(sweep.model_types())
     assert not set(sweep.SKIPPED) & set(sweep.TINY_CONFIG_GAPS)
-
-
-def test_dynamic_rope_is_refused_in_one_line(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=sweep.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
-    sweep._tokenizer().save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(CheckpointError) as e:
-        llmc.build(tmp_path / "ckpt", tmp_path / "engine", max_seq_len=32, log=lambda _: None)
-    assert "\n" not in str(e.value)
-    assert re.search(r"LlamaForCausalLM \(rope_type 'dynamic'\).*branches on the values of its inputs", str(e.value))
 
 
 def test_a_program_the_loader_would_refuse_is_a_build_error(tmp_path):

@@ -160,5 +160,5 @@ def test_alibi_slopes_follow_their_heads_at_tp2(arch, checkpoints, tmp_path):
     outputs = []
     for tp in (1, 2):
         with LLM(llmc.build(checkpoints[arch], tmp_path / f"tp{tp}", max_seq_len=64, tp=tp, log=lambda _: None)) as llm:
-            outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+            outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert outputs[0] == outputs[1]

@@ -22,7 +22,7 @@ ops = torch.ops.llmc
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
 # The ops with a kernel at each level; the others run their reference.
 PORTABLE_KERNELS = {"llmc::prepacked_linear", "llmc::paged_attention", "llmc::gated_activation", "llmc::rms_norm",
-                    "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding"}
+                    "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding", "llmc::moe"}
 QUANTIZED_KERNELS = {"llmc::fp8_prepacked_linear", "llmc::nvfp4_prepacked_linear"}  # x86 intrinsics: AVX2 and up
 KERNELS = {
     "avx512bf16": PORTABLE_KERNELS | QUANTIZED_KERNELS,

@@ -44,7 +44,7 @@ def test_static_rope_types_match_transformers(rope_type, tmp_path):
     outputs = LLM(engine).generate(prompts, SamplingParams(max_tokens=12, temperature=0))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     for prompt, out in zip(prompts, outputs):
-        assert out.token_ids == hf_greedy(reference, prompt, 12)
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 12)
 
 
 def test_length_dependent_rope_engine_shares_no_prefix_and_phi3_recomputes_at_its_switch(checkpoints, tmp_path):

@@ -26,9 +26,10 @@ from llmc.frontend.checkpoint import CheckpointError
 IMPLEMENTATION = "llmc"
 # Keywords transformers' models pass to an attention function that change nothing here: what a position or a
 # cache is (the op computes positions from the step), and the flash-attention hint of the sliding window (the
-# mask, like SDPA's, is what defines the window).
+# mask, like SDPA's, is what defines the window), and what the model returns beside its logits (MoE's router logits).
 IGNORED_KWARGS = {"position_ids", "cache_position", "output_attentions", "use_cache", "sliding_window", "layer_idx",
-                  "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal"}
+                  "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal",
+                  "output_router_logits", "output_hidden_states", "return_dict"}
 
 torch.library.define("llmc_trace::causal_mask", "(SymInt q_length, int sliding_window, Device device) -> Tensor")
 torch.library.define(

@@ -155,8 +155,13 @@ def propagate_shapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
 
 
 def _call_key(node: fx.Node) -> str:
-    """What a node's value is a function of, besides its inputs' values: its target and arguments."""
-    return repr((node.target, fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)))
+    """What a node's value is a function of: its target, its constant arguments and its inputs' shapes and dtypes
+    (an input rewired to another node of the same shape, as when a pass drops an alias, changes nothing)."""
+    def signature(n: fx.Node):
+        val = n.meta.get("val")
+        return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else n.name
+
+    return repr((node.target, fx.node.map_arg((node.args, node.kwargs), signature)))
 
 
 def _stamp_traced_values(gm: fx.GraphModule) -> None:
