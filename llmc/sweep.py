@@ -218,7 +218,7 @@ def check(model_type: str, workdir: Path) -> Result:
         return Result(model_type, arch, "crashed", f"build: {_first_line(e)}", time.perf_counter() - start)
     try:
         with LLM(engine) as llm:
-            got = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))]
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))]
     except Exception as e:  # noqa: BLE001
         return Result(model_type, arch, "crashed", f"run: {_first_line(e)}", time.perf_counter() - start)
     seconds = time.perf_counter() - start
