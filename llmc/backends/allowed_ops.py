@@ -1,61 +1,109 @@
-"""Every op overload a program in an llmc engine may call: exactly those llmc's passes emit for the
-tested architectures in every tested build mode. The engine loader refuses any other target
-(llmc/backends/graph_format.py), and the ops loading inserts (prepacked linears) are never read from a file.
+"""Every op overload a program in an llmc engine may call, in vetted categories. Engines are untrusted files
+(docs/design.md, "Engine files are untrusted"): the loader (llmc/backends/graph_format.py) resolves only
+PROGRAM_OPS, never a namespace, and the ops loading inserts (prepacked linears) are never read from a file.
 
-Generated; tests/test_program_ops.py checks it. After checking that a new op is safe with hostile constant
-arguments, regenerate with:
-
-    PYTHONPATH=. python3 tests/test_program_ops.py > llmc/backends/allowed_ops.py
+Before adding an op, put it in the category whose rule it meets; an op that meets none stays out:
+- never: I/O (from_file, save), storage or raw strides/offsets (as_strided, set_, storage ops), random state,
+  anything returning a Python number from tensor data (item), and the `operator` arithmetic on sizes (a
+  hostile engine could compute a huge size from constants that no bound sees).
+- not yet, though safe by these rules, because the architectures that call them would build and differ
+  from transformers (docs/architectures.md): `aten.arange` (BART's family computes positions as
+  arange(number of tokens), wrong for a batch of sequences or a decode step; a pass must read the
+  positions input instead) and `aten.gather`;
+  `aten.mul_.Tensor` (CTRL matches with it, but Gemma 4's text model then fails its load-time step: its
+  global attention layers' head size does not reach llmc::paged_attention).
+tests/test_program_ops.py checks that every tested architecture's program calls only these ops.
 """
 
-PROGRAM_OPS = frozenset({
+# (a) Elementwise math, comparisons, reductions, matmul-like ops, normalizations, softmax-like ops, dtype
+# casts, bounds-checked indexing: the output's size follows from the inputs' sizes, so any constant is safe.
+COMPUTE_OPS = frozenset({
     "aten.add.Tensor",
-    "aten.add_.Tensor",
+    "aten.bmm.default",
     "aten.cat.default",
-    "aten.chunk.default",
     "aten.clamp.default",
+    "aten.clone.default",
     "aten.contiguous.default",
-    "aten.copy_.default",
     "aten.cos.default",
     "aten.div.Tensor",
-    "aten.div_.Tensor",
     "aten.embedding.default",
-    "aten.expand.default",
+    "aten.exp.default",
+    "aten.expm1.default",
+    "aten.floor.default",
     "aten.gelu.default",
     "aten.gt.Scalar",
     "aten.index.Tensor",
     "aten.layer_norm.default",
+    "aten.log.default",
+    "aten.log1p.default",
     "aten.matmul.default",
     "aten.mean.dim",
+    "aten.min.other",
     "aten.mul.Tensor",
-    "aten.new_empty.default",
-    "aten.numpy_T.default",
-    "aten.permute.default",
+    "aten.neg.default",
     "aten.pow.Tensor_Scalar",
     "aten.pow.Tensor_Tensor",
     "aten.reciprocal.default",
-    "aten.repeat_interleave.self_int",
-    "aten.reshape.default",
+    "aten.relu.default",
+    "aten.rms_norm.default",
     "aten.rsqrt.default",
-    "aten.select.int",
     "aten.sigmoid.default",
     "aten.sin.default",
-    "aten.slice.Tensor",
     "aten.softmax.int",
-    "aten.split.Tensor",
-    "aten.split_with_sizes.default",
-    "aten.squeeze.dim",
+    "aten.softplus.default",
+    "aten.square.default",
     "aten.sub.Tensor",
     "aten.sum.dim_IntList",
     "aten.sym_size.int",
     "aten.tanh.default",
     "aten.to.dtype",
     "aten.topk.default",
-    "aten.transpose.int",
     "aten.type_as.default",
+    "aten.where.self",
+    "operator.getitem",
+})
+
+# (b) Views that cannot read outside their input (no raw strides or storage offsets; out-of-range indices
+# are errors, slices are clamped).
+VIEW_OPS = frozenset({
+    "aten.alias.default",
+    "aten.chunk.default",
+    "aten.flatten.using_ints",
+    "aten.numpy_T.default",
+    "aten.permute.default",
+    "aten.reshape.default",
+    "aten.select.int",
+    "aten.slice.Tensor",
+    "aten.split.Tensor",
+    "aten.split_with_sizes.default",
+    "aten.squeeze.dim",
+    "aten.transpose.int",
+    "aten.unbind.int",
     "aten.unsqueeze.default",
     "aten.view.default",
-    "aten.where.self",
+    "aten.view_as.default",
+})
+
+# (c) Ops whose arguments size a new allocation (or a view later ops materialize): each named argument's
+# constants are bounded at load (graph_format.MAX_SIZE; a size list's constants also by their product,
+# graph_format.MAX_ELEMENTS). Symbolic sizes are `aten.sym_size.int` of a tensor the program already has.
+SIZED_OPS = {
+    "aten.expand.default": ("size",),
+    "aten.new_empty.default": ("size",),
+    "aten.repeat.default": ("repeats",),
+    "aten.repeat_interleave.self_int": ("repeats", "output_size"),
+}
+
+# (d) In-place ops: allowed only on intermediates. The loader refuses one whose destination is, or is a view
+# of, a weight or an input (graph_format._check_in_place), so a program cannot rewrite its weights.
+IN_PLACE_OPS = frozenset({
+    "aten.add_.Tensor",
+    "aten.copy_.default",
+    "aten.div_.Tensor",
+})
+
+# llmc's own ops (llmc/plugins): each checks its arguments against its inputs' shapes.
+LLMC_OPS = frozenset({
     "llmc.add_layer_norm.default",
     "llmc.add_rms_norm.default",
     "llmc.all_gather.default",
@@ -72,6 +120,8 @@ PROGRAM_OPS = frozenset({
     "llmc.nvfp4_moe.default",
     "llmc.paged_attention.default",
     "llmc.rms_norm.default",
+    "llmc.rotary_embedding.default",
     "llmc.vocab_embedding.default",
-    "operator.getitem",
 })
+
+PROGRAM_OPS = COMPUTE_OPS | VIEW_OPS | frozenset(SIZED_OPS) | IN_PLACE_OPS | LLMC_OPS

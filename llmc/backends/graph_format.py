@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
-from llmc.backends.allowed_ops import PROGRAM_OPS
+from llmc.backends.allowed_ops import IN_PLACE_OPS, PROGRAM_OPS, SIZED_OPS, VIEW_OPS
 
 FORMAT = "llmc.fx/1"
 _OPS = ("placeholder", "get_attr", "call_function", "output")
@@ -39,10 +39,17 @@ _PY_FUNCS = {f"operator.{n}": getattr(operator, n) for n in (
     "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg",
     "eq", "ne", "lt", "le", "gt", "ge")}
 _PY_NAMES = {fn: name for name, fn in _PY_FUNCS.items()}
-# The allowed ops' int arguments that size an allocation rather than index into one (a program's other
-# sizes are its inputs' and weights'): bounded, so that no constant asks for petabytes.
+# The allowed ops' arguments that size an allocation rather than index into one (a program's other sizes are
+# its inputs' and weights'), allowed_ops.SIZED_OPS: bounded, so that no constant asks for petabytes.
 MAX_REPEATS = 1024
-SIZE_ARGUMENTS = {"aten.repeat_interleave.self_int": ("repeats", "output_size")}
+MAX_SIZE = 1 << 20
+MAX_ELEMENTS = 1 << 28
+_BOUNDS = {"repeats": MAX_REPEATS, "output_size": MAX_REPEATS}
+# expand's -1 keeps a dimension as it is.
+_LOWEST = {("aten.expand.default", "size"): -1}
+# What an op's result may share memory with its first argument through (a view, or the argument itself).
+_MAY_ALIAS = VIEW_OPS | IN_PLACE_OPS | {"operator.getitem", "aten.expand.default", "aten.contiguous.default",
+                                        "aten.to.dtype", "aten.type_as.default"}
 
 
 def _table(kind: type) -> dict:
@@ -141,14 +148,42 @@ def bind_arguments(op, args: tuple, kwargs: dict) -> dict | None:
     return bound.kwargs if bound else None
 
 
-def _check_sizes(op, names: tuple[str, ...], args: tuple, kwargs: dict, where: str) -> None:
+def _check_sizes(op, name: str, args: tuple, kwargs: dict, where: str) -> None:
+    """Each size argument's constants are in [lowest, bound] and a size list's constants multiply to at most
+    MAX_ELEMENTS; a symbolic size must be the size of a tensor the program has (aten.sym_size.int)."""
     bound = bind_arguments(op, args, kwargs)
     if bound is None:
         raise GraphFormatError(where + f": arguments do not match {op._schema}")
-    for name in names:
-        value = bound.get(name)
-        if isinstance(value, int) and not 0 <= value <= MAX_REPEATS:
-            raise GraphFormatError(where + f": {name}={value} is out of range [0, {MAX_REPEATS}]")
+    for arg in SIZED_OPS[name]:
+        value = bound.get(arg)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        lowest, highest = _LOWEST.get((name, arg), 0), _BOUNDS.get(arg, MAX_SIZE)
+        elements = 1
+        for v in values:
+            if v is None and value is None:  # an optional size left out
+                continue
+            if isinstance(v, torch.fx.Node):
+                if v.op != "call_function" or v.target is not torch.ops.aten.sym_size.int:
+                    raise GraphFormatError(where + f": {arg} refers to {v.name!r}, which is not a tensor's size")
+            elif isinstance(v, bool) or not isinstance(v, int) or not lowest <= v <= highest:
+                raise GraphFormatError(where + f": {arg}={value} is out of range [{lowest}, {highest}]")
+            else:
+                elements *= max(v, 1)
+        if elements > MAX_ELEMENTS:
+            raise GraphFormatError(where + f": {arg}={value} asks for more than {MAX_ELEMENTS} elements")
+
+
+def _check_in_place(op, name: str, args: tuple, kwargs: dict, where: str) -> None:
+    """An in-place op writes only an intermediate: never a weight or an input, nor a view of one."""
+    bound = bind_arguments(op, args, kwargs)
+    if bound is None:
+        raise GraphFormatError(where + f": arguments do not match {op._schema}")
+    dest = bound.get("input")  # normalize_function names `self` so
+    while isinstance(dest, torch.fx.Node) and dest.op == "call_function" and _target_name(dest) in _MAY_ALIAS:
+        dest = dest.args[0] if dest.args else None
+    if not isinstance(dest, torch.fx.Node) or dest.op != "call_function":
+        raise GraphFormatError(where + f": {name} writes into {getattr(dest, 'name', dest)!r}, which is not an "
+                               "intermediate result (in-place ops may not write weights or inputs)")
 
 
 def _dec(v, nodes: dict, device: torch.device, where: str):
@@ -203,8 +238,10 @@ def graph_from_json(obj: dict, device: torch.device | str = "cpu", allowed: froz
             raise GraphFormatError(where + f": invalid keyword argument names {list(rec['kwargs'])}")
         args = tuple(_dec(a, nodes, device, where) for a in rec["args"])
         kwargs = {k: _dec(v, nodes, device, where) for k, v in rec["kwargs"].items()}
-        if op == "call_function" and rec["target"] in SIZE_ARGUMENTS:
-            _check_sizes(target, SIZE_ARGUMENTS[rec["target"]], args, kwargs, where)
+        if op == "call_function" and rec["target"] in SIZED_OPS:
+            _check_sizes(target, rec["target"], args, kwargs, where)
+        if op == "call_function" and rec["target"] in IN_PLACE_OPS:
+            _check_in_place(target, rec["target"], args, kwargs, where)
         node = graph.create_node(op, target, args, kwargs, name=rec["name"])
         if node.name != rec["name"]:
             raise GraphFormatError(where + f": name is not a valid fx node name (became {node.name!r})")

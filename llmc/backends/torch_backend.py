@@ -45,6 +45,11 @@ def write_rank(gm: fx.GraphModule, rank_dir: Path, ctx=None) -> None:
             f"{arch} is not supported yet: its program calls {', '.join(unknown)}, which no llmc pass lowers and "
             "engines do not run (llmc/backends/allowed_ops.py)"
         )
+    try:  # the loader's other checks (bounded sizes, in-place ops only on intermediates), at build time
+        graph_from_json(program, allowed=PROGRAM_OPS)
+    except GraphFormatError as e:
+        arch = (getattr(ctx.hf_config, "architectures", None) or ["this model"])[0] if ctx is not None else "this model"
+        raise GraphFormatError(f"{arch} is not supported yet: the engine loader would refuse its program: {e}") from None
     rank_dir.mkdir(parents=True, exist_ok=True)
     (rank_dir / PROGRAM).write_text(json.dumps(program, indent=1) + "\n")
     weights = {name: t.contiguous() for name, t in gm.named_buffers(remove_duplicate=False)}
