@@ -113,7 +113,7 @@ def test_a_model_attention_mask_llmc_cannot_prove_is_a_build_error(tmp_path, mon
 
 
 def test_a_mask_transformers_makes_that_is_not_causal_is_a_build_error(tmp_path, monkeypatch):
-    """A chunked mask (Llama 4 style) is neither causal nor a sliding window: refused at trace time."""
+    """A chunked mask (Llama 4 style) is neither causal nor a sliding window: refused where an attention uses it."""
     from transformers import masking_utils
     from transformers.models.llama import modeling_llama
 
@@ -124,7 +124,7 @@ def test_a_mask_transformers_makes_that_is_not_causal_is_a_build_error(tmp_path,
         return masking_utils.create_chunked_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids)
 
     monkeypatch.setattr(modeling_llama, "create_causal_mask", chunked)
-    with pytest.raises(CheckpointError, match=r"llama: its attention mask .* is neither causal nor a causal sliding window"):
+    with pytest.raises(PassError, match=r"LlamaForCausalLM: the attention mask of layer 0 \(.*\) is neither causal nor a causal sliding window"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
 
 

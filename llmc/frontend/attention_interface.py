@@ -49,6 +49,15 @@ def causal_mask(q_length, sliding_window, device):
 
 torch.library.impl("llmc_trace::causal_mask", "CompositeExplicitAutograd", causal_mask)
 
+# A mask llmc does not recognise: an error only where an attention uses it (models build masks they do not use,
+# e.g. Qwen2-MoE's sliding one when every layer is full attention). It names the mask function; it never runs.
+torch.library.define("llmc_trace::unrecognised_mask", "(SymInt q_length, str mask_function, Device device) -> Tensor")
+
+
+@torch.library.register_fake("llmc_trace::unrecognised_mask")
+def _unrecognised_mask_fake(q_length, mask_function, device):
+    return torch.empty((1, 1, q_length, q_length), dtype=torch.bool, device=device)
+
 
 @torch.library.register_fake("llmc_trace::causal_mask")
 def _causal_mask_fake(q_length, sliding_window, device):
@@ -139,10 +148,8 @@ def llmc_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
         raise CheckpointError(f"{arch}: an attention mask over a cache or a batch at trace time; llmc traces one sequence")
     window = _recognised_window(mask_function, local_size)
     if window is None:
-        raise CheckpointError(
-            f"{arch}: its attention mask ({getattr(mask_function, '__qualname__', mask_function)}) is neither causal nor a "
-            "causal sliding window; llmc's attention implements only those"
-        )
+        name = str(getattr(mask_function, "__qualname__", mask_function))
+        return torch.ops.llmc_trace.unrecognised_mask(q_length, name, torch.device(device))
     return torch.ops.llmc_trace.causal_mask(q_length, window, torch.device(device))
 
 

@@ -28,6 +28,7 @@ from llmc.passes.manager import BuildContext, PassError, register_pass
 
 aten = torch.ops.aten
 TRACED_ATTENTION, CAUSAL_MASK = torch.ops.llmc_trace.attention.default, torch.ops.llmc_trace.causal_mask.default
+UNRECOGNISED_MASK = torch.ops.llmc_trace.unrecognised_mask.default
 STEP_INPUTS = ("kv_cache", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
 
 
@@ -48,6 +49,9 @@ def _mask(gm: fx.GraphModule, mask: fx.Node, arch: str, layer: int) -> tuple[int
     """(sliding window, ALiBi slopes node or None) of the mask an attention received, or a PassError."""
     if mask.target == CAUSAL_MASK:
         return int(mask.args[1]), None
+    if mask.target == UNRECOGNISED_MASK:
+        raise PassError(f"{arch}: the attention mask of layer {layer} ({mask.args[1]}) is neither causal nor a causal "
+                        "sliding window; llmc's attention implements only those")
     found = alibi_slopes(gm, mask)
     if found is not None:
         return found
