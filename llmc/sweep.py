@@ -273,12 +273,20 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_table(path: Path) -> list[Result]:
+    """The results a table `markdown` wrote."""
+    rows = [line.split(" | ") for line in path.read_text().splitlines() if line.startswith("| ") and not line.startswith(("| model_type", "| ---"))]
+    return [Result(t.removeprefix("| "), arch, status, detail.removesuffix(" |").replace("\\|", "|")) for t, arch, status, detail in
+            (row[:3] + [" | ".join(row[3:])] for row in rows)]
+
+
 def main(argv: list[str] | None = None) -> int:
     import transformers
 
     parser = argparse.ArgumentParser(prog="python -m llmc.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="model types to check (default: every causal LM of transformers)")
-    parser.add_argument("--write", type=Path, help="write the table as markdown to this file (e.g. docs/architectures.md)")
+    parser.add_argument("--write", type=Path, help="write the table as markdown to this file (e.g. docs/architectures.md); "
+                        "with model types, only their rows of the table there change")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     transformers.logging.set_verbosity_error()
@@ -286,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     results = sweep(args.model_types or None,
                     log=lambda r: print(f"{r.model_type:28} {r.status:9} {r.seconds:5.1f}s {r.detail}", flush=True))
     if args.write:
+        if args.model_types and args.write.is_file():  # update these rows of the existing table
+            new = {r.model_type: r for r in results}
+            results = [new.pop(r.model_type, r) for r in read_table(args.write)] + list(new.values())
         args.write.write_text(markdown(results))
     return 0 if all(r.ok for r in results) else 1
 
