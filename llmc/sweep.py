@@ -53,6 +53,7 @@ TINY_CONFIG_GAPS = {
     "blt": "sub-model sizes (encoder, global, decoder) not shrunk",
     "dots3_note": "sizes not shrunk (279552M parameters)",
     "gemma4_unified_assistant": "sizes not shrunk (2872M parameters)",
+    "gemma4_text": "sizes not shrunk (135M parameters)",
     "llama4": "sizes not shrunk (vision/text sub-configs)",
     "longcat_flash": "sizes not shrunk (47M parameters)",
     "qwen3_5": "sizes not shrunk (vision/text sub-configs)",

@@ -211,6 +211,10 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
             f"torch.export could not trace {ckpt.architecture}{_rope_note(ckpt)}: {export_failure(e)}. "
             f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
         ) from e
+    higher_order = sorted({str(n.target) for n in ep.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)})
+    if higher_order:  # torch.cond, wrapped regions...: subgraphs llmc's passes do not look into
+        raise CheckpointError(f"{ckpt.architecture}: its traced program calls {', '.join(higher_order)} (control flow or a "
+                              "wrapped region of the model's code), which llmc does not lower")
     gm = to_graph_module(ep)
     load_weights(gm, model, {**buffers, **(rope_buffers or {})}, weights)
     return gm
