@@ -129,6 +129,10 @@ def test_logprobs(client):
     for item in content:
         assert len(item.top_logprobs) == 3 and item.logprob <= 0
         assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)  # greedy picks the likeliest
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                                 temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, pytest.approx(i.logprob)) for i in content]
 
 
 def test_100_concurrent_streams(server, expected):

@@ -288,7 +288,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
         tokenizer = llm.tokenizer
         if req.stream:
             async def events():
-                started, ended = set(), set()
+                started, ended, sent = set(), set(), {}  # sent: tokens of each sample whose logprobs went out
                 async for out in stream:
                     if out.error:
                         yield failed(out)
@@ -300,6 +300,11 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_re
                             if c.finished:
                                 ended.add(j)
                             chunk = {"index": j, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}
+                            if c.logprobs is not None:
+                                done = sent.get(j, 0)
+                                part = CompletionOutput(c.index, "", c.token_ids[done:], None, c.logprobs[done:], None)
+                                chunk["logprobs"] = {"content": chat_logprobs(tokenizer, part, req.top_logprobs or 0)}
+                                sent[j] = len(c.token_ids)
                             yield sse({**base, "object": "chat.completion.chunk", "choices": [chunk]})
                             started.add(j)
                     if out.finished and (req.stream_options or {}).get("include_usage"):
