@@ -281,7 +281,7 @@ def test_a_disconnected_stream_is_aborted_within_a_step_and_metrics_count_outcom
             raise RuntimeError("injected failure")
 
         llm.engine.executor.submit = broken
-        stream = Stream(server.url, LONG)
+        stream = Stream(server.url, {**LONG, "max_tokens": 100})  # within the 128-token context
         assert "injected failure" in stream.error()
         server.thread.join(timeout=15)
         assert not server.thread.is_alive(), "the server did not stop after the engine failed"
