@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmc
 
-from test_server import CHAT_TEMPLATE, free_port
+from test_server import CHAT_TEMPLATE, free_port, wait_until_healthy
 
 MODEL = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama"
 TASKS = Path(__file__).resolve().parent / "data" / "lm_eval"
@@ -44,15 +43,7 @@ def url(checkpoint, tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, timeout=120)
         yield url
     finally:
         proc.terminate()

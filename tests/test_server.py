@@ -444,15 +444,7 @@ def test_cli_serve_with_api_key(engine):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, timeout=60)
         denied = httpx.post(url + "/v1/completions", json={"prompt": "x"})
         assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
@@ -568,3 +560,16 @@ def test_tokenize_detokenize_version(server, engine):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert post(server, {"prompt": "x", "unknown": 1}, "/tokenize").status_code == 400
     assert httpx.get(server.url + "/version").json() == {"version": llmc.__version__}
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until `llmc serve` (proc, its stderr piped) answers /health; its stderr if it exits first."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
