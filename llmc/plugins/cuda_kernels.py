@@ -3,7 +3,7 @@ for the CUDA key, so `torch.ops.llmc.X` on CUDA tensors reaches them; CPU tensor
 (cpu_kernels.py), and ops without a Triton kernel run their plain-torch reference on CUDA too (llmc::linear: cuBLAS).
 
 Each kernel module is imported at its op's first CUDA call, so importing llmc needs no Triton (nor a GPU).
-LLMC_DISABLE_KERNELS=1 registers none: every op runs its reference, on CUDA as on CPU.
+LLMC_DISABLE_KERNELS=1 registers none: every op runs its reference, on CUDA as on CPU (=cuda: only these are off).
 
 Not covered on CUDA yet, running their references there: llmc::add_layer_norm, llmc::moe, the prepacked linears
 (the torch backend prepacks only for CPU kernels), the quantized embedding.
@@ -51,8 +51,8 @@ def _cuda_implementation(module: str, name: str):
 
 @functools.cache
 def register() -> bool:
-    """Registers the CUDA implementations, once (at import of llmc.plugins); False with LLMC_DISABLE_KERNELS=1."""
-    if os.environ.get("LLMC_DISABLE_KERNELS") == "1":
+    """Registers the CUDA implementations, once (at import of llmc.plugins); False with LLMC_DISABLE_KERNELS=1 or cuda."""
+    if os.environ.get("LLMC_DISABLE_KERNELS") in ("1", "cuda"):
         return False
     for qualname, (module, name) in KERNELS.items():
         torch.library.impl(qualname, "CUDA", _cuda_implementation(module, name))
