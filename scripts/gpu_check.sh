@@ -17,7 +17,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=$PYTHONPATH:/tmp/llmc-wheels || status=1
 fi
 
-timeout 120 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+timeout 60 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
     || echo "pip install -e . failed (see install.log); running from the checkout"
 
 python3 - >"$OUT/env.json" 2>"$OUT/env.log" <<'PY' || status=1
@@ -28,13 +28,13 @@ print(json.dumps({"torch": torch.__version__, "triton": triton.__version__, "pyt
 PY
 
 # The Triton kernels against their references, compiled, on CUDA tensors (the tests pick CUDA when it is there).
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py --junitxml="$OUT/kernels.xml" \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py --junitxml="$OUT/kernels.xml" \
     >"$OUT/kernels.log" 2>&1 || status=1
 python3 scripts/junit_summary.py "$OUT/kernels.xml" >"$OUT/kernels.json" || status=1
 
 # Greedy parity with transformers on CUDA, end to end through LLM(engine, device="cuda"): it may not run yet, and
 # parity.json then records why.
-timeout 150 python3 scripts/gpu_parity.py "$OUT/parity.json" >"$OUT/parity.log" 2>&1 || status=1
+timeout 180 python3 scripts/gpu_parity.py "$OUT/parity.json" >"$OUT/parity.log" 2>&1 || status=1
 
 cat "$OUT/env.json" "$OUT/kernels.json" "$OUT/parity.json" 2>/dev/null
 exit $status

@@ -23,6 +23,8 @@ from llmc.plugins import activations, attention, cuda_kernels, norms, quant_line
 from llmc.plugins.quant_formats import nvfp4_global_scale, quantize_fp8_weight, quantize_nvfp4  # noqa: E402
 from llmc.plugins.triton import fp8_linear as triton_fp8  # noqa: E402
 from llmc.plugins.triton import gated_activation as triton_activation  # noqa: E402
+from llmc.plugins.triton import kv_cache_write as triton_cache_write  # noqa: E402
+from llmc.plugins.triton import layer_norm as triton_layer_norm  # noqa: E402
 from llmc.plugins.triton import nvfp4_linear as triton_nvfp4  # noqa: E402
 from llmc.plugins.triton import paged_attention as triton_attention  # noqa: E402
 from llmc.plugins.triton import rms_norm as triton_norm  # noqa: E402
@@ -136,6 +138,24 @@ def test_paged_attention_long_context_in_several_key_tiles():
     check_attention({**args, "sliding_window": 20}, torch.float32, block_n=16)
 
 
+def test_fp8_cache_bytes_are_torchs():
+    """E4M3 rounding by integers in the cache write: ties to even among normals and subnormals, saturation, signs."""
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = e4m3[e4m3.isfinite()]
+    ties = (finite.sort().values[:-1] + finite.sort().values[1:]) / 2  # halfway between neighbours
+    values = torch.cat([finite, ties, torch.tensor([500.0, -1e4, 1e-9, -1e-9, -0.0, 0.0]), torch.randn(64) * 30])
+    values = values[: values.numel() // 16 * 16].view(1, 1, -1, 16)
+    tokens = values.shape[2]
+    k = values.to(DEVICE)
+    cache = torch.zeros(1, 2, tokens, 1, 1, 16, dtype=torch.float8_e4m3fn, device=DEVICE)
+    expected = cache.clone()
+    scale = torch.tensor(1.0, device=DEVICE)
+    slots = torch.arange(tokens, device=DEVICE)
+    attention.write_kv_cache(k, k, expected, 0, slots, scale, scale)
+    triton_cache_write.write_kv_cache(k, k, cache, 0, slots, scale, scale)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+
+
 def check_attention(args, dtype, **launch):
     expected_cache = args["kv_cache"].clone()
     expected = attention.paged_attention(**{**args, "kv_cache": expected_cache})
@@ -170,6 +190,18 @@ def test_rms_norm(dtype):
     if DEVICE == "cuda":
         close(torch.ops.llmc.rms_norm(x, w, 1e-5), norms.rms_norm(x, w, 1e-5), dtype)
         close(torch.ops.llmc.add_rms_norm(x, residual, w, 1e-5)[0], norms.add_rms_norm(x, residual, w, 1e-5)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, residual = randn(3, 5, 40, dtype=dtype, generator=g), randn(3, 5, 40, dtype=dtype, generator=g) + 2
+    w, b = randn(40, dtype=dtype, generator=g), randn(40, dtype=dtype, generator=g)
+    for got, expected in zip(triton_layer_norm.add_layer_norm(x, residual, w, b, 1e-5),
+                             norms.add_layer_norm(x, residual, w, b, 1e-5)):
+        close(got, expected, dtype)
+    if DEVICE == "cuda":
+        close(torch.ops.llmc.add_layer_norm(x, residual, w, b, 1e-5)[0], norms.add_layer_norm(x, residual, w, b, 1e-5)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,7 +5,7 @@ for the CUDA key, so `torch.ops.llmc.X` on CUDA tensors reaches them; CPU tensor
 Each kernel module is imported at its op's first CUDA call, so importing llmc needs no Triton (nor a GPU).
 LLMC_DISABLE_KERNELS=1 registers none: every op runs its reference, on CUDA as on CPU (=cuda: only these are off).
 
-Not covered on CUDA yet, running their references there: llmc::add_layer_norm, llmc::moe, the prepacked linears
+Not covered on CUDA yet, running their references there: llmc::moe, the prepacked linears
 (the torch backend prepacks only for CPU kernels), the quantized embedding.
 """
 
@@ -22,6 +22,7 @@ KERNELS = {
     "llmc::paged_attention": ("paged_attention", "paged_attention"),
     "llmc::rms_norm": ("rms_norm", "rms_norm"),
     "llmc::add_rms_norm": ("rms_norm", "add_rms_norm"),
+    "llmc::add_layer_norm": ("layer_norm", "add_layer_norm"),
     "llmc::gated_activation": ("gated_activation", "gated_activation"),
     "llmc::rotary_embedding": ("rotary", "rotary_embedding"),
     "llmc::fp8_linear": ("fp8_linear", "fp8_linear"),

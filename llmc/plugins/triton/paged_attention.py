@@ -1,9 +1,8 @@
 """llmc::paged_attention on CUDA: one launch for a step's ragged batch of prefill chunks and decodes.
 
 The op's contract and reference are llmc/plugins/attention.py. RoPE (when folded in) runs first (the rotary kernel
-beside this one), then the new keys and values are written into the cache by the reference's scatter (FP8 rounding
-and out-of-range slots as torch does them: an index outside the cache is a device-side error, never a silent write),
-then this kernel reads the cache through the block tables.
+beside this one), then the new keys and values go into the cache (kv_cache_write.py), then this kernel reads the
+cache through the block tables.
 
 Grid: (sequence, query tile, KV head). A program takes BLOCK_Q of the sequence's new tokens times the GROUP query
 heads that share one KV head (GQA), as the rows of one tile, so every K and V tile it loads serves the whole group.
@@ -19,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins.attention import attention_output, write_kv_cache
+from llmc.plugins.attention import attention_output
 from llmc.plugins.triton.common import dot, dot_precision, pow2, tanh
+from llmc.plugins.triton.kv_cache_write import write_kv_cache
 from llmc.plugins.triton.rotary import rotary_embedding
 
 
