@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 23 in one call, for a machine with one NVIDIA GPU, its own torch and triton, and no network
-# (README.md, "GPU"): scripts/gpu_check.sh OUT_DIR. Writes OUT_DIR/{env,kernels,parity}.json and the logs beside
+# (README.md, "GPU"): scripts/gpu_check.sh OUT_DIR. Writes OUT_DIR/{env,kernels,ops,parity}.json and the logs beside
 # them, within 8 minutes (each step has its own timeout). Exits non-zero if a step failed.
 set -uo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 OUT_DIR" >&2; exit 2; }
@@ -28,13 +28,16 @@ print(json.dumps({"torch": torch.__version__, "triton": triton.__version__, "pyt
 PY
 
 # The Triton kernels against their references, compiled, on CUDA tensors (the tests pick CUDA when it is there).
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py --junitxml="$OUT/kernels.xml" \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py --junitxml="$OUT/kernels.xml" \
     >"$OUT/kernels.log" 2>&1 || status=1
 python3 scripts/junit_summary.py "$OUT/kernels.xml" >"$OUT/kernels.json" || status=1
 
+# Each kernel's time against its reference's on the GPU (ops.json).
+timeout 90 python3 scripts/gpu_op_bench.py "$OUT/ops.json" >"$OUT/ops.log" 2>&1 || status=1
+
 # Greedy parity with transformers on CUDA, end to end through LLM(engine, device="cuda"): it may not run yet, and
 # parity.json then records why.
-timeout 180 python3 scripts/gpu_parity.py "$OUT/parity.json" >"$OUT/parity.log" 2>&1 || status=1
+timeout 150 python3 scripts/gpu_parity.py "$OUT/parity.json" >"$OUT/parity.log" 2>&1 || status=1
 
-cat "$OUT/env.json" "$OUT/kernels.json" "$OUT/parity.json" 2>/dev/null
+cat "$OUT/env.json" "$OUT/kernels.json" "$OUT/ops.json" "$OUT/parity.json" 2>/dev/null
 exit $status
