@@ -226,9 +226,16 @@ def test_gated_activation(act, dtype):
 def test_rotary_embedding(x_shape, cos_shape, interleaved, dtype):
     g = torch.Generator().manual_seed(0)
     x, cos, sin = (randn(*s, dtype=dtype, generator=g) for s in (x_shape, cos_shape, cos_shape))
-    expected = attention.apply_rope(x, cos.view(-1, cos.shape[-1]), sin.view(-1, cos.shape[-1]), interleaved) \
-        if x.shape[-1] != cos.shape[-1] else rotary.rotary_embedding(x, cos, sin, interleaved)
-    close(triton_rotary.rotary_embedding(x, cos, sin, interleaved), expected, dtype)
+    partial = x.shape[-1] != cos.shape[-1]
+    if partial:  # only paged attention's folded RoPE takes it
+        expected = attention.apply_rope(x, cos.view(-1, cos.shape[-1]), sin.view(-1, cos.shape[-1]), interleaved)
+        with pytest.raises(RuntimeError, match="takes cos and sin of its last dim"):
+            triton_rotary.rotary_embedding(x, cos, sin, interleaved)
+    else:
+        expected = rotary.rotary_embedding(x, cos, sin, interleaved)
+        if DEVICE == "cuda":
+            close(torch.ops.llmc.rotary_embedding(x, cos, sin, interleaved), expected, dtype)
+    close(triton_rotary.rotary_embedding(x, cos, sin, interleaved, partial=partial), expected, dtype)
 
 
 # --- quantized linears ---------------------------------------------------------------------------------------
@@ -242,6 +249,8 @@ def test_fp8_linear(rows, dtype):
     close(triton_fp8.fp8_linear(x, weight, scale, None, bias), quant_linear.fp8_linear(x, weight, scale, None, bias), dtype)
     x3 = x.view(1, rows, 96)
     close(triton_fp8.fp8_linear(x3, weight, scale, None, None), quant_linear.fp8_linear(x3, weight, scale, None, None), dtype)
+    if DEVICE == "cuda":
+        close(torch.ops.llmc.fp8_linear(x, weight, scale, None, bias), quant_linear.fp8_linear(x, weight, scale, None, bias), dtype)
     # W8A8: x quantized with a static scale (FP8 tensor cores on a GPU that has them: a bf16 result)
     input_scale = (x.float().abs().amax() / 448).to(DEVICE)
     w8a8_dtype = torch.bfloat16 if triton_fp8._has_fp8_tensor_cores(x) else dtype

@@ -42,5 +42,7 @@ def tanh(x):
 def dot(a, b, PRECISION: tl.constexpr):
     """tl.dot in fp32 accumulation (see INTERPRETED)."""
     if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision=PRECISION)
+    return product

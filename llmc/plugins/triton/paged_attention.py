@@ -143,7 +143,7 @@ def paged_attention(q, k, v, kv_cache, layer, slot_mapping, block_tables, seq_le
 def _rope(x, cos, sin, interleaved):
     """x [1, heads, T, d] with RoPE on its first rotary_dim channels (the reference's apply_rope)."""
     dim = cos.shape[-1]
-    return rotary_embedding(x, cos.view(1, 1, -1, dim), sin.view(1, 1, -1, dim), interleaved)
+    return rotary_embedding(x, cos.view(1, 1, -1, dim), sin.view(1, 1, -1, dim), interleaved, partial=True)
 
 
 def _unit_stride(x):

@@ -44,12 +44,14 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, size1, size2,
     tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(dtype), mask=row_ok[:, None] & (d[None, :] < D))
 
 
-def rotary_embedding(x, cos, sin, interleaved=False):
-    """x [..., d] (up to 4 dims) with RoPE on its first cos.shape[-1] channels; cos and sin broadcast to x."""
+def rotary_embedding(x, cos, sin, interleaved=False, partial=False):
+    """x [..., d] (up to 4 dims) with RoPE; cos and sin broadcast to x. With `partial` (paged attention's folded RoPE)
+    they may cover only the first rotary_dim channels; the op itself takes them whole, as its reference does."""
     rotary_dim, head_dim = cos.shape[-1], x.shape[-1]
-    if x.dim() > 4 or sin.shape[-1] != rotary_dim or rotary_dim > head_dim or rotary_dim % 2:
-        raise RuntimeError(f"rotary_embedding: x {tuple(x.shape)} (at most 4-D) takes cos and sin of one even last "
-                           f"dim <= its own, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if x.dim() > 4 or sin.shape[-1] != rotary_dim or rotary_dim > head_dim or rotary_dim % 2 \
+            or (rotary_dim != head_dim and not partial):
+        raise RuntimeError(f"rotary_embedding: x {tuple(x.shape)} (at most 4-D) takes cos and sin of its last dim "
+                           f"(even), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
     x4 = _four_dims(x if x.stride(-1) == 1 else x.contiguous())
     lead = x4.shape[:-1]
