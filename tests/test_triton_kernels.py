@@ -8,7 +8,10 @@ the kernels' modules are imported (`@triton.jit` reads it then), which is why it
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -57,6 +60,26 @@ def test_every_kernel_is_the_cuda_implementation_of_its_op():
     for qualname, (module, name) in cuda_kernels.KERNELS.items():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"), qualname
         assert callable(cuda_kernels.kernel(module, name))
+
+
+SWITCH_SCRIPT = """
+import json, sys, torch
+import llmc.plugins
+from llmc.plugins import cpu_kernels
+print(json.dumps({"cpu": cpu_kernels.load(), "triton_imported": "triton" in sys.modules,
+                  "cuda": torch._C._dispatch_has_kernel_for_dispatch_key("llmc::rms_norm", "CUDA")}))
+"""
+
+
+@pytest.mark.parametrize("switch, cuda", [("cpu", True), ("1", False)])
+def test_disable_kernels_switch(switch, cuda):
+    """LLMC_DISABLE_KERNELS=cpu (what scripts/gpu_check.sh runs with) keeps the CUDA kernels, =1 turns off both;
+    importing llmc imports no Triton either way."""
+    env = {**os.environ, "LLMC_DISABLE_KERNELS": switch}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", SWITCH_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    state = json.loads(out.stdout)
+    assert (state["cpu"], state["cuda"], state["triton_imported"]) == (None, cuda, False)
 
 
 # --- paged attention -------------------------------------------------------------------------------------------
