@@ -60,4 +60,7 @@ class BuildKernels(BuildExtension.with_options(use_ninja=False)):  # ninja would
             (folder / sources.STAMP).write_text(sources.sources_digest(Path("llmc/plugins/csrc")) + "\n")
 
 
-setup(ext_modules=[kernels(level, *spec) for level, spec in LEVELS.items()], cmdclass={"build_ext": BuildKernels})
+# LLMC_SKIP_CPU_KERNELS=1 installs without them (a GPU machine: scripts/gpu_check.sh, which then runs with
+# LLMC_DISABLE_KERNELS=cpu, the CPU ops on their references).
+SKIP = os.environ.get("LLMC_SKIP_CPU_KERNELS") == "1"
+setup(ext_modules=[] if SKIP else [kernels(level, *spec) for level, spec in LEVELS.items()], cmdclass={"build_ext": BuildKernels})

@@ -5,7 +5,8 @@ llmc/_C_<level>. `load` (at import of llmc.plugins) loads the best level this CP
 registers its kernels with torch's dispatcher for CPU tensors, so `torch.ops.llmc.X` reaches C++
 directly. An op with no kernel at that level (the FP8 and NVFP4 linears need AVX2 or AVX-512) runs its reference,
 registered for every device with `reference`. A library that is missing or fails to load is an error:
-nothing falls back silently. LLMC_DISABLE_KERNELS=1 loads none, so every op runs its reference.
+nothing falls back silently. LLMC_DISABLE_KERNELS=1 loads none, so every op runs its reference (=cpu: none of
+these, the CUDA kernels still, cuda_kernels.py).
 `llmc env` shows what was chosen.
 """
 
@@ -43,8 +44,8 @@ def cpu_level() -> str:
 
 @functools.cache
 def load() -> str | None:
-    """Loads the kernel library for this CPU, once; returns its level (None with LLMC_DISABLE_KERNELS=1)."""
-    if os.environ.get("LLMC_DISABLE_KERNELS") == "1":
+    """Loads the kernel library for this CPU, once; returns its level (None with LLMC_DISABLE_KERNELS=1 or cpu)."""
+    if os.environ.get("LLMC_DISABLE_KERNELS") in ("1", "cpu"):
         return None
     level = cpu_level()
     spec = importlib.util.find_spec(f"llmc._C_{level}")
