@@ -175,7 +175,7 @@ def build(
             quantization=None if quant is None and kv_cache_dtype is None and prequantized is None else {
                 "mode": prequantized.mode if prequantized else quant,
                 "kv_cache_dtype": kv_cache_dtype,
-                "exclude": list(exclude),
+                "exclude": [] if prequantized else list(exclude),  # the checkpoint chose what is quantized
                 "calibration": {"source": str(calib_data or "llmc default corpus"), "samples": len(samples),
                                 "tokens": sum(map(len, samples))} if samples else None,
                 **({"checkpoint": prequantized.record()} if prequantized else {}),
