@@ -224,8 +224,8 @@ def check_prequantized(prequantized, quant: str | None, tp: int, ep: int, backen
     what = f"{prequantized.source} checkpoint ({prequantized.scheme})"
     if quant is not None:
         raise ValueError(f"the {what} is quantized already; build it without --quant")
-    if tp * ep > 1:
-        raise ValueError(f"tp and ep > 1 do not shard a {what}'s packed weights yet; build it with tp=1, ep=1 (pp works)")
+    if ep > 1:
+        raise ValueError(f"ep > 1 does not apply to a {what}: llmc does not read quantized experts")
     if backend != "torch":
         raise ValueError(f"a {what} builds for the torch backend only, not {backend}")
 

@@ -94,18 +94,19 @@ def test_modelopt_fp8_kv_cache_takes_the_checkpoints_scales(built):
                 assert eng.get_tensor(f"kv_cache_{which}_scale_{layer}").item() == theirs.item()
 
 
-def test_pipeline_parallel_prequantized_engine_equals_single_rank(built, tmp_path):
-    checkpoint, engine, _, _ = built("ct-nvfp4")
-    two_stages = llmc.build(checkpoint, tmp_path / "pp2", max_seq_len=64, pp=2, log=lambda _: None)
-    torch.testing.assert_close(step_logits(two_stages, PROMPT), step_logits(engine, PROMPT), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("name", ["ct-nvfp4", "modelopt-fp8-kv"])
+@pytest.mark.parametrize("mapping", [{"tp": 2}, {"pp": 2}])
+def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
+    """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them."""
+    checkpoint, engine, _, _ = built(name)
+    parallel = llmc.build(checkpoint, tmp_path / "parallel", max_seq_len=64, log=lambda _: None, **mapping)
+    torch.testing.assert_close(step_logits(parallel, PROMPT), step_logits(engine, PROMPT), atol=1e-5, rtol=1e-5)
 
 
 def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
     checkpoint = built("ct-fp8")[0]
     with pytest.raises(ValueError, match="quantized already; build it without --quant"):
         llmc.build(checkpoint, tmp_path / "e1", quant="nvfp4", log=lambda _: None)
-    with pytest.raises(ValueError, match="tp and ep > 1 do not shard"):
-        llmc.build(checkpoint, tmp_path / "e2", tp=2, log=lambda _: None)
     for scheme, message in [("FP8_DYNAMIC", "dynamic=True"), ("W4A16", "llmc runs FP8 .* and NVFP4 .* only")]:
         path = tmp_path / scheme
         path.mkdir()
