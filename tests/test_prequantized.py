@@ -94,6 +94,17 @@ def test_modelopt_fp8_kv_cache_takes_the_checkpoints_scales(built):
                 assert eng.get_tensor(f"kv_cache_{which}_scale_{layer}").item() == theirs.item()
 
 
+def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp_path):
+    """Calibration runs the graph with the checkpoint's quantized linears in it."""
+    checkpoint, engine, _, _ = built("ct-nvfp4a16")
+    fp8_cache = llmc.build(checkpoint, tmp_path / "kv", max_seq_len=64, kv_cache_dtype="fp8", calib_samples=2, log=lambda _: None)
+    quantization = EngineConfig.load(fp8_cache).quantization
+    assert quantization["kv_cache_dtype"] == "fp8" and quantization["calibration"]["samples"] == 2
+    assert quantization["mode"] == "nvfp4-weight-only"
+    # An FP8 cache of well-calibrated K and V changes tiny logits little.
+    torch.testing.assert_close(step_logits(fp8_cache, PROMPT), step_logits(engine, PROMPT), atol=0.05, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["ct-nvfp4", "modelopt-fp8-kv"])
 @pytest.mark.parametrize("mapping", [{"tp": 2}, {"pp": 2}])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
