@@ -94,6 +94,17 @@ def test_modelopt_fp8_kv_cache_takes_the_checkpoints_scales(built):
                 assert eng.get_tensor(f"kv_cache_{which}_scale_{layer}").item() == theirs.item()
 
 
+def test_modelopt_checkpoint_with_hf_quant_config_json_alone(built, tmp_path):
+    """Older Model Optimizer exports say how they are quantized in hf_quant_config.json only."""
+    checkpoint, engine, _, _ = built("modelopt-w4a16-nvfp4")
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["quantization_config"]
+    path = _copy_with_config(checkpoint, tmp_path / "checkpoint", config)
+    alone = llmc.build(path, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
+    assert EngineConfig.load(alone).quantization["checkpoint"]["scheme"] == "W4A16_NVFP4"
+    torch.testing.assert_close(step_logits(alone, PROMPT), step_logits(engine, PROMPT), atol=0, rtol=0)
+
+
 def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp_path):
     """Calibration runs the graph with the checkpoint's quantized linears in it."""
     checkpoint, engine, _, _ = built("ct-nvfp4a16")
@@ -119,14 +130,9 @@ def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
     with pytest.raises(ValueError, match="quantized already; build it without --quant"):
         llmc.build(checkpoint, tmp_path / "e1", quant="nvfp4", log=lambda _: None)
     for scheme, message in [("FP8_DYNAMIC", "dynamic=True"), ("W4A16", "llmc runs FP8 .* and NVFP4 .* only")]:
-        path = tmp_path / scheme
-        path.mkdir()
         config = json.loads((checkpoint / "config.json").read_text())
         config["quantization_config"]["config_groups"]["group_0"] = _preset_group(scheme)
-        for f in checkpoint.iterdir():
-            if f.name != "config.json":
-                (path / f.name).symlink_to(f)
-        (path / "config.json").write_text(json.dumps(config))
+        path = _copy_with_config(checkpoint, tmp_path / scheme, config)
         with pytest.raises(CheckpointError, match=message) as error:
             llmc.build(path, tmp_path / f"{scheme}-engine", log=lambda _: None)
         assert "\n" not in str(error.value)
@@ -138,3 +144,13 @@ def _preset_group(name: str) -> dict:
     group = preset_name_to_scheme(name, ["Linear"]).model_dump(mode="json")
     group["format"] = "float-quantized" if name.startswith("FP8") else "pack-quantized"
     return group
+
+
+def _copy_with_config(checkpoint, path, config: dict):
+    """The checkpoint's files (linked) with another config.json."""
+    path.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name != "config.json":
+            (path / f.name).symlink_to(f)
+    (path / "config.json").write_text(json.dumps(config))
+    return path

@@ -118,8 +118,11 @@ def _modelopt(config: dict) -> Prequantized:
     algo = config.get("quant_algo")
     if algo not in ("FP8", "NVFP4", "W4A16_NVFP4"):
         raise CheckpointError(f"Model Optimizer checkpoint with quant_algo {algo!r}: llmc reads FP8, NVFP4 and W4A16_NVFP4")
-    if algo != "FP8" and config.get("group_size", 16) != 16:
-        raise CheckpointError(f"Model Optimizer {algo} with group_size {config['group_size']}: NVFP4 blocks are 16 in llmc")
+    groups = [config] + [args or {} for g in (config.get("config_groups") or {}).values()
+                         for args in (g.get("weights"), g.get("input_activations"))]
+    sizes = {g.get("group_size") for g in groups} - {None}
+    if algo != "FP8" and sizes - {16}:
+        raise CheckpointError(f"Model Optimizer {algo} with group_size {max(sizes - {16})}: NVFP4 blocks are 16 in llmc")
     kv = config.get("kv_cache_quant_algo")
     if kv is None and isinstance(config.get("kv_cache_scheme"), dict):
         kv = "FP8" if (config["kv_cache_scheme"].get("type"), config["kv_cache_scheme"].get("num_bits")) == ("float", 8) else "other"
@@ -132,7 +135,8 @@ def _modelopt(config: dict) -> Prequantized:
 def _tensors(weights, module: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors of the module `module` (its parameter names through transformers' renamings)."""
     prefix = module + "."
-    return {name[len(prefix):]: weights.ckpt.tensor(key) for name, key in weights.keys.items() if name.startswith(prefix)}
+    return {name[len(prefix):]: weights.ckpt.tensor(key) for name, key in weights.keys.items()
+            if name.startswith(prefix) and name != prefix + "bias"}  # the bias loads as any other weight
 
 
 def _packed(pq: Prequantized, module: str, t: dict[str, torch.Tensor]):
