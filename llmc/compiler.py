@@ -120,6 +120,9 @@ def build(
 
     gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs, prequantized)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
+    if prequantized is not None:
+        log(f"[llmc] {prequantized.source} {prequantized.scheme} checkpoint: its linears run as {prequantized.mode or 'unquantized'} "
+            f"over its own packed weights{', its KV scales make an FP8 KV cache' if prequantized.kv_cache_scales else ''}")
     ctx = BuildContext(
         ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp, ep_size=ep,
         pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
