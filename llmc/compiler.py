@@ -19,6 +19,7 @@ from llmc.engine import CONFIG, MAX_SEQ_LEN, EngineConfig, record_files
 from llmc.frontend.calibration import calibration_samples
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.frontend.export import DTYPES, trace
+from llmc.frontend.prequantized import read as read_prequantized
 from llmc.frontend.rope import engine_record, max_context
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
 from llmc.passes.manager import PassError
@@ -91,6 +92,10 @@ def build(
 
     ckpt = Checkpoint(model)
     tokenizer_files = ckpt.tokenizer_files()
+    prequantized = read_prequantized(ckpt)
+    if prequantized is not None:
+        check_prequantized(prequantized, quant, tp, ep, backend)
+        kv_cache_dtype = "fp8" if prequantized.kv_cache_scales else kv_cache_dtype
     if dtype == "auto":
         dtype = checkpoint_dtype(ckpt.config)
     check_mapping(ckpt.config, tp, pp, pp_layers)
@@ -109,16 +114,19 @@ def build(
 
     tokenizer = ckpt.tokenizer()
     samples = []
-    if needs_calibration(quant) or kv_cache_dtype is not None:
+    if needs_calibration(quant) or (kv_cache_dtype is not None and not (prequantized and prequantized.kv_cache_scales)):
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
         samples = calibration_samples(tokenizer, calib_data, calib_samples, seq_len)
 
-    gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs)
+    gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs, prequantized)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
+    if prequantized is not None:
+        log(f"[llmc] {prequantized.source} {prequantized.scheme} checkpoint: its linears run as {prequantized.mode or 'unquantized'} "
+            f"over its own packed weights{', its KV scales make an FP8 KV cache' if prequantized.kv_cache_scales else ''}")
     ctx = BuildContext(
         ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp, ep_size=ep,
         pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
-        calibration_samples=samples,
+        calibration_samples=samples, activation_amax={"kv": prequantized.kv_amax} if prequantized and prequantized.kv_amax else {},
     )
     pass_log = (lambda m: log(f"[llmc] {m}")) if verbose else (lambda m: None)
     gm, records = run_passes(gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=pass_log)
@@ -167,12 +175,13 @@ def build(
             ranks=ranks,
             rope=engine_record(ckpt.config),
             tokenizer_class=type(tokenizer).__name__,
-            quantization=None if quant is None and kv_cache_dtype is None else {
-                "mode": quant,
+            quantization=None if quant is None and kv_cache_dtype is None and prequantized is None else {
+                "mode": prequantized.mode if prequantized else quant,
                 "kv_cache_dtype": kv_cache_dtype,
-                "exclude": list(exclude),
+                "exclude": [] if prequantized else list(exclude),  # the checkpoint chose what is quantized
                 "calibration": {"source": str(calib_data or "llmc default corpus"), "samples": len(samples),
                                 "tokens": sum(map(len, samples))} if samples else None,
+                **({"checkpoint": prequantized.record()} if prequantized else {}),
             },
             passes=records,
             build={
@@ -211,6 +220,17 @@ def checkpoint_dtype(hf_config) -> str:
     saved = getattr(text, "dtype", None) or getattr(hf_config, "dtype", None)
     name = str(saved).removeprefix("torch.") if saved is not None else "float32"
     return name if name in DTYPES else "float32"
+
+
+def check_prequantized(prequantized, quant: str | None, tp: int, ep: int, backend: str) -> None:
+    """What a pre-quantized checkpoint's build cannot do yet, before tracing."""
+    what = f"{prequantized.source} checkpoint ({prequantized.scheme})"
+    if quant is not None:
+        raise ValueError(f"the {what} is quantized already; build it without --quant")
+    if ep > 1:
+        raise ValueError(f"ep > 1 does not apply to a {what}: llmc does not read quantized experts")
+    if backend != "torch":
+        raise ValueError(f"a {what} builds for the torch backend only, not {backend}")
 
 
 def check_mapping(hf_config, tp: int, pp: int, pp_layers: list[int] | None) -> None:

@@ -165,11 +165,20 @@ class Calibration(_Schema):
     tokens: int = Field(ge=0)
 
 
+class PrequantizedSource(_Schema):
+    """The checkpoint's own quantization, read as it is (llmc/frontend/prequantized.py)."""
+    format: Literal["compressed-tensors", "modelopt"]
+    version: Optional[str]
+    scheme: str
+    kv_cache_scales: bool
+
+
 class Quantization(_Schema):
     mode: Optional[Literal[QUANT_MODES]]
     kv_cache_dtype: Optional[Literal["fp8"]]
     exclude: list[str]
     calibration: Optional[Calibration]
+    checkpoint: Optional[PrequantizedSource] = None
 
 
 class Rope(_Schema):
@@ -287,7 +296,8 @@ class EngineConfig:
     # num_kv_heads, head_dim}, the tensors it receives from the previous pipeline stage and sends to
     # the next ([{name, shape (-1: the step's token count), dtype}]), and its passes' records.
     ranks: list[dict[str, Any]]
-    # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}}, or None.
+    # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}, checkpoint (a pre-quantized
+    # checkpoint's format, version, scheme, kv_cache_scales)}, or None.
     quantization: dict[str, Any] | None = None
     # {type: longrope | dynamic, recompute_above: tokens or None} for length-dependent RoPE, else None.
     rope: dict[str, Any] | None = None

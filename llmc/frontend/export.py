@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from llmc.frontend import attention_interface, experts
 from llmc.frontend.checkpoint import TESTED_ARCHITECTURES, Checkpoint, CheckpointError
+from llmc.frontend.prequantized import Prequantized, rewrite_linears
 from llmc.frontend.rope import per_token_rope
 from llmc.weights import set_weight
 
@@ -181,6 +182,8 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
     names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
     for name in tqdm(names, desc="loading weights", unit="tensor", leave=False, disable=len(names) < 50):
         meta = gm.get_buffer(name)
+        if not meta.is_meta:  # already loaded: a pre-quantized linear's tensors (llmc/frontend/prequantized.py)
+            continue
         if name in buffers:
             value = buffers[name]
         else:
@@ -195,8 +198,10 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
         set_weight(gm, name, value.to(meta.dtype))
 
 
-def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:
-    """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline)."""
+def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int,
+          prequantized: Prequantized | None = None) -> fx.GraphModule:
+    """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline). With `prequantized`
+    (the checkpoint's quantization, llmc/frontend/prequantized.py) its quantized linears take its packed tensors."""
     model = build_meta_model(ckpt, dtype)
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)
@@ -216,6 +221,8 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
         raise CheckpointError(f"{ckpt.architecture}: its traced program calls {', '.join(higher_order)} (control flow or a "
                               "wrapped region of the model's code), which llmc does not lower")
     gm = to_graph_module(ep)
+    if prequantized is not None:
+        rewrite_linears(gm, prequantized, weights)
     load_weights(gm, model, {**buffers, **(rope_buffers or {})}, weights)
     return gm
 

@@ -22,6 +22,8 @@ from llmc.passes.manager import BuildContext, PassError, register_pass
 aten = torch.ops.aten
 ATTENTION = torch.ops.llmc.paged_attention.default
 LINEAR = torch.ops.llmc.linear.default
+# A pre-quantized checkpoint's linears are quantized from the start (llmc/frontend/prequantized.py).
+LINEARS = (LINEAR, torch.ops.llmc.fp8_linear.default, torch.ops.llmc.nvfp4_linear.default)
 # The norms a layer can begin with (fused with the residual add or not).
 NORMS = (torch.ops.llmc.rms_norm.default, torch.ops.llmc.add_rms_norm.default, torch.ops.llmc.add_layer_norm.default,
          aten.layer_norm.default)
@@ -33,7 +35,7 @@ def _first_linear_before(node: fx.Node) -> fx.Node:
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
-        if n.target == LINEAR:
+        if n.target in LINEARS:
             return n
         seen.add(n)
         stack.extend(a for a in n.all_input_nodes if a not in seen and a.op == "call_function")

@@ -30,6 +30,14 @@ from llmc.weights import set_weight
 aten = torch.ops.aten
 llmc = torch.ops.llmc
 LINEAR, ATTENTION = llmc.linear.default, llmc.paged_attention.default
+# The linears of a pre-quantized checkpoint, quantized from the start (llmc/frontend/prequantized.py), shard too:
+# op -> (index of the bias argument, [(index of a weight tensor, input features per column of it, or None where
+# the tensor has no input dimension)]). All have the output features first; their other arguments are per tensor.
+LINEARS = {
+    LINEAR: (2, [(1, 1)]),
+    llmc.fp8_linear.default: (4, [(1, 1), (2, None)]),
+    llmc.nvfp4_linear.default: (5, [(1, 2), (2, 16)]),  # two E2M1 codes a byte; an E4M3 scale a block of 16
+}
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 
@@ -42,7 +50,7 @@ def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        if n.target in (LINEAR, ATTENTION):
+        if n.target in LINEARS or n.target == ATTENTION:
             found.add(n)
         elif not (stop_at_norms and n.target in NORMS):
             stack.extend(n.all_input_nodes)
@@ -120,10 +128,10 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     graph, tp, rank = gm.graph, ctx.tp_size, ctx.tp_rank
     vocab = ctx.hf_config.get_text_config().vocab_size
     attentions = [n for n in graph.nodes if n.target == ATTENTION]
-    linears = [n for n in graph.nodes if n.target == LINEAR]
+    linears = [n for n in graph.nodes if n.target in LINEARS]
     rows = [n for n in linears if _cone(n.args[0], stop_at_norms=True)]
-    attention_columns = {lin: att for att in attentions for arg in att.args[:3] for lin in _cone(arg, False) if lin.target == LINEAR}
-    mlp_columns = {lin for row in rows for lin in _cone(row.args[0], True) if lin.target == LINEAR} - set(attention_columns)
+    attention_columns = {lin: att for att in attentions for arg in att.args[:3] for lin in _cone(arg, False) if lin.target in LINEARS}
+    mlp_columns = {lin for row in rows for lin in _cone(row.args[0], True) if lin.target in LINEARS} - set(attention_columns)
     others = [n for n in linears if n not in rows and n not in attention_columns and n not in mlp_columns]
     vocab_linears = [n for n in others if gm.get_buffer(n.args[1].target).shape[0] == vocab]
     acts = activations(graph)
@@ -138,11 +146,13 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
         elif lin in mlp_columns:
             plan.rows[lin.args[1].target] = plan.heads([gm.get_buffer(lin.args[1].target).shape[0]], 1, 0)
         elif lin in rows:
-            features = gm.get_buffer(lin.args[1].target).shape[1]
-            plan.divisors.append((features, None))
+            features = gm.get_buffer(lin.args[1].target).shape[1] * LINEARS[lin.target][1][0][1]
+            unit = max(per for _, per in LINEARS[lin.target][1] if per)  # NVFP4 blocks stay whole
+            plan.divisors.append((features // unit, None))
             plan.cols[lin.args[1].target] = slice(rank * features // tp, (rank + 1) * features // tp)
-            if features % tp:
-                plan.problems.append(f"tp={tp} does not divide the {features} input features of a projection")
+            if features % (tp * unit):
+                blocks = f" in blocks of {unit}" if unit > 1 else ""
+                plan.problems.append(f"tp={tp} does not divide the {features} input features{blocks} of a projection")
     if plan.problems:
         raise PassError(f"{plan.problems[0]}; tp can be {', '.join(map(str, plan.valid_tp()))} for this model")
     per_rank = -(-vocab // tp)
@@ -170,19 +180,25 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
         return new
 
     for lin in linears:
-        w, bias = lin.args[1].target, lin.args[2]
+        bias_index, parts = LINEARS[lin.target]
+        w, bias = lin.args[1].target, lin.args[bias_index]
         if w in plan.rows:
-            shard(w, plan.rows[w], 0)
+            for i, _ in parts:
+                shard(lin.args[i].target, plan.rows[w], 0)
             if bias is not None:
                 shard(bias.target, plan.rows[w], 0)
         elif w in plan.cols:
-            shard(w, plan.cols[w], 1)
-            lin.update_arg(2, None)
+            cols = plan.cols[w]
+            for i, per in parts:
+                if per is not None:
+                    shard(lin.args[i].target, slice(cols.start // per, cols.stop // per), 1)
+            lin.update_arg(bias_index, None)
             reduced = insert_after(lin, llmc.all_reduce.default)
             if bias is not None:
                 insert_after(reduced, aten.add.Tensor, bias)
         elif lin in vocab_linears:
-            shard(w, vocab_rows, 0)
+            for i, _ in parts:
+                shard(lin.args[i].target, vocab_rows, 0)
             if bias is not None:
                 shard(bias.target, vocab_rows, 0)
             insert_after(lin, llmc.all_gather.default, vocab)

@@ -1,0 +1,138 @@
+"""Pre-quantized tiny checkpoints made by the quantization libraries themselves, with each library's own
+fake-quantized (or dequantized) logits as the reference.
+
+llm-compressor pins an older transformers, so compressed-tensors (the library that defines and writes its
+format, and whose observers' formulas llm-compressor calls) quantizes here: scales by its own
+`calculate_qparams` / `generate_gparam` from min/max (llm-compressor's default observer), inputs observed
+on the prompt. Model Optimizer calibrates and exports itself (`mtq.quantize`, `export_hf_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_checkpoint, tokenizer
+
+PROMPT = list(range(3, 40))
+
+
+def _float_model(path: Path, seed: int):
+    source = make_checkpoint("llama", path.with_name(path.name + "-source"), seed=seed)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def _input_amax(model) -> dict[str, float]:
+    amax: dict[str, float] = {}
+
+    def observe(name):
+        return lambda module, args: amax.__setitem__(name, max(amax.get(name, 0.0), args[0].abs().max().item()))
+
+    hooks = [m.register_forward_pre_hook(observe(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]))
+    for h in hooks:
+        h.remove()
+    return amax
+
+
+def compressed_tensors_checkpoint(scheme: str | dict, path: Path, seed: int = 3) -> tuple[Path, torch.Tensor]:
+    """A compressed-tensors checkpoint of a tiny Llama (every linear but the LM head), and the logits of
+    compressed-tensors' fake-quantized model on PROMPT. `scheme`: a preset name or QuantizationScheme fields."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config, preset_name_to_scheme)
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    model = _float_model(path, seed)
+    amax = _input_amax(model)
+    scheme = preset_name_to_scheme(scheme, ["Linear"]) if isinstance(scheme, str) else QuantizationScheme(targets=["Linear"], **scheme)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]), show_progress=False)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if getattr(m, "quantization_scheme", None) is None:
+                continue
+            w, args = m.weight, m.quantization_scheme.weights
+            if args.strategy == "tensor_group":  # NVFP4: a global scale, then E4M3 scales per block of 16
+                global_scale = generate_gparam(w.min(), w.max())
+                m.weight_global_scale.copy_(global_scale)
+                blocks = w.unflatten(-1, (-1, args.group_size))
+                scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=global_scale)
+            elif args.strategy == "channel":
+                scale, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+            else:
+                scale, _ = calculate_qparams(w.min(), w.max(), args)
+            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape))
+            inputs = m.quantization_scheme.input_activations
+            if inputs is not None and inputs.dynamic is not True:
+                a = torch.tensor(amax[name])
+                if inputs.strategy == "tensor_group":
+                    m.input_global_scale.copy_(generate_gparam(-a, a))
+                else:
+                    m.input_scale.copy_(calculate_qparams(-a, a, inputs)[0].reshape(m.input_scale.shape))
+            m.quantization_status = QuantizationStatus.FROZEN
+        expected = model(torch.tensor([PROMPT])).logits[0]
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    tokenizer().save_pretrained(path)
+    return path, expected
+
+
+def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, seed: int = 4) -> tuple[Path, torch.Tensor]:
+    """A Model Optimizer checkpoint of a tiny Llama calibrated on PROMPT, and the reference logits: Model
+    Optimizer's fake-quantized model for FP8; for NVFP4, whose fake quantization needs CUDA, the float model
+    with the exported weights dequantized and each linear's input quantized and dequantized, both by Model
+    Optimizer's own NVFP4QTensor (on CPU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
+
+    model = _float_model(path, seed)
+    config = copy.deepcopy(getattr(mtq, config_name))
+    if kv_cache:
+        config["quant_cfg"] = config["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    ids = torch.tensor([PROMPT])
+    model = mtq.quantize(model, config, lambda m: m(ids))
+    expected = None
+    if "NVFP4" not in config_name:
+        with torch.no_grad():
+            expected = model(ids).logits[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(model, export_dir=path)
+    tokenizer().save_pretrained(path)
+    if expected is None:
+        expected = _modelopt_nvfp4_reference(path, seed)
+    return path, expected
+
+
+def _modelopt_nvfp4_reference(path: Path, seed: int) -> torch.Tensor:
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / "model.safetensors")
+    model = _float_model(path, seed)
+
+    def fake_quantize_input(input_scale):
+        def hook(module, args):
+            q, scale, scale_2 = NVFP4QTensor.quantize(args[0], 16, weights_scaling_factor_2=input_scale)
+            return (q.dequantize(scale=scale, double_scale=scale_2, block_sizes={-1: 16}, dtype=args[0].dtype),)
+        return hook
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if f"{name}.weight_scale_2" not in tensors:
+                continue
+            packed = NVFP4QTensor(m.weight.shape, m.weight.dtype, tensors[f"{name}.weight"])
+            m.weight.copy_(packed.dequantize(scale=tensors[f"{name}.weight_scale"], double_scale=tensors[f"{name}.weight_scale_2"],
+                                             block_sizes={-1: 16}))
+            if f"{name}.input_scale" in tensors:
+                m.register_forward_pre_hook(fake_quantize_input(tensors[f"{name}.input_scale"]))
+        return model(torch.tensor([PROMPT])).logits[0]
