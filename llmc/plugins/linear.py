@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
+from llmc.plugins.cpu_kernels import PREPACKED, register_prepacked
 from llmc.weights import set_weight
 
 BLOCK = 16  # output features per block: one AVX-512 vector of fp32
@@ -68,15 +69,6 @@ cpu_kernels.reference("llmc::prepacked_linear", prepacked_linear)
 torch.library.register_fake(
     "llmc::prepacked_linear", lambda x, w, bias, out_features: x.new_empty((*x.shape[:-1], out_features))
 )
-
-# op -> (the op it runs as with llmc's CPU kernels, {argument index of a weight [N, ...]: how to prepack it}).
-# The prepacked op takes the same arguments, those weights prepacked, and out_features (N) last.
-PREPACKED: dict = {}
-
-
-def register_prepacked(op, prepacked_op, packers: dict) -> None:
-    PREPACKED[op] = (prepacked_op, packers)
-
 
 register_prepacked(torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linear.default, {1: prepack_weight})
 
