@@ -37,13 +37,18 @@ def _protocol_members(protocol) -> dict:
             if callable(getattr(protocol, name)) and not name.startswith("_")}
 
 
+def _assert_implements(obj, protocol, name: str) -> None:
+    """isinstance (the members exist), and each member takes the protocol's parameters, by name and in order."""
+    assert isinstance(obj, protocol), name
+    for member, signature in _protocol_members(protocol).items():
+        want = [p.name for p in signature.parameters.values()][1:]  # without self
+        got = [p.name for p in inspect.signature(getattr(obj, member)).parameters.values()]
+        assert got == want, f"{name}.{member}"
+
+
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_every_backend_implements_the_protocol(name):
-    backend = BACKENDS[name]
-    assert isinstance(backend, Backend)
-    for member, signature in _protocol_members(Backend).items():
-        want = [p.name for p in signature.parameters.values()][1:]  # without self
-        assert list(inspect.signature(getattr(backend, member)).parameters) == want, f"{name}.{member}"
+    _assert_implements(BACKENDS[name], Backend, name)
 
 
 def test_first_token_step_is_the_runtimes_step_for_one_token():
@@ -92,7 +97,7 @@ def _steps():
 def test_runner_gives_transformers_logits_on_the_same_steps(backend, llama, expected_logits, tmp_path):
     engine = llmc.build(llama, tmp_path / backend, backend=backend, max_seq_len=MAX_SEQ_LEN, block_size=MAX_SEQ_LEN, **quiet)
     runner = open_runner(engine, EngineConfig.load(engine), 0, NUM_BLOCKS, "cpu")
-    assert isinstance(runner, Runner)
+    _assert_implements(runner, Runner, type(runner).__name__)
     for inputs, rows in _steps():
         [logits] = runner.run(inputs)
         want = torch.stack([expected_logits[prompt][position] for prompt, position in rows])

@@ -26,7 +26,7 @@ StepInputs = Mapping[str, "np.ndarray | torch.Tensor"]
 class Runner(Protocol):
     """One rank's program, loaded on a device, with its slice of the KV cache."""
 
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, ...]:
+    def run(self, step_inputs: StepInputs) -> tuple[torch.Tensor, ...]:
         """One step of the step contract (docs/design.md): the rank's outputs, logits [1, S, vocab] on the last
         pipeline stage, else the values it sends to the next stage. Writes the step's tokens into the KV cache."""
         ...
@@ -54,7 +54,7 @@ class Backend(Protocol):
         ...
 
 
-def first_token_step() -> dict[str, np.ndarray]:
+def first_token_step() -> dict[str, np.ndarray | torch.Tensor]:
     """The step inputs of one sequence's first token (token 0, in cache block 0): the step a runner can be probed
     with as it loads, without the runtime's scheduler."""
     return {

@@ -117,8 +117,8 @@ class OnnxRunner:
                 calls.append([i])
         return calls + [[i] for i in range(len(lens)) if lens[i] > 1]
 
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, ...]:
-        inputs = {k: np.asarray(v) for k, v in inputs.items()}
+    def run(self, step_inputs: StepInputs) -> tuple[torch.Tensor, ...]:
+        inputs = {k: np.asarray(v) for k, v in step_inputs.items()}
         starts = inputs["query_start_loc"].astype(np.int64)
         lens = np.diff(starts)
         context = inputs["seq_lens"].astype(np.int64)

@@ -29,7 +29,7 @@ class TorchRunner:
         )
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, ...]:
-        values = {**inputs, "kv_cache": self.kv_cache}
+    def run(self, step_inputs: StepInputs) -> tuple[torch.Tensor, ...]:
+        values = {**step_inputs, "kv_cache": self.kv_cache}
         out = self.program(*[torch.as_tensor(values[name], device=self.device) for name in self.input_names])
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
