@@ -1,11 +1,12 @@
 """The engine directory (docs/design.md): config.json, tokenizer/, and one folder per rank.
 
-This module is the contract between the backends, which write engines, and the runtime, which
-reads them. Engines are shared artifacts, so loading one trusts nothing in it: config.json is
-parsed by a strict schema (every field's type and range, no coercion), its file list must be
-exactly the files the config implies (each a plain relative path inside the engine), and every
-listed file's size and SHA-256 are checked before anything is loaded, so a missing, truncated or
-altered file is reported by name.
+This module is the contract between the compiler, which writes engines, and the runtime, which
+reads them; it asks each rank's backend which files the rank has, so it sits above llmc.backends.
+Engines are shared artifacts, so loading one trusts nothing in it: config.json is parsed by a
+strict schema (every field's type and range, no coercion), its file list must be exactly the files
+the config implies (each a plain relative path inside the engine), and every listed file's size and
+SHA-256 are checked before anything is loaded, so a missing, truncated or altered file is reported
+by name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from llmc.engine_error import EngineError
 
 SCHEMA_VERSION = 3
 CONFIG = "config.json"
@@ -35,10 +38,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-class EngineError(ValueError):
-    """An engine directory that cannot be loaded; the message names the file and the fix."""
 
 
 # Upper bounds of config.json's sizes: far above any model llmc builds, low enough that no value in

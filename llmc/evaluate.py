@@ -20,7 +20,7 @@ import torch
 from llmc.engine import CONFIG
 from llmc.frontend.calibration import read_text
 from llmc.runtime.llm_engine import LLMEngine
-from llmc.runtime.model_runner import prepare_inputs
+from llmc.runtime.step_inputs import prepare_inputs
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.sequence import Sequence
 

@@ -106,7 +106,7 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
 def step_inputs(plans, block_size: int):
     """The step inputs of each plan in turn (a plan: [(sequence, tokens to compute now)], as the scheduler
     makes them); after each step a sequence whose tokens are all computed gets a made-up next token."""
-    from llmc.runtime.model_runner import prepare_inputs
+    from llmc.runtime.step_inputs import prepare_inputs
 
     for plan in plans:
         inputs, sampled = prepare_inputs(plan, block_size)

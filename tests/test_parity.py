@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import llmc
 from llmc import LLM, SamplingParams
-from llmc.runtime.model_runner import prepare_inputs
 from llmc.runtime.sequence import Sequence
+from llmc.runtime.step_inputs import prepare_inputs
 
 from conftest import ARCHITECTURES, VOCAB
 

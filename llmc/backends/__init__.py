@@ -1,19 +1,18 @@
-"""Backends turn each rank's graph into files, and run those files on the runtime's step inputs.
+"""Backends turn each rank's graph into files, and open a runner that runs those files on the step inputs.
 
-A backend module has `check_build(dtype, tp, max_seq_len, block_size, kv_cache_dtype)` (raises for a build it cannot
-express), `write_rank(gm, rank_dir, ctx) -> record | None` (the record goes in the rank's entry of
-config.json), and `make_runner(rank_dir, config, rank, num_blocks, device)`: an object whose
-`run(step_inputs)` returns the rank's outputs (logits [1, S, vocab] on the last pipeline stage).
+Each backend implements `Backend` and its runners `Runner` (llmc/backends/base.py, docs/design.md "Backends").
+Nothing here imports the runtime; the runtime reaches a backend only through llmc/open_runner.py.
 """
 
 from llmc.backends import onnx_backend, tensorrt_backend, torch_backend
+from llmc.backends.base import Backend
 
-BACKENDS = {"torch": torch_backend, "onnx": onnx_backend, "tensorrt": tensorrt_backend}
+BACKENDS: dict[str, Backend] = {"torch": torch_backend, "onnx": onnx_backend, "tensorrt": tensorrt_backend}
 # Backends whose programs hold one cache row per sequence (block_size = max_seq_len).
 CONTIGUOUS_CACHE = {"onnx", "tensorrt"}
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     return BACKENDS[name]

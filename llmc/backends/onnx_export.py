@@ -42,7 +42,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from tqdm import tqdm
 
 import llmc.plugins  # noqa: F401  (the ops the rank graph calls)
-from llmc.backends.onnx_backend import COLLECTIVES, MODEL
+from llmc.backends.onnx_program import COLLECTIVES, MODEL
 from llmc.plugins import activations, attention, collectives, norms, rotary
 from llmc.plugins.quant_formats import E2M1_BY_CODE, E2M1_MAX, E2M1_TIES_DOWN, E2M1_TIES_UP, NVFP4_BLOCK
 

@@ -13,17 +13,15 @@ whose weights, ops and constants are closure variables, bound once at load time:
 
 Each op is bound to what its call would run in the end: an aten op to its C++ entry point
 (`OpOverload._op`, what `OpOverload.__call__` calls), or for the view ops a step calls dozens of
-times to the Tensor method of the same op (torch's Python argument parser is about 1 us faster than
-the OpOverload's). On CPU an llmc op with a C++ kernel is bound like an aten op (the dispatcher
+times to the Tensor method of the same op (torch's Python argument parser is quicker than the
+OpOverload's). On CPU an llmc op with a C++ kernel is bound like an aten op (the dispatcher
 reaches the kernel in C++); one without is bound to its Python reference (`llmc.plugins.CPU_FUNCTIONS`),
-which skips a round trip from the dispatcher back into Python (about 2 us).
+which skips a round trip from the dispatcher back into Python.
 Values are deleted after their last use, as in fx's code, so a long prefill holds no more
-activations than before. On the 124.7M Llama (about 330 ops a step) this takes 1.3 ms off a
-batch-1 decode step with fp8 weights at 1 thread (9.3 -> 8.0 ms), more with 2 threads.
+activations than before.
 
-torch.compile (inductor, dynamic shapes) of the same graph was measured too: 67 s to compile on
-first use and 14 s more for the first decode shape, and a slower decode step (9.2 against 8.0 ms;
-the llmc ops still go through the dispatcher), so it is not used.
+torch.compile is not used: it compiles for long on first use and on each new shape, and its step
+still reaches the llmc ops through the dispatcher (docs/performance-history.md has the measurements).
 """
 
 from __future__ import annotations

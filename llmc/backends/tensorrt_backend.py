@@ -13,11 +13,15 @@ from __future__ import annotations
 import importlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from llmc.backends.onnx_backend import check_build as check_onnx_build, rank_files as onnx_rank_files
-from llmc.engine import EngineConfig, EngineError
+from llmc.engine_error import EngineError
+
+if TYPE_CHECKING:
+    from llmc.engine import EngineConfig
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
 
@@ -151,7 +155,7 @@ def _load_engine(rank_dir: Path, built: dict):
     return engine
 
 
-def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device):
+def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device) -> NoReturn:
     load_engines(rank_dir, config.ranks[rank]["backend"])
     raise EngineError(
         f"the TensorRT engines of {rank_dir} load, but llmc's runtime has no TensorRT step runner yet (no GPU was available "

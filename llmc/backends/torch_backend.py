@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -18,9 +19,14 @@ from safetensors.torch import load_file, save_file
 import llmc.plugins  # noqa: F401  (the ops the program calls)
 from llmc.plugins.linear import prepack_linears
 from llmc.backends.allowed_ops import PROGRAM_OPS
+from llmc.backends.base import first_token_step
 from llmc.backends.graph_format import GraphFormatError, bind_arguments, graph_from_json, graph_to_json
 from llmc.backends.step_function import step_function
-from llmc.engine import EngineError
+from llmc.backends.torch_runner import TorchRunner
+from llmc.engine_error import EngineError
+
+if TYPE_CHECKING:
+    from llmc.engine import EngineConfig
 
 PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"
@@ -91,27 +97,20 @@ def check_cache_access(graph: fx.Graph, num_layers: int, rank_dir: Path) -> None
                               f"{num_layers} layers (config.json ranks[].kv_cache.num_layers); rebuild the engine")
 
 
-def make_runner(rank_dir: Path, config, rank: int, num_blocks: int, device: torch.device | str):
-    from llmc.runtime.model_runner import ModelRunner
-
+def make_runner(rank_dir: Path, config: EngineConfig, rank: int, num_blocks: int, device: torch.device) -> TorchRunner:
+    device = torch.device(device)
     gm = load_rank(rank_dir, device)
     check_cache_access(gm.graph, config.ranks[rank]["kv_cache"]["num_layers"], rank_dir)
     inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    runner = ModelRunner(step_function(gm, device, f"rank{rank}"), inputs, config, rank, num_blocks, torch.device(device))
+    runner = TorchRunner(step_function(gm, device, f"rank{rank}"), inputs, config, rank, num_blocks, device)
     probe_step(runner, config, rank, rank_dir)
     return runner
 
 
-def probe_step(runner, config, rank: int, rank_dir: Path) -> None:
+def probe_step(runner: TorchRunner, config: EngineConfig, rank: int, rank_dir: Path) -> None:
     """Run one one-token step as the rank loads: a weight of the wrong shape or dtype, or a program that does not
     take the step's inputs, fails here, named, not on the first request. The KV cache is zeroed after."""
-    from llmc.runtime.model_runner import prepare_inputs
-    from llmc.runtime.sampling_params import SamplingParams
-    from llmc.runtime.sequence import Sequence
-
-    seq = Sequence([0], SamplingParams())
-    seq.block_table = [0]
-    inputs, _ = prepare_inputs([(seq, 1)], config.kv_cache["block_size"])
+    inputs = first_token_step()
     for spec in config.ranks[rank]["pp_inputs"]:
         inputs[spec["name"]] = torch.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=getattr(torch, spec["dtype"]))
     try:

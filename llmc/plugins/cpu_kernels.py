@@ -34,6 +34,16 @@ def reference(qualname: str, fn) -> None:
     REFERENCES[getattr(getattr(torch.ops, namespace), name).default] = fn
 
 
+# op -> (the op it runs as with llmc's CPU kernels, {argument index of a weight [N, ...]: how to prepack it}).
+# The prepacked op takes the same arguments, those weights prepacked, and out_features (N) last; the torch backend
+# rewrites the op into it as it loads a rank (llmc/plugins/linear.py: prepack_linears).
+PREPACKED: dict = {}
+
+
+def register_prepacked(op, prepacked_op, packers: dict) -> None:
+    PREPACKED[op] = (prepacked_op, packers)
+
+
 def cpu_level() -> str:
     """The best ISA level this CPU runs, as torch's own kernels see it (ATEN_CPU_CAPABILITY=avx2 or default lowers it)."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -109,8 +119,6 @@ def environment() -> dict:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
-    from llmc.plugins.linear import PREPACKED
-
     def runs(op) -> str:
         if has_kernel(op):
             return "kernel"

@@ -5,9 +5,8 @@ Engines store W as [N, K], the layout every backend and pass reads. When the tor
 rank onto a CPU where llmc's kernel library has this kernel, `prepack_linears` rewrites each llmc::linear into
 llmc::prepacked_linear with W reordered once into column blocks of 16 output features (the layout
 of csrc/linear.cpp; oneDNN and IPEX prepack weights the same way). That one kernel serves decode,
-where it streams W at the memory's speed for 1 to 8+ rows alike, and prefill, where it is about as
-fast as torch's GEMM (measured on the dev machine, 124.7M Llama's shapes: 27-32 GB/s for 1-8 rows
-against 10-20 GB/s for a kernel on [N, K] rows; 190-220 GFLOP/s at 512 rows against F.linear's 165).
+where it streams W at the memory's speed for 1 to 8+ rows alike, and prefill, where it keeps up
+with torch's GEMM (docs/performance-history.md has the measurements).
 
 The references are torch's linear, on the unpacked weight for the prepacked op.
 """
@@ -19,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
+from llmc.plugins.cpu_kernels import PREPACKED, register_prepacked
 from llmc.weights import set_weight
 
 BLOCK = 16  # output features per block: one AVX-512 vector of fp32
@@ -68,15 +68,6 @@ cpu_kernels.reference("llmc::prepacked_linear", prepacked_linear)
 torch.library.register_fake(
     "llmc::prepacked_linear", lambda x, w, bias, out_features: x.new_empty((*x.shape[:-1], out_features))
 )
-
-# op -> (the op it runs as with llmc's CPU kernels, {argument index of a weight [N, ...]: how to prepack it}).
-# The prepacked op takes the same arguments, those weights prepacked, and out_features (N) last.
-PREPACKED: dict = {}
-
-
-def register_prepacked(op, prepacked_op, packers: dict) -> None:
-    PREPACKED[op] = (prepacked_op, packers)
-
 
 register_prepacked(torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linear.default, {1: prepack_weight})
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llmc.backends import get_backend
 from llmc.engine import EngineConfig
+from llmc.open_runner import Runner, open_runner
 
 
 class RankError(RuntimeError):
@@ -66,7 +66,7 @@ class LocalExecutor(Executor):
     """A single-rank engine, run in this process on `device`."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, num_blocks: int, device: torch.device):
-        self.runner = get_backend(config.backend).make_runner(engine_dir / "rank0", config, 0, num_blocks, device)
+        self.runner: Runner = open_runner(engine_dir, config, 0, num_blocks, device)
         self._results: deque[torch.Tensor] = deque()
 
     def submit(self, inputs: dict[str, np.ndarray]) -> None:

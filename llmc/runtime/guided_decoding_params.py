@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llmc.runtime.sampling_params import InvalidParam
+from llmc.runtime.invalid_param import InvalidParam
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 

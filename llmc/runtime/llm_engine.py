@@ -17,7 +17,7 @@ import torch
 from llmc.engine import EngineConfig, load_tokenizer, verify_files
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
-from llmc.runtime.model_runner import prepare_step
+from llmc.runtime.step_inputs import prepare_step
 from llmc.runtime.outputs import RequestOutput, RequestState, SampleState
 from llmc.runtime.sampler import before_min_tokens, greedy_tokens, prompt_logprobs, sample_one
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams

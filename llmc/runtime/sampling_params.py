@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from llmc.runtime.guided_decoding_params import GuidedDecodingParams
+from llmc.runtime.guided_decoding_params import GuidedDecodingParams
+from llmc.runtime.invalid_param import InvalidParam
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (dividing by them would only amplify noise)
 MAX_STOP_STRINGS = 16  # stop strings are matched against every new token's text: bound the work per token
@@ -17,26 +16,12 @@ MAX_SAMPLES = 128  # n / best_of: each sample holds KV blocks and a share of eve
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, 100 all but forces it
 
 
-class InvalidParam(ValueError):
-    """A sampling parameter out of range; `param` names it (the OpenAI error object's field)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _guided_params_class() -> type:
-    from llmc.runtime.guided_decoding_params import GuidedDecodingParams  # which imports InvalidParam from here
-
-    return GuidedDecodingParams
 
 
 @dataclass
@@ -93,7 +78,7 @@ class SamplingParams:
             ("bad_words_ids", all(w and all(_is_int(t) for t in w) for w in self.bad_words_ids), f"bad_words_ids must be non-empty lists of token ids, got {self.bad_words_ids!r}"[:300]),
             ("logit_bias", all(_is_int(t) and t >= 0 and _finite(b) and abs(b) <= LOGIT_BIAS_RANGE for t, b in self.logit_bias.items()),
              f"logit_bias must map token ids (integers >= 0) to numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]"),
-            ("guided_decoding", self.guided_decoding is None or isinstance(self.guided_decoding, _guided_params_class()),
+            ("guided_decoding", self.guided_decoding is None or isinstance(self.guided_decoding, GuidedDecodingParams),
              f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
             ("prompt_logprobs", self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),

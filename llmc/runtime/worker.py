@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llmc.backends import get_backend
 from llmc.engine import EngineConfig
+from llmc.open_runner import Runner, open_runner
 from llmc.plugins import collectives
 
 
@@ -50,7 +50,7 @@ class RankWorker:
             if s == self.pp_rank and stage > 1:
                 collectives.set_expert_parallel_group(group)
         self.device = torch.device(device)
-        self.runner = get_backend(config.backend).make_runner(engine_dir / f"rank{rank}", config, rank, num_blocks, self.device)
+        self.runner: Runner = open_runner(engine_dir, config, rank, num_blocks, self.device)
         self.receives = config.ranks[rank]["pp_inputs"]
 
     def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:

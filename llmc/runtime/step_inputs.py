@@ -1,14 +1,10 @@
-"""The step, both sides: the scheduler's work packed into docs/design.md's flat step inputs (`prepare_inputs`,
-on the driver), and one rank's program run on them with its KV cache (`ModelRunner`, on each rank)."""
+"""The scheduler's work for one step, packed into the flat step inputs of docs/design.md's step contract, which
+every backend's runner takes (on the driver; the arrays are cheap to send to ranks)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
-import torch
 
-from llmc.engine import EngineConfig
 from llmc.runtime.sequence import Sequence
 
 Batch = list[tuple[Sequence, int]]
@@ -57,26 +53,3 @@ def prepare_step(batch: Batch, block_size: int) -> tuple[dict[str, np.ndarray], 
         "query_start_loc": np.array(starts, dtype=np.int32),
     }
     return inputs, sampled, scored
-
-
-class ModelRunner:
-    """One rank's program and its slice of the paged KV cache (its layers, its KV heads)."""
-
-    def __init__(self, program: Callable, input_names: list[str], config: EngineConfig, rank: int, num_blocks: int,
-                 device: torch.device):
-        self.program = program  # called with the step inputs in the order of input_names
-        self.input_names = input_names
-        self.device = device
-        kv = config.ranks[rank]["kv_cache"]
-        self.kv_cache = torch.zeros(
-            (kv["num_layers"], 2, num_blocks, config.kv_cache["block_size"], kv["num_kv_heads"], kv["head_dim"]),
-            dtype=getattr(torch, config.kv_cache["dtype"]),
-            device=device,
-        )
-
-    @torch.inference_mode()
-    def run(self, inputs: dict[str, np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The program's outputs: logits [1, S, vocab] on the last pipeline stage, else what it sends on."""
-        values = {**inputs, "kv_cache": self.kv_cache}
-        out = self.program(*[torch.as_tensor(values[name], device=self.device) for name in self.input_names])
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
