@@ -198,6 +198,7 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
 def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline)."""
     model = build_meta_model(ckpt, dtype)
+    experts.prepare(model)  # an experts module llmc::moe cannot compute fails here, before reading anything
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)
     rope_lengths = SimpleNamespace(value=None)
