@@ -71,8 +71,7 @@ TINY_CONFIGS = {
 }
 RANDOM_BIASES = {"gpt_oss"}
 ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, quantization
-NO_TENSOR_PARALLEL = {"phi3_longrope"}  # a build error at tp > 1 (tests/test_rope.py)
-# Tested at one tensor-parallel rank only: OLMoE's q/k norms span all heads, which tensor_parallel cannot split.
+# Not built in every mode (tests/test_parallel.py runs OLMoE at tp 2: q/k norms over all heads).
 SINGLE_RANK_CONFIGS = {
     "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),

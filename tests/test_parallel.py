@@ -71,6 +71,23 @@ def test_parallel_engine_matches_single_rank(arch, tp, pp, parallel_checkpoints,
         assert_same_outputs(single_rank_outputs[arch], llm.generate(PROMPTS, PARAMS))
 
 
+@pytest.mark.parametrize("arch", ["phi3_longrope", "gemma2"])
+def test_tp2_matches_transformers(arch, tmp_path):
+    """Phi-3's fused QKV and gate/up (cut by slices and chunk) and Gemma2's (1 + weight) norms, left as ops, at two
+    tensor-parallel ranks (OLMoE's q/k norms over all heads: tests/test_moe.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from test_parity import hf_greedy
+
+    checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=1)
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, tp=2, log=lambda _: None)
+    with LLM(engine) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))
+    for prompt, out in zip(PROMPTS, outputs):
+        reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()  # fresh: Phi-3's RoPE depends on length
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 10)
+
+
 def test_gpt2_fused_qkv_shards_by_section(parallel_checkpoints, single_rank_outputs, tmp_path):
     engine = llmc.build(parallel_checkpoints["gpt2"], tmp_path / "engine", max_seq_len=64, tp=4, pp=2, log=lambda _: None)
     with LLM(engine) as llm:

@@ -142,8 +142,5 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
                 node.update_arg(0, kept)
     splits = _slices_to_splits(gm.graph)
     expert_weights = _fold_expert_weights(gm)
-    if splits and ctx.tp_size > 1:  # measured: Phi-3 at tp 2 differs from transformers
-        raise PassError(f"{ctx.hf_config.model_type}: fused projections cut by slices (Phi-3's QKV and gate/up) are not "
-                        "tensor-parallel in llmc yet; build with tp 1 (pipeline parallelism works)")
     return gm, {"slices_to_splits": splits, "expert_weights_rearranged": expert_weights, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
                 "aliases_removed": aliases, "empty_concatenated_removed": empties}

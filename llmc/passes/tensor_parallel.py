@@ -6,8 +6,11 @@ Roles come from the graph, not from parameter names:
   (then its bias, once);
 - the linears those inputs come from, and those that feed an attention's query, key or value, are
   *column parallel*: they keep their slice of output features, whole heads at a time, section by
-  section where one linear computes several tensors that a split separates (GPT-2's fused QKV);
-  key/value heads are replicated when tp exceeds their number;
+  section where one linear computes several tensors that a split or chunk separates (GPT-2's and Phi-3's
+  fused QKV, Phi-3's fused gate/up);
+  key/value heads are replicated when tp exceeds their number; a projection whose whole output is
+  normalised before it is cut into heads (OLMoE's q/k norms) is replicated, and its rank's heads are
+  sliced after the norm;
 - the LM head (any other linear as wide as the vocabulary) and the token embedding are *vocab
   parallel*: each rank holds ceil(vocab/tp) rows; logits are all-gathered, embeddings all-reduced;
 - any other linear is replicated.
@@ -32,6 +35,7 @@ llmc = torch.ops.llmc
 LINEAR, ATTENTION = llmc.linear.default, llmc.paged_attention.default
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+CHUNK = aten.chunk.default  # by count: each rank's chunks are its share of each section, unchanged
 
 
 def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
@@ -44,9 +48,24 @@ def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
         seen.add(n)
         if n.target in (LINEAR, ATTENTION):
             found.add(n)
-        elif not (stop_at_norms and n.target in NORMS):
+        elif n.target == aten.type_as.default:  # of its second argument it reads the dtype alone
+            stack.append(n.args[0])
+        elif not (stop_at_norms and (n.target in NORMS or _rms_normalised(n))):
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _rms_normalised(node: fx.Node) -> bool:
+    """x * rsqrt(...): an RMSNorm the fusion left as ops (Gemma's (1 + weight) norms), a norm all the same."""
+    return node.target == aten.mul.Tensor and any(isinstance(a, fx.Node) and a.target == aten.rsqrt.default for a in node.args)
+
+
+def _norm_over_all_heads(linear: fx.Node) -> fx.Node | None:
+    """The RMSNorm a column linear's whole output goes through before it is cut into heads (OLMoE's q/k norms)."""
+    users = list(linear.users)
+    if len(users) == 1 and users[0].target == llmc.rms_norm.default and users[0].args[0] is linear:
+        return users[0]
+    return None
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -63,10 +82,10 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u.target in SPLITS:
+            if u.target in SPLITS or u.target == CHUNK:
                 dim = u.args[2] if len(u.args) > 2 else 0
                 if dim % len(_shape(n)) == len(_shape(n)) - 1:
-                    size = u.args[1]
+                    size = _shape(n)[-1] // u.args[1] if u.target == CHUNK else u.args[1]  # chunk(x, count)
                     sections = list(size) if isinstance(size, (list, tuple)) else [size] * (_shape(n)[-1] // size)
                     stack.append(u)
             elif u.target == operator.getitem:
@@ -129,14 +148,21 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     acts = activations(graph)
     embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and n.args[1] in acts]  # token ids, not positions
     plan = _Plan(tp, rank)
+    normed_heads: dict[fx.Node, torch.Tensor] = {}  # a norm over all heads' features -> the rank's features after it
 
     for lin in linears:
         if lin in attention_columns:
             sections, unit = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
             query_heads = _shape(attention_columns[lin].args[0])[1]
-            plan.rows[lin.args[1].target] = plan.heads(sections, unit, query_heads)
-        elif lin in mlp_columns:
-            plan.rows[lin.args[1].target] = plan.heads([gm.get_buffer(lin.args[1].target).shape[0]], 1, 0)
+            kept = plan.heads(sections, unit, query_heads)
+            norm = _norm_over_all_heads(lin)
+            if norm is None:
+                plan.rows[lin.args[1].target] = kept
+            else:  # replicated, normalised whole, then cut to the rank's heads
+                normed_heads[norm] = kept
+        elif lin in mlp_columns:  # sections: a fused gate/up (Phi-3) shards as its two halves
+            sections, _ = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            plan.rows[lin.args[1].target] = plan.heads(sections, 1, 0)
         elif lin in rows:
             features = gm.get_buffer(lin.args[1].target).shape[1]
             plan.divisors.append((features, None))
@@ -186,6 +212,12 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
             if bias is not None:
                 shard(bias.target, vocab_rows, 0)
             insert_after(lin, llmc.all_gather.default, vocab)
+    for norm, kept in normed_heads.items():
+        first, last = int(kept[0]), int(kept[-1]) + 1
+        if not torch.equal(kept, torch.arange(first, last)):
+            raise PassError(f"tensor_parallel: the heads rank {rank} keeps after {norm.name} (a norm over all heads) are not "
+                            "one run of features; use a tp that divides the KV heads")
+        insert_after(norm, aten.slice.Tensor, -1, first, last)
     for emb in embeddings:
         shard(emb.args[0].target, vocab_rows, 0)
         emb.target, emb.args = llmc.vocab_embedding.default, (emb.args[0], emb.args[1], rank * per_rank)
