@@ -71,16 +71,19 @@ def test_parallel_engine_matches_single_rank(arch, tp, pp, parallel_checkpoints,
         assert_same_outputs(single_rank_outputs[arch], llm.generate(PROMPTS, PARAMS))
 
 
-@pytest.mark.parametrize("arch", ["phi3_longrope", "gemma2"])
-def test_tp2_matches_transformers(arch, tmp_path):
-    """Phi-3's fused QKV and gate/up (cut by slices and chunk) and Gemma2's (1 + weight) norms, left as ops, at two
-    tensor-parallel ranks (OLMoE's q/k norms over all heads: tests/test_moe.py)."""
+@pytest.mark.parametrize("arch,mapping", [("phi3_longrope", {"tp": 2}), ("gemma2", {"tp": 2}), ("falcon_alibi", {"pp": 2}),
+                                          ("falcon_alibi", {"tp": 2})])
+def test_parallel_matches_transformers(arch, mapping, tmp_path):
+    """Phi-3's fused QKV and gate/up (cut by slices and chunk), Gemma2's (1 + weight) norms left as ops, Falcon's own
+    linears (x @ W.T + b) (OLMoE's q/k norms over all heads: tests/test_moe.py)."""
     from transformers import AutoModelForCausalLM
 
     from test_parity import hf_greedy
 
-    checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=1)
-    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, tp=2, log=lambda _: None)
+    # Falcon's default init gives one token repeated; larger weights make tokens that depend on every layer.
+    overrides = {"initializer_range": 0.2} if arch == "falcon_alibi" else {}
+    checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=1, **overrides)
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, log=lambda _: None, **mapping)
     with LLM(engine) as llm:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))
     for prompt, out in zip(PROMPTS, outputs):

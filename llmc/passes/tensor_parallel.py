@@ -72,10 +72,11 @@ def _shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
 
-def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
-    """(section sizes, head size) of a column linear's output features.
+def _layout(linear: fx.Node, features: int) -> tuple[list[int], int, tuple[fx.Node, fx.Node] | None]:
+    """(section sizes, head size, head split) of a column linear's output features.
 
-    Sections are the parts a split along the features cuts them into before heads are formed;
+    Sections are the parts a split along the features cuts them into before heads are formed, or a split
+    of the heads right after (Falcon's multi-query QKV: (view, split), the head split);
     the head size is the last dim of the reshape that first splits features into heads (1: none).
     """
     sections, stack = None, [linear]
@@ -93,9 +94,14 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
             elif u.target in VIEWS:
                 before, after = _shape(u.args[0]), _shape(u)
                 if len(after) == len(before) + 1 and after[-2] * after[-1] == before[-1]:
-                    return sections or [features], int(after[-1])
+                    head = int(after[-1])
+                    split = next((v for v in u.users if v.target == aten.split_with_sizes.default
+                                  and (v.args[2] if len(v.args) > 2 else 0) % len(after) == len(after) - 2), None)
+                    if sections is None and split is not None:
+                        return [size * head for size in split.args[1]], head, (u, split)
+                    return sections or [features], head, None
                 stack.append(u)
-    return sections or [features], 1
+    return sections or [features], 1, None
 
 
 class _Plan:
@@ -149,19 +155,27 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and n.args[1] in acts]  # token ids, not positions
     plan = _Plan(tp, rank)
     normed_heads: dict[fx.Node, torch.Tensor] = {}  # a norm over all heads' features -> the rank's features after it
+    fixed_sizes: dict[fx.Node, list] = {}  # a view or split of heads -> the sizes it names on this rank
 
     for lin in linears:
         if lin in attention_columns:
-            sections, unit = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            sections, unit, head_split = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
             query_heads = _shape(attention_columns[lin].args[0])[1]
             kept = plan.heads(sections, unit, query_heads)
+            if head_split is not None:  # the rank's heads of each section: what its view and split name
+                view, split = head_split
+                bounds = torch.tensor(sections).cumsum(0)
+                counts = [int(c) // unit for c in torch.bucketize(kept, bounds, right=True).bincount(minlength=len(sections))]
+                shape = list(view.args[1])
+                shape[-2] = sum(counts)
+                fixed_sizes[view], fixed_sizes[split] = shape, counts
             norm = _norm_over_all_heads(lin)
             if norm is None:
                 plan.rows[lin.args[1].target] = kept
             else:  # replicated, normalised whole, then cut to the rank's heads
                 normed_heads[norm] = kept
         elif lin in mlp_columns:  # sections: a fused gate/up (Phi-3) shards as its two halves
-            sections, _ = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            sections, _, _ = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
             plan.rows[lin.args[1].target] = plan.heads(sections, 1, 0)
         elif lin in rows:
             features = gm.get_buffer(lin.args[1].target).shape[1]
@@ -225,7 +239,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
 
     kv_heads = ctx.kv_cache["num_kv_heads"]
     ctx.kv_cache = {**ctx.kv_cache, "num_kv_heads": kv_heads // tp if kv_heads % tp == 0 else 1}
-    _fit_reshapes(gm, ctx)
+    _fit_reshapes(gm, ctx, fixed_sizes)
     return gm, {
         "column_parallel": len(attention_columns) + len(mlp_columns),
         "row_parallel": len(rows),
@@ -246,9 +260,9 @@ def _sharded_dim(full: tuple, local: torch.Size) -> tuple[int, int] | None:
 class _ReshapeFitter(fx.Interpreter):
     """Runs the rank's graph; before each reshape or split of a sharded tensor, divides the size it names."""
 
-    def __init__(self, gm: fx.GraphModule, rank: int):
+    def __init__(self, gm: fx.GraphModule, rank: int, fixed_sizes: dict[fx.Node, list]):
         super().__init__(gm)
-        self.rank = rank
+        self.rank, self.fixed_sizes = rank, fixed_sizes
         self.sharded: list[fx.Node] = []  # nodes whose traced shape is no longer the rank's
 
     def _fit_head_constants(self, n: fx.Node) -> None:
@@ -269,7 +283,9 @@ class _ReshapeFitter(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n.target == ATTENTION:
             self._fit_head_constants(n)
-        if (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
+        if n in self.fixed_sizes:
+            n.update_arg(1, self.fixed_sizes[n])
+        elif (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
             found = _sharded_dim(_shape(n.args[0]), self.env[n.args[0]].shape)
             if found is not None:
                 dim, factor = found
@@ -299,9 +315,9 @@ def _fit_view(n: fx.Node, factor: int) -> None:
             return
 
 
-def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
+def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext, fixed_sizes: dict[fx.Node, list]) -> None:
     gm.recompile()
-    fitter = _ReshapeFitter(gm, ctx.tp_rank)
+    fitter = _ReshapeFitter(gm, ctx.tp_rank, fixed_sizes)
     with torch.no_grad():
         fitter.run(*example_step(gm, ctx).values())
     for n in fitter.sharded:
