@@ -44,8 +44,8 @@ def _custom_gate(experts: torch.nn.Module) -> tuple[str, float, float, bool]:
 
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
     if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)) and limit > 0:
-        features = torch.linspace(-3 * limit, 3 * limit, 16 * 24)[torch.randperm(16 * 24, generator=torch.Generator().manual_seed(0))]
-        y = features.view(24, 16)
+        order = torch.randperm(24 * 16, generator=torch.Generator().manual_seed(0))
+        y = torch.linspace(-3 * limit, 3 * limit, 24 * 16)[order].view(24, 16)
         got = experts._apply_gate(y)
         for interleaved in (True, False):
             gate, up = (y[:, 0::2], y[:, 1::2]) if interleaved else y.chunk(2, dim=-1)
