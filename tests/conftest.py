@@ -33,6 +33,15 @@ TINY_CONFIGS = {
     "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       num_experts=8, num_experts_per_tok=2),
+    # GPT-OSS: attention sinks, a sliding layer (window 8: prompts cross it) then a full one, experts with biases and
+    # the clamped SwiGLU over interleaved gate/up features, softmax after top-k, YaRN RoPE. Weights larger than the
+    # default init, so that the clamp binds and the sinks and experts change the greedy tokens.
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                    swiglu_limit=1.0, initializer_range=0.1, max_position_embeddings=256,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}),
     # ALiBi (falcon-rw style): the bias transformers adds to the mask becomes the op's slopes.
     "falcon_alibi": dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
                          new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
@@ -60,9 +69,9 @@ TINY_CONFIGS = {
                                max_position_embeddings=16,
                                rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}),
 }
+RANDOM_BIASES = {"gpt_oss"}
 ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, quantization
-NO_TENSOR_PARALLEL = {"phi3_longrope"}  # a build error at tp > 1 (tests/test_rope.py)
-# Tested at one tensor-parallel rank only: OLMoE's q/k norms span all heads, which tensor_parallel cannot split.
+# Not built in every mode (tests/test_parallel.py runs OLMoE at tp 2: q/k norms over all heads).
 SINGLE_RANK_CONFIGS = {
     "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
@@ -97,6 +106,11 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
     config = AutoConfig.for_model(kwargs.pop("model_type"), bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
+    if arch in RANDOM_BIASES:  # transformers initialises them to zero, which would test nothing
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(std=0.1)
     model.generation_config.eos_token_id = None
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)

@@ -45,6 +45,38 @@ def test_kernel_equals_reference(dtype, act):
         assert torch.equal(MOE(x, ids, w, gate_up, down, act, first_expert), moe(x, ids, w, gate_up, down, act, first_expert))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_reference_with_biases_and_clamped_swiglu(dtype):
+    x, ids, w, gate_up, down = random_moe_inputs(dtype)
+    g = torch.Generator().manual_seed(1)
+    gate_up_bias, down_bias = torch.randn(4, 24, generator=g).to(dtype), torch.randn(4, 16, generator=g).to(dtype)
+    for act in ("silu", "clamped_swiglu"):
+        args = (x, ids, w, gate_up, down, act, 4, gate_up_bias, down_bias, 1.702, 2.0)
+        assert torch.equal(MOE(*args), moe(*args))
+
+
+def test_clamped_swiglu_is_gpt_oss_experts():
+    """llmc::moe over GPT-OSS's weights rearranged as the frontend does equals transformers' own experts."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from llmc.frontend.experts import _concatenated
+
+    torch.manual_seed(0)
+    experts = GptOssExperts(GptOssConfig(hidden_size=16, intermediate_size=12, num_local_experts=4, swiglu_limit=1.0))
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, ids, w = random_moe_inputs(torch.float64, experts=4)[:3]
+    ids, experts = ids % 4, experts.double()
+    gate_up, down = _concatenated(experts.gate_up_proj.transpose(1, 2)), experts.down_proj.transpose(1, 2)
+    with torch.no_grad():
+        expected = GptOssExperts.forward.__wrapped__(experts, x, ids, w)  # transformers' eager loop
+        got = moe(x, ids, w, gate_up, down, "clamped_swiglu", 0, _concatenated(experts.gate_up_proj_bias),
+                  experts.down_proj_bias, experts.alpha, experts.limit)
+    assert (gate_up @ x.T).abs().max() > experts.limit  # the clamp binds
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # llmc::moe sums in fp32
+
+
 def test_reference_is_the_sum_of_the_chosen_experts():
     x, ids, w, gate_up, down = random_moe_inputs(torch.float64, tokens=3, experts=8)
     ids = ids % 8
@@ -131,12 +163,22 @@ def test_unsupported_expert_layout_is_a_build_error(tmp_path, monkeypatch):
     checkpoint = make_checkpoint("mixtral", tmp_path / "checkpoint")
     original = modeling_mixtral.MixtralExperts.__init__
 
-    def with_bias(self, config, *args, **kwargs):
+    def with_post_norm(self, config, *args, **kwargs):
         original(self, config, *args, **kwargs)
-        self.has_bias = True
+        self.has_post_expert_norm = True
 
-    monkeypatch.setattr(modeling_mixtral.MixtralExperts, "__init__", with_bias)
-    with pytest.raises(CheckpointError, match="MixtralExperts has expert biases, which llmc::moe does not compute"):
+    monkeypatch.setattr(modeling_mixtral.MixtralExperts, "__init__", with_post_norm)
+    with pytest.raises(CheckpointError, match="MixtralExperts has a norm after each expert, which llmc::moe does not compute"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
+
+
+def test_a_gate_not_proven_clamped_swiglu_is_a_build_error(tmp_path, monkeypatch):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    checkpoint = make_checkpoint("gpt_oss", tmp_path / "checkpoint")
+    original = GptOssExperts._apply_gate
+    monkeypatch.setattr(GptOssExperts, "_apply_gate", lambda self, gate_up: original(self, gate_up) * 1.0001)
+    with pytest.raises(CheckpointError, match="GptOssExperts has a custom gate .* which llmc::moe does not compute"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
 
 
@@ -168,9 +210,9 @@ def test_quantized_moe_builds_and_runs(quant, tmp_path):
     assert len(out.token_ids) == 8 and all(0 <= t < VOCAB for t in out.token_ids)
 
 
-def test_olmoe_matches_transformers_at_tp1_and_ep2(tmp_path):
+def test_olmoe_matches_transformers_at_tp1_ep2_and_tp2(tmp_path):
     checkpoint = make_checkpoint("olmoe", tmp_path / "checkpoint")
     assert engine_matches_transformers(checkpoint, tmp_path / "tp1")
     assert engine_matches_transformers(checkpoint, tmp_path / "ep2", ep=2)  # attention replicated, experts split
-    with pytest.raises(PassError, match="tensor_parallel"):  # q/k norms over all heads: a build error, not wrong tokens
-        llmc.build(checkpoint, tmp_path / "tp2", max_seq_len=64, tp=2, log=lambda _: None)
+    # q/k norms over all heads: q and k projected whole on each rank, normalised, then cut to the rank's heads
+    assert engine_matches_transformers(checkpoint, tmp_path / "tp2", tp=2)

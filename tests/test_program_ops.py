@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ARCHITECTURES, NO_TENSOR_PARALLEL, make_checkpoint  # noqa: E402
+from conftest import ARCHITECTURES, make_checkpoint  # noqa: E402
 
 BUILDS = {
     "float32": {},
@@ -30,20 +30,16 @@ BUILDS = {
     "kv-fp8": dict(kv_cache_dtype="fp8"),
     "bfloat16-tp2-fp8-kv-fp8": dict(dtype="bfloat16", tp=2, quant="fp8", kv_cache_dtype="fp8"),
 }
-# Builds a pass refuses for an architecture, with the PassError it gives: Gemma2's (1 + weight) norms and MLA's
-# latent projections are not yet tensor-parallel; Falcon's own linear (a matmul) hides its layers from the
-# pipeline pass.
+# Builds a pass refuses for an architecture, with the PassError it gives: MLA's latent projections are not yet
+# tensor-parallel.
 TP_REFUSED = "tensor_parallel: .* fails on the rank's shapes"
 REFUSED = {
-    "gemma2": {"tp2": TP_REFUSED, "bfloat16-tp2-fp8-kv-fp8": TP_REFUSED},
     "deepseek_v3_mla": {"tp2": TP_REFUSED, "bfloat16-tp2-fp8-kv-fp8": TP_REFUSED},
-    "falcon_alibi": {"pp2": "no projection found before attention"},
 }
 
 
 def builds(arch: str) -> dict:
-    return {build: options for build, options in BUILDS.items()
-            if build not in REFUSED.get(arch, ()) and not (arch in NO_TENSOR_PARALLEL and options.get("tp", 1) > 1)}
+    return {build: options for build, options in BUILDS.items() if build not in REFUSED.get(arch, ())}
 
 
 def call_targets(program: dict) -> set[str]:

@@ -15,7 +15,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import llmc
 from llmc import LLM, SamplingParams
 from llmc.frontend.checkpoint import CheckpointError
-from llmc.passes.manager import PassError
 
 from conftest import VOCAB, make_checkpoint
 from test_parity import hf_greedy
@@ -64,8 +63,3 @@ def test_per_layer_length_dependent_rope_is_a_build_error(tmp_path):
     )
     with pytest.raises(CheckpointError, match="depend on the sequence length"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=16, log=lambda _: None)
-
-
-def test_phi3_fused_projections_at_tensor_parallel_are_a_build_error(checkpoints, tmp_path):
-    with pytest.raises(PassError, match="not tensor-parallel in llmc yet"):
-        llmc.build(checkpoints["phi3_longrope"], tmp_path / "engine", max_seq_len=32, tp=2, log=lambda _: None)

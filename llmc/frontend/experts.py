@@ -4,9 +4,11 @@ transformers runs a model's experts through an implementation chosen by name (`A
 classes decorated with `use_experts_implementation` dispatch through). llmc registers its own, "llmc", and
 builds MoE models with it: the experts module's forward becomes one call of llmc::moe on its stacked weights,
 while the router (softmax or sigmoid top-k, renormalisation, DeepSeek's grouped choice and score bias) and
-shared experts stay the model's own graph ops. An experts module in a layout the op does not compute
-(biases, transposed or interleaved weights, a custom gate or a norm after each expert, an activation the op
-lacks) is a build error naming it.
+shared experts stay the model's own graph ops. Transposed expert weights and interleaved gate/up features
+(GPT-OSS) are rearranged into the op's layout by graph ops on the weights, which canonicalize computes once at
+build time; biases are the op's. A custom gate is the op's clamped SwiGLU only once proven equal to it on a
+grid of values (`prepare`, before tracing). Anything else (experts without a gate, a norm after each expert,
+another gate or activation) is a build error naming it.
 """
 
 from __future__ import annotations
@@ -35,22 +37,58 @@ def _activation(experts: torch.nn.Module) -> str:
                        f"compute (it has {', '.join(sorted(set(ACTIVATIONS)))})")
 
 
-def llmc_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+def _custom_gate(experts: torch.nn.Module) -> tuple[str, float, float, bool]:
+    """(act, alpha, limit, interleaved) of a gate proven, on a grid of values beyond its limits, to be the op's
+    clamped SwiGLU over gate/up features that alternate (GPT-OSS) or come in two halves."""
+    from llmc.plugins.moe import clamped_swiglu
+
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)) and limit > 0:
+        order = torch.randperm(24 * 16, generator=torch.Generator().manual_seed(0))
+        y = torch.linspace(-3 * limit, 3 * limit, 24 * 16)[order].view(24, 16)
+        got = experts._apply_gate(y)
+        for interleaved in (True, False):
+            gate, up = (y[:, 0::2], y[:, 1::2]) if interleaved else y.chunk(2, dim=-1)
+            if torch.equal(got, clamped_swiglu(gate, up, float(alpha), float(limit))):
+                return "clamped_swiglu", float(alpha), float(limit), interleaved
+    raise ExpertsError(f"{type(experts).__name__} has a custom gate ({type(experts)._apply_gate.__qualname__}), which "
+                       "llmc::moe does not compute (it has act(gate) * up and GPT-OSS's clamped SwiGLU)")
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """Before tracing: what each experts module's gate computes, or a build error naming what llmc::moe lacks."""
     from transformers.integrations.moe import _default_apply_gate
 
-    name = type(self).__name__
-    layout = {
-        "expert biases": self.has_bias, "transposed expert weights": self.is_transposed,
-        "interleaved gate/up weights": not self.is_concatenated, "experts without a gate projection": not self.has_gate,
-        "a norm after each expert": self.has_post_expert_norm,
-        "a custom gate": type(self)._apply_gate is not _default_apply_gate,
-    }
-    unsupported = [what for what, present in layout.items() if present]
-    if unsupported:
-        raise ExpertsError(f"{name} has {', '.join(unsupported)}, which llmc::moe does not compute yet")
-    return torch.ops.llmc.moe(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, _activation(self), 0
-    )
+    for module in model.modules():
+        if not hasattr(module, "is_concatenated"):  # not an experts module of transformers' implementations
+            continue
+        layout = {"experts without a gate projection": not module.has_gate,
+                  "a norm after each expert": module.has_post_expert_norm}
+        unsupported = [what for what, present in layout.items() if present]
+        if unsupported:
+            raise ExpertsError(f"{type(module).__name__} has {', '.join(unsupported)}, which llmc::moe does not compute yet")
+        if type(module)._apply_gate is _default_apply_gate:  # act(gate) * up over [gate; up]
+            module.llmc_gate = (_activation(module), 0.0, 0.0, False)
+        else:
+            module.llmc_gate = _custom_gate(module)
+
+
+def _concatenated(interleaved: torch.Tensor) -> torch.Tensor:
+    """[..., 2I, X] whose features alternate gate, up -> [gate; up] along that dim (llmc::moe's layout)."""
+    return torch.cat([interleaved[:, 0::2], interleaved[:, 1::2]], dim=1)
+
+
+def llmc_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    act, alpha, limit, interleaved = self.llmc_gate
+    gate_up, down = self.gate_up_proj, self.down_proj
+    gate_up_bias, down_bias = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+    if self.is_transposed:  # [E, H, 2I] and [E, I, H]; llmc::moe's are [E, 2I, H] and [E, H, I]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if interleaved:
+        gate_up = _concatenated(gate_up)
+        gate_up_bias = None if gate_up_bias is None else _concatenated(gate_up_bias)
+    return torch.ops.llmc.moe(hidden_states, top_k_index, top_k_weights, gate_up, down, act, 0, gate_up_bias, down_bias,
+                              alpha, limit)
 
 
 def register() -> None:

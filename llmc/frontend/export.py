@@ -203,6 +203,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline). With `prequantized`
     (the checkpoint's quantization, llmc/frontend/prequantized.py) its quantized linears take its packed tensors."""
     model = build_meta_model(ckpt, dtype)
+    experts.prepare(model)  # an experts module llmc::moe cannot compute fails here, before reading anything
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)
     rope_lengths = SimpleNamespace(value=None)

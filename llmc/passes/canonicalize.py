@@ -6,7 +6,9 @@
 - aliases (`x[..., :d]` of a last dim of d, as Phi-3 slices its whole head for RoPE) and empty tensors in a
   concatenation (its pass-through part `x[..., d:]`), so RoPE is found as on any other model,
 - slices that cut a linear's output into consecutive parts (Phi-3's fused QKV `qkv[..., :q]`, `qkv[..., q:q + k]`,
-  ...) become the one split the other passes know (tensor parallelism splits such sections).
+  ...) become the one split the other passes know (tensor parallelism splits such sections),
+- expert weights the model rearranges before llmc::moe (GPT-OSS's transposed, interleaved gate/up) are
+  rearranged once, here, into weights the op reads directly (expert parallelism and quantization slice them).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch.fx as fx
 
 from llmc.passes.manager import BuildContext, PassError, register_pass
 
-from llmc.passes.graph import ASSERTS, CASTS, arg, calls, val
+import llmc.plugins.moe  # noqa: F401  (registers torch.ops.llmc.moe)
+from llmc.passes.graph import ASSERTS, CASTS, arg, calls, find, set_arg, val
+from llmc.weights import set_weight
 
 aten = torch.ops.aten
+MOE = torch.ops.llmc.moe.default
 
 
 def _is_noop_conversion(node: fx.Node) -> bool:
@@ -69,6 +74,45 @@ def _slices_to_splits(graph: fx.Graph) -> int:
     return made
 
 
+def _computed_from_weights(node: fx.Node) -> list[fx.Node] | None:
+    """The subgraph computing `node` (inputs first) if it reads weights alone; None if it reads a step input."""
+    order, seen = [], set()
+
+    def visit(n: fx.Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n.op not in ("get_attr", "call_function") or not all(visit(i) for i in n.all_input_nodes):
+            return False
+        order.append(n)
+        return True
+
+    return order if visit(node) else None
+
+
+def _fold_expert_weights(gm: fx.GraphModule) -> int:
+    """Each computed weight argument of llmc::moe becomes a weight; returns how many."""
+    folded = 0
+    for node in find(gm, MOE):
+        for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+            w = arg(node, name)
+            if not isinstance(w, fx.Node) or w.op == "get_attr":
+                continue
+            subgraph = _computed_from_weights(w)
+            if subgraph is None:
+                raise PassError(f"canonicalize: the {name} weights of {node.name} (llmc::moe) are computed from the step's inputs")
+            values: dict[fx.Node, torch.Tensor] = {}
+            for n in subgraph:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+                values[n] = gm.get_buffer(n.target) if n.op == "get_attr" else n.target(*args, **kwargs)
+            source = next(n for n in subgraph if n.op == "get_attr").target
+            set_weight(gm, f"{source}_rearranged", values[w].contiguous())
+            with gm.graph.inserting_before(node):
+                set_arg(node, name, gm.graph.get_attr(f"{source}_rearranged"))
+            folded += 1
+    return folded
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
     asserts = conversions = dropouts = aliases = empties = 0
@@ -97,8 +141,6 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             else:
                 node.update_arg(0, kept)
     splits = _slices_to_splits(gm.graph)
-    if splits and ctx.tp_size > 1:  # measured: Phi-3 at tp 2 differs from transformers
-        raise PassError(f"{ctx.hf_config.model_type}: fused projections cut by slices (Phi-3's QKV and gate/up) are not "
-                        "tensor-parallel in llmc yet; build with tp 1 (pipeline parallelism works)")
-    return gm, {"slices_to_splits": splits, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
+    expert_weights = _fold_expert_weights(gm)
+    return gm, {"slices_to_splits": splits, "expert_weights_rearranged": expert_weights, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
                 "aliases_removed": aliases, "empty_concatenated_removed": empties}

@@ -3,8 +3,9 @@
 A pipeline stage has tp x ep ranks. Attention and dense layers are tensor parallel over tp and replicated
 across ep (tensor_parallel). Each MoE layer's experts are split over ep, E/ep consecutive experts a rank,
 and each of those experts' weights over tp (gate and up by output features, down by input features, as a
-dense MLP's). Every rank computes its experts' part of the output for all tokens; one
-llmc::expert_all_reduce over the stage's tp x ep ranks sums the parts (docs/design.md, Parallelism).
+dense MLP's; gate/up biases as their features, down biases on tp rank 0 alone, as they are added once). Every
+rank computes its experts' part of the output for all tokens; one llmc::expert_all_reduce over the stage's
+tp x ep ranks sums the parts (docs/design.md, Parallelism).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.expert_all_reduce)
 import llmc.plugins.moe  # noqa: F401  (registers torch.ops.llmc.moe)
+from llmc.passes.graph import arg, set_arg
 from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.weights import set_weight
 
@@ -32,7 +34,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: BuildContext):
         return gm, {}
     for node in layers:
         gate_up_node, down_node = node.args[3], node.args[4]
-        if gate_up_node.op != "get_attr" or down_node.op != "get_attr":
+        gate_up_bias, down_bias = arg(node, "gate_up_bias"), arg(node, "down_bias")
+        if any(w is not None and w.op != "get_attr" for w in (gate_up_node, down_node, gate_up_bias, down_bias)):
             raise PassError(f"expert_parallel: {node.format_node()} does not read its expert weights directly")
         gate_up, down = gm.get_buffer(gate_up_node.target), gm.get_buffer(down_node.target)
         experts, intermediate = down.shape[0], down.shape[2]
@@ -47,6 +50,14 @@ def expert_parallel(gm: fx.GraphModule, ctx: BuildContext):
         gate, up = gate_up[mine].chunk(2, dim=1)
         set_weight(gm, gate_up_node.target, torch.cat([gate[:, features], up[:, features]], dim=1).contiguous())
         set_weight(gm, down_node.target, down[mine, :, features].contiguous())
+        if gate_up_bias is not None:
+            gate, up = gm.get_buffer(gate_up_bias.target)[mine].chunk(2, dim=1)
+            set_weight(gm, gate_up_bias.target, torch.cat([gate[:, features], up[:, features]], dim=1).contiguous())
+        if down_bias is not None:
+            if ctx.tp_rank == 0:
+                set_weight(gm, down_bias.target, gm.get_buffer(down_bias.target)[mine].contiguous())
+            else:
+                set_arg(node, "down_bias", None)
         node.update_arg(6, node.args[6] + first)
         with gm.graph.inserting_after(node):
             reduced = gm.graph.call_function(torch.ops.llmc.expert_all_reduce.default, (node,))

@@ -114,6 +114,16 @@ def arg(node: fx.Node, name: str, default: Any = _MISSING) -> Any:
     raise KeyError(f"{node.target} has no argument {name!r} (its schema: {schema})")
 
 
+def set_arg(node: fx.Node, name: str, new: Any) -> None:
+    """Set the argument `name` of an op call where the call put it, or as a keyword if it left it out."""
+    schema = node.target._schema
+    i = next(i for i, a in enumerate(schema.arguments) if a.name == name)
+    if i < len(node.args) and not schema.arguments[i].kwarg_only:
+        node.update_arg(i, new)
+    else:
+        node.update_kwarg(name, new)
+
+
 def tensor_args(node: fx.Node) -> Iterable[fx.Node]:
     """The nodes among `node`'s positional arguments."""
     return (a for a in node.args if isinstance(a, fx.Node))

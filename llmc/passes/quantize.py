@@ -29,8 +29,9 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.quant_embedding  # noqa: F401  (registers the ops this pass inserts)
-import llmc.plugins.moe  # noqa: F401
+from llmc.plugins.moe import OPTIONAL_ARG_NAMES
 import llmc.plugins.quant_linear  # noqa: F401
+from llmc.passes.graph import arg
 from llmc.passes.manager import BuildContext, PassError, register_pass
 from llmc.plugins.quant_formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK, quantize_fp8_weight, quantize_nvfp4
 from llmc.weights import set_weight
@@ -121,9 +122,10 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
                 continue
             bytes_before += sum(w.nbytes for w in weights)
             packed_experts = [part for n, w in zip(names, weights) for part in _quantize_experts(gm, n, w, fmt, node)]
-            x, ids, topk_weights, _, _, act, first_expert = node.args
+            x, ids, topk_weights, _, _, act, first_expert = node.args[:7]
+            optional = {name: arg(node, name) for name in OPTIONAL_ARG_NAMES}  # biases stay in the build dtype
             node.target = torch.ops.llmc.fp8_moe.default if fmt == "fp8" else torch.ops.llmc.nvfp4_moe.default
-            node.args = (x, ids, topk_weights, *packed_experts, act, first_expert)
+            node.args, node.kwargs = (x, ids, topk_weights, *packed_experts, act, first_expert), optional
             quantized += 1
             continue
         is_linear = node.target == LINEAR and node.args[1].op == "get_attr"

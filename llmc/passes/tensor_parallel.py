@@ -6,8 +6,11 @@ Roles come from the graph, not from parameter names:
   (then its bias, once);
 - the linears those inputs come from, and those that feed an attention's query, key or value, are
   *column parallel*: they keep their slice of output features, whole heads at a time, section by
-  section where one linear computes several tensors that a split separates (GPT-2's fused QKV);
-  key/value heads are replicated when tp exceeds their number;
+  section where one linear computes several tensors that a split or chunk separates (GPT-2's and Phi-3's
+  fused QKV, Phi-3's fused gate/up);
+  key/value heads are replicated when tp exceeds their number; a projection whose whole output is
+  normalised before it is cut into heads (OLMoE's q/k norms) is replicated, and its rank's heads are
+  sliced after the norm;
 - the LM head (any other linear as wide as the vocabulary) and the token embedding are *vocab
   parallel*: each rank holds ceil(vocab/tp) rows; logits are all-gathered, embeddings all-reduced;
 - any other linear is replicated.
@@ -40,6 +43,7 @@ LINEARS = {
 }
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+CHUNK = aten.chunk.default  # by count: each rank's chunks are its share of each section, unchanged
 
 
 def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
@@ -52,29 +56,45 @@ def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
         seen.add(n)
         if n.target in LINEARS or n.target == ATTENTION:
             found.add(n)
-        elif not (stop_at_norms and n.target in NORMS):
+        elif n.target == aten.type_as.default:  # of its second argument it reads the dtype alone
+            stack.append(n.args[0])
+        elif not (stop_at_norms and (n.target in NORMS or _rms_normalised(n))):
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _rms_normalised(node: fx.Node) -> bool:
+    """x * rsqrt(...): an RMSNorm the fusion left as ops (Gemma's (1 + weight) norms), a norm all the same."""
+    return node.target == aten.mul.Tensor and any(isinstance(a, fx.Node) and a.target == aten.rsqrt.default for a in node.args)
+
+
+def _norm_over_all_heads(linear: fx.Node) -> fx.Node | None:
+    """The RMSNorm a column linear's whole output goes through before it is cut into heads (OLMoE's q/k norms)."""
+    users = list(linear.users)
+    if len(users) == 1 and users[0].target == llmc.rms_norm.default and users[0].args[0] is linear:
+        return users[0]
+    return None
 
 
 def _shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
 
-def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
-    """(section sizes, head size) of a column linear's output features.
+def _layout(linear: fx.Node, features: int) -> tuple[list[int], int, tuple[fx.Node, fx.Node] | None]:
+    """(section sizes, head size, head split) of a column linear's output features.
 
-    Sections are the parts a split along the features cuts them into before heads are formed;
+    Sections are the parts a split along the features cuts them into before heads are formed, or a split
+    of the heads right after (Falcon's multi-query QKV: (view, split), the head split);
     the head size is the last dim of the reshape that first splits features into heads (1: none).
     """
     sections, stack = None, [linear]
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u.target in SPLITS:
+            if u.target in SPLITS or u.target == CHUNK:
                 dim = u.args[2] if len(u.args) > 2 else 0
                 if dim % len(_shape(n)) == len(_shape(n)) - 1:
-                    size = u.args[1]
+                    size = _shape(n)[-1] // u.args[1] if u.target == CHUNK else u.args[1]  # chunk(x, count)
                     sections = list(size) if isinstance(size, (list, tuple)) else [size] * (_shape(n)[-1] // size)
                     stack.append(u)
             elif u.target == operator.getitem:
@@ -82,9 +102,14 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int]:
             elif u.target in VIEWS:
                 before, after = _shape(u.args[0]), _shape(u)
                 if len(after) == len(before) + 1 and after[-2] * after[-1] == before[-1]:
-                    return sections or [features], int(after[-1])
+                    head = int(after[-1])
+                    split = next((v for v in u.users if v.target == aten.split_with_sizes.default
+                                  and (v.args[2] if len(v.args) > 2 else 0) % len(after) == len(after) - 2), None)
+                    if sections is None and split is not None:
+                        return [size * head for size in split.args[1]], head, (u, split)
+                    return sections or [features], head, None
                 stack.append(u)
-    return sections or [features], 1
+    return sections or [features], 1, None
 
 
 class _Plan:
@@ -137,14 +162,29 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     acts = activations(graph)
     embeddings = [n for n in graph.nodes if n.target == aten.embedding.default and n.args[1] in acts]  # token ids, not positions
     plan = _Plan(tp, rank)
+    normed_heads: dict[fx.Node, torch.Tensor] = {}  # a norm over all heads' features -> the rank's features after it
+    fixed_sizes: dict[fx.Node, list] = {}  # a view or split of heads -> the sizes it names on this rank
 
     for lin in linears:
         if lin in attention_columns:
-            sections, unit = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            sections, unit, head_split = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
             query_heads = _shape(attention_columns[lin].args[0])[1]
-            plan.rows[lin.args[1].target] = plan.heads(sections, unit, query_heads)
-        elif lin in mlp_columns:
-            plan.rows[lin.args[1].target] = plan.heads([gm.get_buffer(lin.args[1].target).shape[0]], 1, 0)
+            kept = plan.heads(sections, unit, query_heads)
+            if head_split is not None:  # the rank's heads of each section: what its view and split name
+                view, split = head_split
+                bounds = torch.tensor(sections).cumsum(0)
+                counts = [int(c) // unit for c in torch.bucketize(kept, bounds, right=True).bincount(minlength=len(sections))]
+                shape = list(view.args[1])
+                shape[-2] = sum(counts)
+                fixed_sizes[view], fixed_sizes[split] = shape, counts
+            norm = _norm_over_all_heads(lin)
+            if norm is None:
+                plan.rows[lin.args[1].target] = kept
+            else:  # replicated, normalised whole, then cut to the rank's heads
+                normed_heads[norm] = kept
+        elif lin in mlp_columns:  # sections: a fused gate/up (Phi-3) shards as its two halves
+            sections, _, _ = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
+            plan.rows[lin.args[1].target] = plan.heads(sections, 1, 0)
         elif lin in rows:
             features = gm.get_buffer(lin.args[1].target).shape[1] * LINEARS[lin.target][1][0][1]
             unit = max(per for _, per in LINEARS[lin.target][1] if per)  # NVFP4 blocks stay whole
@@ -202,6 +242,12 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
             if bias is not None:
                 shard(bias.target, vocab_rows, 0)
             insert_after(lin, llmc.all_gather.default, vocab)
+    for norm, kept in normed_heads.items():
+        first, last = int(kept[0]), int(kept[-1]) + 1
+        if not torch.equal(kept, torch.arange(first, last)):
+            raise PassError(f"tensor_parallel: the heads rank {rank} keeps after {norm.name} (a norm over all heads) are not "
+                            "one run of features; use a tp that divides the KV heads")
+        insert_after(norm, aten.slice.Tensor, -1, first, last)
     for emb in embeddings:
         shard(emb.args[0].target, vocab_rows, 0)
         emb.target, emb.args = llmc.vocab_embedding.default, (emb.args[0], emb.args[1], rank * per_rank)
@@ -209,7 +255,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
 
     kv_heads = ctx.kv_cache["num_kv_heads"]
     ctx.kv_cache = {**ctx.kv_cache, "num_kv_heads": kv_heads // tp if kv_heads % tp == 0 else 1}
-    _fit_reshapes(gm, ctx)
+    _fit_reshapes(gm, ctx, fixed_sizes)
     return gm, {
         "column_parallel": len(attention_columns) + len(mlp_columns),
         "row_parallel": len(rows),
@@ -230,9 +276,9 @@ def _sharded_dim(full: tuple, local: torch.Size) -> tuple[int, int] | None:
 class _ReshapeFitter(fx.Interpreter):
     """Runs the rank's graph; before each reshape or split of a sharded tensor, divides the size it names."""
 
-    def __init__(self, gm: fx.GraphModule, rank: int):
+    def __init__(self, gm: fx.GraphModule, rank: int, fixed_sizes: dict[fx.Node, list]):
         super().__init__(gm)
-        self.rank = rank
+        self.rank, self.fixed_sizes = rank, fixed_sizes
         self.sharded: list[fx.Node] = []  # nodes whose traced shape is no longer the rank's
 
     def _fit_head_constants(self, n: fx.Node) -> None:
@@ -253,7 +299,9 @@ class _ReshapeFitter(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n.target == ATTENTION:
             self._fit_head_constants(n)
-        if (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
+        if n in self.fixed_sizes:
+            n.update_arg(1, self.fixed_sizes[n])
+        elif (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
             found = _sharded_dim(_shape(n.args[0]), self.env[n.args[0]].shape)
             if found is not None:
                 dim, factor = found
@@ -283,9 +331,9 @@ def _fit_view(n: fx.Node, factor: int) -> None:
             return
 
 
-def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext) -> None:
+def _fit_reshapes(gm: fx.GraphModule, ctx: BuildContext, fixed_sizes: dict[fx.Node, list]) -> None:
     gm.recompile()
-    fitter = _ReshapeFitter(gm, ctx.tp_rank)
+    fitter = _ReshapeFitter(gm, ctx.tp_rank, fixed_sizes)
     with torch.no_grad():
         fitter.run(*example_step(gm, ctx).values())
     for n in fitter.sharded:
