@@ -99,9 +99,31 @@ CLAMPED = {
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "moe_k": 2, "rotary_dim": 8,
+    "num_experts_per_token": 2, "expert_ffn_hidden_size": 64, "zero_expert_num": 2, "shared_intermediate_size": 64,
+    "linear_head_dim": 16, "linear_num_heads": 4, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
     # Encoder-decoder families' decoders (BART, Marian, ...): the causal LM is their decoder.
     "decoder_layers": 2, "encoder_layers": 2, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
+}
+
+# Per-type attributes the generic shrinking cannot derive (sizes left None, layer layouts that must keep an
+# attention layer among 2, sizes a validator ties together). Data only: `tiny_config` applies them last.
+OVERRIDES = {
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1, "state_size": 16},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # as real DBRX configs
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"],  # shares one block
+              "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 4},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"]},
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2, "num_heads": 4},  # q/k dims: multiples of 64
 }
 
 
@@ -123,6 +145,9 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
+    text_config = getattr(cls, "sub_configs", {}).get("text_config")
+    if text_config is not None and text_config.model_type in CONFIG_MAPPING:  # vision-language: its text model is the causal LM
+        return cls(text_config=tiny_config(text_config.model_type).to_dict())
     defaults = cls().to_dict()  # the stored attributes (not properties derived from them)
     names = dict(getattr(cls, "attribute_map", {}))
     kwargs = {}
@@ -130,7 +155,8 @@ def tiny_config(model_type: str):
         name = names.get(std, std)
         if name in defaults:
             kwargs[name] = value
-    for name, limit in CLAMPED.items():
+    for std, limit in CLAMPED.items():
+        name = names.get(std, std)
         current = defaults.get(name)
         if isinstance(current, int) and not isinstance(current, bool) and current > limit:
             kwargs[name] = limit
@@ -143,6 +169,7 @@ def tiny_config(model_type: str):
         kwargs[kv_heads] = TINY["num_attention_heads"]  # a model without grouped-query attention by default stays so
     if "qk_rope_head_dim" in defaults and "head_dim" in kwargs:  # MLA: the rotary part is the head dim RoPE sees
         kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", defaults["qk_rope_head_dim"])
+    kwargs.update(OVERRIDES.get(model_type, {}))
     try:
         config = cls(**kwargs, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     except Exception:  # noqa: BLE001  configs that require the ids (both sides ignore EOS: see `check`)
@@ -173,8 +200,8 @@ def make_checkpoint(model_type: str, path: Path, seed: int = 0) -> torch.nn.Modu
         raise ValueError(f"the tiny config still has {params / 1e6:.0f}M parameters: add its size attributes to llmc/sweep.py's CLAMPED")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
+    for name in ("eos_token_id", "pad_token_id", "forced_eos_token_id", "forced_bos_token_id"):  # plain greedy (BART forces EOS last)
+        setattr(model.generation_config, name, None)
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return model

@@ -54,6 +54,13 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         raise CheckpointError(
             f"{ckpt.architecture} cannot be built by llmc: {e}. Tested: {', '.join(TESTED_ARCHITECTURES)}."
         ) from None
+    except KeyError as e:  # a model that looks its attention class up by implementation name (GPT-Neo)
+        if e.args != (attention_interface.IMPLEMENTATION,):
+            raise
+        raise CheckpointError(
+            f"{ckpt.architecture} computes attention in the model's own code (attention classes chosen by name, none "
+            "through transformers' attention interface), which llmc does not lower"
+        ) from None
     return model.eval()
 
 
