@@ -38,6 +38,16 @@ def test_tiny_config_shrinks_through_each_configs_own_names():
     assert qwen3_moe.num_key_value_heads < qwen3_moe.num_attention_heads  # grouped-query attention kept
     deepseek = sweep.tiny_config("deepseek_v3")
     assert deepseek.head_dim == deepseek.qk_rope_head_dim == 8 and deepseek.kv_lora_rank == 32
+    qwen3_5 = sweep.tiny_config("qwen3_5")  # vision-language: its text sub-config (the causal LM) shrinks
+    assert qwen3_5.text_config.hidden_size == 64 and "full_attention" in qwen3_5.text_config.layer_types
+    jamba = sweep.tiny_config("jamba")  # a hybrid's 2 layers keep an attention layer (sweep.OVERRIDES)
+    assert jamba.num_hidden_layers == 2 and "attention" in jamba.layers_block_type
+
+
+def test_only_the_sweeps_own_gaps_crash():
+    # A crash outside TINY_CONFIG_GAPS (a tiny config transformers itself cannot run) is an llmc bug, as is a difference.
+    assert sorted(documented("crashed")) == sorted(sweep.TINY_CONFIG_GAPS)
+    assert not documented("differs") and not documented("multi-line error")
 
 
 def test_skips_and_gaps_are_registry_entries():

@@ -75,10 +75,22 @@ def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         owner.register_buffer(attr, torch.empty_like(buf, device="cpu"), persistent=False)
-        model._init_weights(owner)
+        _initialiser(model, owner_name)._init_weights(owner)
         values[name] = getattr(owner, attr)
         owner.register_buffer(attr, values[name].to("meta"), persistent=False)
     return values
+
+
+def _initialiser(model: torch.nn.Module, owner_name: str) -> torch.nn.Module:
+    """The innermost transformers model holding `owner_name`, whose `_init_weights` initialises it, as in
+    transformers' own initialisation (Gemma3n's reads attributes only its inner text model has)."""
+    from transformers import PreTrainedModel
+
+    parts, found = owner_name.split(".") if owner_name else [], model
+    for i in range(1, len(parts) + 1):
+        module = model.get_submodule(".".join(parts[:i]))
+        found = module if isinstance(module, PreTrainedModel) else found
+    return found
 
 
 def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int,
@@ -193,6 +205,9 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
         else:
             source = next((a for a in aliases.get(name, [name]) if a in available or a in weights.converted), name)
             value = weights.get(source)
+            if value is None and name.rpartition(".")[2].startswith("lifted_tensor"):  # e.g. Gemma3n's icdf(0.95)
+                raise CheckpointError(f"{weights.ckpt.architecture} creates a tensor constant as it runs ({name}), whose "
+                                      "value llmc's trace on the meta device does not keep")
             if value is None:
                 raise CheckpointError(f"weight {name!r} is missing from {weights.ckpt.path} (checkpoint incomplete or for another model?)")
         if tuple(value.shape) != tuple(meta.shape):

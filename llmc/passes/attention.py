@@ -53,8 +53,8 @@ def _mask(gm: fx.GraphModule, mask: fx.Node, ctx: BuildContext, layer: int) -> t
     encoder = getattr(ctx.hf_config.get_text_config(), "is_decoder", None) is False
     if mask.target == UNRECOGNISED_MASK and "bidirectional" in mask.args[1] and encoder:
         # BERT-style models pick their mask by `is_decoder`: as configured they are encoders, not causal LMs.
-        raise PassError(f"{arch} is not a causal decoder as configured (is_decoder=False, so its attention sees the "
-                        "whole sequence): set \"is_decoder\": true in its config.json to build it as a causal LM")
+        raise PassError(f"{arch} is not a causal decoder as configured (is_decoder=False: its attention sees the whole "
+                        "sequence); as a causal LM its config.json needs \"is_decoder\": true")
     if mask.target == UNRECOGNISED_MASK:
         raise PassError(f"{arch}: the attention mask of layer {layer} ({mask.args[1]}) is neither causal nor a causal "
                         "sliding window; llmc's attention implements only those")
@@ -76,6 +76,11 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
                         "attention interface; llmc cannot prove which mask it applies")
     traced = [n for n in graph.nodes if n.target == TRACED_ATTENTION]
     layers = getattr(ctx.hf_config.get_text_config(), "num_hidden_layers", None)
+    types = getattr(ctx.hf_config.get_text_config(), "layer_types", None) or []
+    stateful = sorted({str(t) for t in types if not ("attention" in str(t) and "linear" not in str(t))})
+    if traced and stateful and len(traced) != layers:  # hybrids: Mamba, linear attention, convolution layers
+        raise PassError(f"{arch}: {len(traced)} of its {layers} layers are attention layers; the others "
+                        f"({', '.join(stateful)}) carry a recurrent or convolution state, which llmc does not keep")
     if not traced or (layers is not None and len(traced) != layers):
         raise PassError(
             f"{arch}: {len(traced)} of its {layers} layers compute attention through transformers' attention interface; "
