@@ -45,14 +45,10 @@ SKIPPED = {
 # not llmc's (the sweep reports them as crashed; tests/test_architectures.py expects that, strictly).
 TINY_CONFIG_GAPS = {
     "blt": "sub-model sizes (encoder, global, decoder) not shrunk",
-    "dots3_note": "vision adapter width must follow the shrunk text hidden size (its text model is dots3_note_text)",
     "gemma4_assistant": "a drafter whose default config its own validation refuses",
     "gemma4_unified_assistant": "a drafter: sizes of its text sub-config (AutoConfig) not shrunk",
-    "qwen4_exp": "indexer sizes left None (its text model is qwen4_exp_text)",
-    "qwen4_exp_text": "indexer sizes left None",
     "prophetnet": "decoder needs n-gram inputs",
     "xlm": "needs its language embeddings' inputs",
-    "xmod": "needs a default language set on the model",
 }
 
 # Standard config attribute names (mapped to each config's own through its `attribute_map`) and the tiny values.
@@ -105,6 +101,11 @@ OVERRIDES = {
                      "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0]},  # 2 share 2's cache
     "inkling2_text": {"unpadded_vocab_size": VOCAB},
     "inkling2_loop_text": {"unpadded_vocab_size": VOCAB},
+    "dots3_note": {"vision_config": {"adapter_out_dim": TINY["hidden_size"]},  # the adapters feed the text model
+                   "audio_config": {"adapter_out_dim": TINY["hidden_size"]}},
+    "xmod": {"default_language": "en_XX"},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 2, "ngram_vocab_size_base": VOCAB, "hc_lowrank": 16},
     "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2, "num_heads": 4},  # q/k dims: multiples of 64
 }
 
@@ -129,7 +130,8 @@ def tiny_config(model_type: str):
     cls = CONFIG_MAPPING[model_type]
     text_config = getattr(cls, "sub_configs", {}).get("text_config")
     if getattr(text_config, "model_type", None) in CONFIG_MAPPING:  # vision-language: its text model is the causal LM
-        return _special_tokens_in_vocabulary(cls(text_config=tiny_config(text_config.model_type).to_dict()))
+        text = tiny_config(text_config.model_type).to_dict()
+        return _special_tokens_in_vocabulary(cls(text_config=text, **OVERRIDES.get(model_type, {})))
     defaults = cls().to_dict()  # the stored attributes (not properties derived from them)
     names = dict(getattr(cls, "attribute_map", {}))
     kwargs = {}

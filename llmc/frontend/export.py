@@ -25,6 +25,9 @@ from llmc.frontend.rope import per_token_rope
 from llmc.weights import set_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers' layer types of Mamba, linear-attention, convolution and recurrent layers (hybrids name them in
+# `layer_types`; pure Mamba models too).
+STATEFUL_LAYERS = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "recurrent"}
 
 
 class _Step(torch.nn.Module):
@@ -219,6 +222,10 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
 
 def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int) -> fx.GraphModule:
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline)."""
+    stateful = sorted({str(t) for t in getattr(ckpt.config.get_text_config(), "layer_types", None) or []} & STATEFUL_LAYERS)
+    if stateful:  # a step's program has no state but the KV cache: such a model would lose it between steps
+        raise CheckpointError(f"{ckpt.architecture} has layers that carry a recurrent or convolution state from step to "
+                              f"step ({', '.join(stateful)}), which llmc's engines do not keep")
     model = build_meta_model(ckpt, dtype)
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second
     buffers = non_persistent_buffers(model)

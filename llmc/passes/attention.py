@@ -76,11 +76,6 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
                         "attention interface; llmc cannot prove which mask it applies")
     traced = [n for n in graph.nodes if n.target == TRACED_ATTENTION]
     layers = getattr(ctx.hf_config.get_text_config(), "num_hidden_layers", None)
-    types = getattr(ctx.hf_config.get_text_config(), "layer_types", None) or []
-    stateful = sorted({str(t) for t in types if not ("attention" in str(t) and "linear" not in str(t))})
-    if traced and stateful and len(traced) != layers:  # hybrids: Mamba, linear attention, convolution layers
-        raise PassError(f"{arch}: {len(traced)} of its {layers} layers are attention layers; the others "
-                        f"({', '.join(stateful)}) carry a recurrent or convolution state, which llmc does not keep")
     if not traced or (layers is not None and len(traced) != layers):
         raise PassError(
             f"{arch}: {len(traced)} of its {layers} layers compute attention through transformers' attention interface; "
