@@ -48,7 +48,6 @@ TINY_CONFIG_GAPS = {
     "gemma4_assistant": "a drafter whose default config its own validation refuses",
     "gemma4_unified_assistant": "a drafter: sizes of its text sub-config (AutoConfig) not shrunk",
     "prophetnet": "decoder needs n-gram inputs",
-    "xlm": "needs its language embeddings' inputs",
 }
 
 # Standard config attribute names (mapped to each config's own through its `attribute_map`) and the tiny values.
@@ -104,6 +103,7 @@ OVERRIDES = {
     "dots3_note": {"vision_config": {"adapter_out_dim": TINY["hidden_size"]},  # the adapters feed the text model
                    "audio_config": {"adapter_out_dim": TINY["hidden_size"]}},
     "xmod": {"default_language": "en_XX"},
+    "xlm": {"pad_token_id": 2},  # its sequence lengths count the tokens that are not padding
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 2, "ngram_vocab_size_base": VOCAB, "hc_lowrank": 16},
     "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2, "num_heads": 4},  # q/k dims: multiples of 64
@@ -155,7 +155,7 @@ def tiny_config(model_type: str):
         kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", defaults["qk_rope_head_dim"])
     kwargs.update(OVERRIDES.get(model_type, {}))
     try:
-        config = cls(**kwargs, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        config = cls(**{"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **kwargs})
     except Exception:  # noqa: BLE001  configs that require the ids (both sides ignore EOS: see `check`)
         config = cls(**kwargs)
     return _special_tokens_in_vocabulary(config)
