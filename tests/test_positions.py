@@ -52,3 +52,13 @@ def test_a_position_table_reads_the_steps_positions():
 def test_an_arange_used_otherwise_stays():
     gm, record = positions(_traced(PositionTable(also_scale_by_position=True).eval()), None)
     assert record == {"positions": 0} and len(_aranges(gm)) == 1
+
+
+def test_bart_matches_transformers_where_positions_decide_the_tokens(tmp_path, monkeypatch):
+    # The sweep's tiny BART repeats one token; larger weights make each step's token depend on its position.
+    from llmc import sweep
+
+    monkeypatch.setitem(sweep.OVERRIDES, "bart", {"init_std": 0.5})
+    monkeypatch.setattr(sweep, "NEW_TOKENS", 16)
+    result = sweep.check("bart", tmp_path)
+    assert result.status == "matches", result.detail
