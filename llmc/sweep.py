@@ -44,41 +44,10 @@ SKIPPED = {
 # Registry entries whose tiny config (`tiny_config`) transformers itself cannot run yet: the shrinker's gaps,
 # not llmc's (the sweep reports them as crashed; tests/test_architectures.py expects that, strictly).
 TINY_CONFIG_GAPS = {
-    "bailing_hybrid": "2 layers hold no attention layer (hybrid layout attribute not shrunk)",
-    "bamba": "2 layers hold no attention layer (attn_layer_indices not shrunk)",
-    "granitemoehybrid": "2 layers hold no attention layer (hybrid layout attribute not shrunk)",
-    "jamba": "2 layers hold no attention layer (attn_layer_period/offset not shrunk)",
-    "recurrent_gemma": "2 layers hold no attention layer (block_types not shrunk)",
-    "kimi_linear": "routing top-k exceeds the shrunk experts",
     "blt": "sub-model sizes (encoder, global, decoder) not shrunk",
-    "dots3_note": "sizes not shrunk (279552M parameters)",
-    "gemma4_unified_assistant": "sizes not shrunk (2872M parameters)",
-    "gemma4_text": "sizes not shrunk (135M parameters)",
-    "llama4": "sizes not shrunk (vision/text sub-configs)",
-    "longcat_flash": "sizes not shrunk (47M parameters)",
-    "qwen3_5": "sizes not shrunk (vision/text sub-configs)",
-    "qwen3_5_moe": "sizes not shrunk (vision/text sub-configs)",
-    "inkling2_text": "a derived size becomes negative",
-    "inkling2_loop_text": "a derived size becomes negative",
-    "cohere_compass_text": "layer types not derived for 2 layers",
-    "gemma3n_text": "cache-sharing layer types inconsistent at 2 layers",
-    "dbrx": "attention sub-config needs rope_theta",
-    "deepseek_v2": "routing top-k left None",
-    "lfm2_moe": "a layer list left None",
-    "qwen4_exp": "a size left None",
-    "qwen4_exp_text": "a size left None",
-    "dots1": "expert parameters fail to initialise",
-    "gemma4_assistant": "config validation refuses the shrunk sizes",
-    "gpt_neo": "config validation refuses the shrunk sizes (attention_types)",
-    "kolibri1_1": "config validation refuses the shrunk sizes",
-    "mamba2": "config validation refuses the shrunk sizes",
-    "zamba": "config validation refuses the shrunk layer types",
-    "zamba2": "config validation refuses the shrunk layer types",
+    "gemma4_assistant": "a drafter whose default config its own validation refuses",
+    "gemma4_unified_assistant": "a drafter: sizes of its text sub-config (AutoConfig) not shrunk",
     "prophetnet": "decoder needs n-gram inputs",
-    "reformer": "needs is_decoder=True and its chunked attention sizes",
-    "xlm": "needs its language embeddings' inputs",
-    "xlstm": "cell sizes not shrunk consistently",
-    "xmod": "needs a default language set on the model",
 }
 
 # Standard config attribute names (mapped to each config's own through its `attribute_map`) and the tiny values.
@@ -99,9 +68,45 @@ CLAMPED = {
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "moe_k": 2, "rotary_dim": 8,
+    "num_experts_per_token": 2, "expert_ffn_hidden_size": 64, "zero_expert_num": 2, "shared_intermediate_size": 64,
+    "linear_head_dim": 16, "linear_num_heads": 4, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
     # Encoder-decoder families' decoders (BART, Marian, ...): the causal LM is their decoder.
     "decoder_layers": 2, "encoder_layers": 2, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
+}
+
+# Per-type attributes the generic shrinking cannot derive (sizes left None, layer layouts that must keep an
+# attention layer among 2, sizes a validator ties together). Data only: `tiny_config` applies them last.
+OVERRIDES = {
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1, "state_size": 16},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # as real DBRX configs
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"],  # shares one block
+              "attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 4},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"]},
+    "kolibri1_1": {"index_num_heads": 2},
+    "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                for t in ("full_attention", "sliding_attention")}},
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},
+    "gemma3n_text": {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                     "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0]},  # 2 share 2's cache
+    "inkling2_text": {"unpadded_vocab_size": VOCAB},
+    "inkling2_loop_text": {"unpadded_vocab_size": VOCAB},
+    "dots3_note": {"vision_config": {"adapter_out_dim": TINY["hidden_size"]},  # the adapters feed the text model
+                   "audio_config": {"adapter_out_dim": TINY["hidden_size"]}},
+    "xmod": {"default_language": "en_XX"},
+    "xlm": {"pad_token_id": 2},  # its sequence lengths count the tokens that are not padding
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 2, "ngram_vocab_size_base": VOCAB, "hc_lowrank": 16},
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2, "num_heads": 4},  # q/k dims: multiples of 64
 }
 
 
@@ -123,6 +128,10 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
+    text_config = getattr(cls, "sub_configs", {}).get("text_config")
+    if getattr(text_config, "model_type", None) in CONFIG_MAPPING:  # vision-language: its text model is the causal LM
+        text = tiny_config(text_config.model_type).to_dict()
+        return _special_tokens_in_vocabulary(cls(text_config=text, **OVERRIDES.get(model_type, {})))
     defaults = cls().to_dict()  # the stored attributes (not properties derived from them)
     names = dict(getattr(cls, "attribute_map", {}))
     kwargs = {}
@@ -130,7 +139,8 @@ def tiny_config(model_type: str):
         name = names.get(std, std)
         if name in defaults:
             kwargs[name] = value
-    for name, limit in CLAMPED.items():
+    for std, limit in CLAMPED.items():
+        name = names.get(std, std)
         current = defaults.get(name)
         if isinstance(current, int) and not isinstance(current, bool) and current > limit:
             kwargs[name] = limit
@@ -143,10 +153,15 @@ def tiny_config(model_type: str):
         kwargs[kv_heads] = TINY["num_attention_heads"]  # a model without grouped-query attention by default stays so
     if "qk_rope_head_dim" in defaults and "head_dim" in kwargs:  # MLA: the rotary part is the head dim RoPE sees
         kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", defaults["qk_rope_head_dim"])
+    kwargs.update(OVERRIDES.get(model_type, {}))
     try:
-        config = cls(**kwargs, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        config = cls(**{"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **kwargs})
     except Exception:  # noqa: BLE001  configs that require the ids (both sides ignore EOS: see `check`)
         config = cls(**kwargs)
+    return _special_tokens_in_vocabulary(config)
+
+
+def _special_tokens_in_vocabulary(config):
     for name, value in config.to_dict().items():  # other special tokens must exist in the tiny vocabulary
         if name.endswith(("_token_id", "_token_ids")) and isinstance(value, (int, list)):
             clamped = [min(v, VOCAB - 1) for v in value] if isinstance(value, list) else min(value, VOCAB - 1)
@@ -173,8 +188,8 @@ def make_checkpoint(model_type: str, path: Path, seed: int = 0) -> torch.nn.Modu
         raise ValueError(f"the tiny config still has {params / 1e6:.0f}M parameters: add its size attributes to llmc/sweep.py's CLAMPED")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
+    for name in ("eos_token_id", "pad_token_id", "forced_eos_token_id", "forced_bos_token_id"):  # plain greedy (BART forces EOS last)
+        setattr(model.generation_config, name, None)
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return model

@@ -129,3 +129,23 @@ def test_hub_id_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match=r"'llmc-test/no-such-model' is not a local directory and could not be downloaded"):
         build("llmc-test/no-such-model", tmp_path)
+
+
+def test_an_encoder_configured_model_is_refused_as_not_a_causal_decoder(tmp_path):
+    from llmc import sweep
+    from llmc.passes.manager import PassError
+
+    sweep.make_checkpoint("bert", tmp_path / "ckpt")  # BertLMHeadModel with transformers' default is_decoder=False
+    with pytest.raises(PassError, match=r'^BertLMHeadModel is not a causal decoder as configured \(is_decoder=False.*"is_decoder": true') as e:
+        build(tmp_path / "ckpt", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_with_recurrent_state_is_refused_before_tracing(tmp_path):
+    from llmc import sweep
+
+    sweep.make_checkpoint("mamba", tmp_path / "ckpt")  # its state between steps is not a KV cache: llmc would lose it
+    with pytest.raises(CheckpointError, match=r"^MambaForCausalLM has layers that carry a recurrent or convolution state "
+                       r"from step to step \(linear_attention\)") as e:
+        build(tmp_path / "ckpt", tmp_path)
+    assert "\n" not in str(e.value)

@@ -7,9 +7,9 @@ Before adding an op, put it in the category whose rule it meets; an op that meet
   anything returning a Python number from tensor data (item), and the `operator` arithmetic on sizes (a
   hostile engine could compute a huge size from constants that no bound sees).
 - not yet, though safe by these rules, because the architectures that call them would build and differ
-  from transformers (docs/architectures.md): `aten.arange` (BART's family computes positions as
-  arange(number of tokens), wrong for a batch of sequences or a decode step; a pass must read the
-  positions input instead) and `aten.gather`;
+  from transformers (docs/architectures.md): `aten.arange` (a position computed as arange(number of
+  tokens) is wrong for a batch of sequences or a decode step; llmc/passes/positions.py replaces the one it
+  proves is a position-table index, BART's family's, by the positions input) and `aten.gather`;
   `aten.mul_.Tensor` (CTRL matches with it, but Gemma 4's text model then fails its load-time step: its
   global attention layers' head size does not reach llmc::paged_attention).
 tests/test_program_ops.py checks that every tested architecture's program calls only these ops.

@@ -21,6 +21,8 @@ from llmc.frontend.checkpoint import CheckpointError
 IMPLEMENTATION = "llmc"
 # transformers' activation names -> llmc::moe's (the functions must be the same, not merely close).
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Experts that call torch's function itself (LFM2-MoE's `F.silu`) rather than an ACT2FN module.
+FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu"}
 
 
 class ExpertsError(CheckpointError):
@@ -30,10 +32,13 @@ class ExpertsError(CheckpointError):
 def _activation(experts: torch.nn.Module) -> str:
     from transformers.activations import ACT2FN
 
+    if experts.act_fn in FUNCTIONS:
+        return FUNCTIONS[experts.act_fn]
     for hf_name, name in ACTIVATIONS.items():
         if type(experts.act_fn) is type(ACT2FN[hf_name]) and repr(experts.act_fn) == repr(ACT2FN[hf_name]):
             return name
-    raise ExpertsError(f"{type(experts).__name__} uses the activation {experts.act_fn!r}, which llmc::moe does not "
+    act = getattr(experts.act_fn, "__name__", None) or repr(experts.act_fn)  # a function's name, not its address
+    raise ExpertsError(f"{type(experts).__name__} uses the activation {act}, which llmc::moe does not "
                        f"compute (it has {', '.join(sorted(set(ACTIVATIONS)))})")
 
 

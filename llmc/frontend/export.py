@@ -26,6 +26,9 @@ from llmc.frontend.rope import per_token_rope
 from llmc.weights import set_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers' layer types of Mamba, linear-attention, convolution and recurrent layers (hybrids name them in
+# `layer_types`; pure Mamba models too).
+STATEFUL_LAYERS = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "recurrent"}
 
 
 class _Step(torch.nn.Module):
@@ -55,6 +58,13 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         raise CheckpointError(
             f"{ckpt.architecture} cannot be built by llmc: {e}. Tested: {', '.join(TESTED_ARCHITECTURES)}."
         ) from None
+    except KeyError as e:  # a model that looks its attention class up by implementation name (GPT-Neo)
+        if e.args != (attention_interface.IMPLEMENTATION,):
+            raise
+        raise CheckpointError(
+            f"{ckpt.architecture} computes attention in the model's own code (attention classes chosen by name, none "
+            "through transformers' attention interface), which llmc does not lower"
+        ) from None
     return model.eval()
 
 
@@ -69,10 +79,22 @@ def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         owner.register_buffer(attr, torch.empty_like(buf, device="cpu"), persistent=False)
-        model._init_weights(owner)
+        _initialiser(model, owner_name)._init_weights(owner)
         values[name] = getattr(owner, attr)
         owner.register_buffer(attr, values[name].to("meta"), persistent=False)
     return values
+
+
+def _initialiser(model: torch.nn.Module, owner_name: str) -> torch.nn.Module:
+    """The innermost transformers model holding `owner_name`, whose `_init_weights` initialises it, as in
+    transformers' own initialisation (Gemma3n's reads attributes only its inner text model has)."""
+    from transformers import PreTrainedModel
+
+    parts, found = owner_name.split(".") if owner_name else [], model
+    for i in range(1, len(parts) + 1):
+        module = model.get_submodule(".".join(parts[:i]))
+        found = module if isinstance(module, PreTrainedModel) else found
+    return found
 
 
 def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int,
@@ -189,6 +211,9 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
         else:
             source = next((a for a in aliases.get(name, [name]) if a in available or a in weights.converted), name)
             value = weights.get(source)
+            if value is None and name.rpartition(".")[2].startswith("lifted_tensor"):  # e.g. Gemma3n's icdf(0.95)
+                raise CheckpointError(f"{weights.ckpt.architecture} creates a tensor constant as it runs ({name}), whose "
+                                      "value llmc's trace on the meta device does not keep")
             if value is None:
                 raise CheckpointError(f"weight {name!r} is missing from {weights.ckpt.path} (checkpoint incomplete or for another model?)")
         if tuple(value.shape) != tuple(meta.shape):
@@ -202,6 +227,10 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
           prequantized: Prequantized | None = None) -> fx.GraphModule:
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline). With `prequantized`
     (the checkpoint's quantization, llmc/frontend/prequantized.py) its quantized linears take its packed tensors."""
+    stateful = sorted({str(t) for t in getattr(ckpt.config.get_text_config(), "layer_types", None) or []} & STATEFUL_LAYERS)
+    if stateful:  # a step's program has no state but the KV cache: such a model would lose it between steps
+        raise CheckpointError(f"{ckpt.architecture} has layers that carry a recurrent or convolution state from step to "
+                              f"step ({', '.join(stateful)}), which llmc's engines do not keep")
     model = build_meta_model(ckpt, dtype)
     experts.prepare(model)  # an experts module llmc::moe cannot compute fails here, before reading anything
     weights = CheckpointWeights(ckpt, model)  # before tracing: a checkpoint llmc cannot read fails in a second

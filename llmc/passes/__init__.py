@@ -11,12 +11,12 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 from llmc.passes import (  # noqa: E402,F401
     attention, calibrate, canonicalize, eager_attention, expert_parallel, fold_rotary_into_attention,
     fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears,
-    pipeline_parallel, quantize, quantize_kv_cache, tensor_parallel,
+    pipeline_parallel, positions, quantize, quantize_kv_cache, tensor_parallel,
 )
 
 PIPELINE = (
     # The whole model:
-    "canonicalize", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
+    "canonicalize", "positions", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
     "fuse_rotary_embedding", "linear",
     "calibrate", "quantize_kv_cache",
     # After calibration, which records the keys' amax where they enter the cache: after RoPE.

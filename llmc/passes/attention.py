@@ -45,10 +45,16 @@ def _architecture(ctx: BuildContext) -> str:
     return (ctx.hf_config.architectures or [ctx.hf_config.model_type])[0]
 
 
-def _mask(gm: fx.GraphModule, mask: fx.Node, arch: str, layer: int) -> tuple[int, fx.Node | None]:
+def _mask(gm: fx.GraphModule, mask: fx.Node, ctx: BuildContext, layer: int) -> tuple[int, fx.Node | None]:
     """(sliding window, ALiBi slopes node or None) of the mask an attention received, or a PassError."""
+    arch = _architecture(ctx)
     if mask.target == CAUSAL_MASK:
         return int(mask.args[1]), None
+    encoder = getattr(ctx.hf_config.get_text_config(), "is_decoder", None) is False
+    if mask.target == UNRECOGNISED_MASK and "bidirectional" in mask.args[1] and encoder:
+        # BERT-style models pick their mask by `is_decoder`: as configured they are encoders, not causal LMs.
+        raise PassError(f"{arch} is not a causal decoder as configured (is_decoder=False: its attention sees the whole "
+                        "sequence); as a causal LM its config.json needs \"is_decoder\": true")
     if mask.target == UNRECOGNISED_MASK:
         raise PassError(f"{arch}: the attention mask of layer {layer} ({mask.args[1]}) is neither causal nor a causal "
                         "sliding window; llmc's attention implements only those")
@@ -79,7 +85,7 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
     kv_heads, head_dims, windows, features = set(), set(), [], set()
     for layer, node in enumerate(traced):
         q, k, v, mask, scale, softcap, sinks = node.args
-        window, slopes = _mask(gm, mask, arch, layer)
+        window, slopes = _mask(gm, mask, ctx, layer)
         windows.append(window)
         dk, dv = int(k.meta["val"].shape[-1]), int(v.meta["val"].shape[-1])
         kv_heads.add(int(k.meta["val"].shape[1]))
