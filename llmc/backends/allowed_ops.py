@@ -19,6 +19,7 @@ tests/test_program_ops.py checks that every tested architecture's program calls 
 # casts, bounds-checked indexing: the output's size follows from the inputs' sizes, so any constant is safe.
 COMPUTE_OPS = frozenset({
     "aten.add.Tensor",
+    "aten.bitwise_not.default",
     "aten.bmm.default",
     "aten.cat.default",
     "aten.clamp.default",
@@ -30,12 +31,14 @@ COMPUTE_OPS = frozenset({
     "aten.exp.default",
     "aten.expm1.default",
     "aten.floor.default",
+    "aten.gather.default",
     "aten.gelu.default",
     "aten.gt.Scalar",
     "aten.index.Tensor",
     "aten.layer_norm.default",
     "aten.log.default",
     "aten.log1p.default",
+    "aten.masked_fill.Scalar",
     "aten.matmul.default",
     "aten.mean.dim",
     "aten.min.other",
@@ -60,6 +63,7 @@ COMPUTE_OPS = frozenset({
     "aten.topk.default",
     "aten.type_as.default",
     "aten.where.self",
+    "aten.zeros_like.default",
     "operator.getitem",
 })
 
@@ -100,6 +104,7 @@ IN_PLACE_OPS = frozenset({
     "aten.add_.Tensor",
     "aten.copy_.default",
     "aten.div_.Tensor",
+    "aten.scatter_.value",
 })
 
 # llmc's own ops (llmc/plugins): each checks its arguments against its inputs' shapes.
