@@ -30,13 +30,11 @@ BUILDS = {
     "kv-fp8": dict(kv_cache_dtype="fp8"),
     "bfloat16-tp2-fp8-kv-fp8": dict(dtype="bfloat16", tp=2, quant="fp8", kv_cache_dtype="fp8"),
 }
-# Builds a pass refuses for an architecture, with the PassError it gives: Gemma2's (1 + weight) norms and MLA's
-# latent projections are not yet tensor-parallel; Falcon's own linear (a matmul) hides its layers from the
-# pipeline pass.
+# Builds a pass refuses for an architecture, with the PassError it gives: Gemma2's (1 + weight) norms are not yet
+# tensor-parallel; Falcon's own linear (a matmul) hides its layers from the pipeline pass.
 TP_REFUSED = "tensor_parallel: .* fails on the rank's shapes"
 REFUSED = {
     "gemma2": {"tp2": TP_REFUSED, "bfloat16-tp2-fp8-kv-fp8": TP_REFUSED},
-    "deepseek_v3_mla": {"tp2": TP_REFUSED, "bfloat16-tp2-fp8-kv-fp8": TP_REFUSED},
     "falcon_alibi": {"pp2": "no projection found before attention"},
 }
 

@@ -9,7 +9,7 @@ Before adding an op, put it in the category whose rule it meets; an op that meet
 - not yet, though safe by these rules, because the architectures that call them would build and differ
   from transformers (docs/architectures.md): `aten.arange` (BART's family computes positions as
   arange(number of tokens), wrong for a batch of sequences or a decode step; a pass must read the
-  positions input instead) and `aten.gather`;
+  positions input instead);
   `aten.mul_.Tensor` (CTRL matches with it, but Gemma 4's text model then fails its load-time step: its
   global attention layers' head size does not reach llmc::paged_attention).
 tests/test_program_ops.py checks that every tested architecture's program calls only these ops.
@@ -17,6 +17,8 @@ tests/test_program_ops.py checks that every tested architecture's program calls 
 
 # (a) Elementwise math, comparisons, reductions, matmul-like ops, normalizations, softmax-like ops, dtype
 # casts, bounds-checked indexing: the output's size follows from the inputs' sizes, so any constant is safe.
+# `aten.gather` (MoE routers read the chosen experts' scores with it) is indexing of this kind: its output has
+# the index's size, and torch checks every index against the input at run time.
 COMPUTE_OPS = frozenset({
     "aten.add.Tensor",
     "aten.bitwise_not.default",
@@ -100,6 +102,7 @@ SIZED_OPS = {
 
 # (d) In-place ops: allowed only on intermediates. The loader refuses one whose destination is, or is a view
 # of, a weight or an input (graph_format._check_in_place), so a program cannot rewrite its weights.
+# `aten.scatter_.value` (DeepSeek's group mask) writes only inside its destination: torch checks its indices.
 IN_PLACE_OPS = frozenset({
     "aten.add_.Tensor",
     "aten.copy_.default",
