@@ -103,8 +103,14 @@ def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
     config = EngineConfig.load(tmp_path / "engine")
     assert config.mapping.get("ep", 1) == ep and config.world_size == tp * ep
     if arch == "deepseek_v3" and tp > 1:
-        record = next(r for r in config.ranks[0]["passes"] if r["pass"] == "tensor_parallel")
-        assert record["latent_replicated"] == 2  # each layer's kv_a_proj_with_mqa
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "engine" / "rank1" / "weights.safetensors", "pt") as f:
+            shapes = {k.removeprefix("model.layers.0.self_attn."): f.get_slice(k).get_shape() for k in f.keys()}
+        # 2 of the 4 heads: q 24 features a head, k_nope + v 16 + 12, v 12; the latent projections whole
+        # (q_a 16 and kv_a 32 + 8 rope features, merged as they read the same input).
+        assert shapes["q_b_proj.weight"] == [48, 16] and shapes["kv_b_proj.weight"] == [56, 32]
+        assert shapes["o_proj.weight"] == [64, 24] and shapes["q_a_proj.weight_merged"] == [56, 64]
 
 
 def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):

@@ -123,9 +123,6 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     linears = [n for n in graph.nodes if n.target == LINEAR]
     rows = [n for n in linears if _cone(n.args[0], stop_at_norms=True)]
     attention_columns = {lin: att for att in attentions for arg in att.args[:3] for lin in _cone(arg, False) if lin.target == LINEAR}
-    # A latent projection (MLA's kv_a) feeds another head projection (kv_b): it is shared by all heads, so replicated.
-    latents = {lin for col in attention_columns for lin in _cone(col.args[0], False) if lin in attention_columns}
-    attention_columns = {lin: att for lin, att in attention_columns.items() if lin not in latents}
     mlp_columns = {lin for row in rows for lin in _cone(row.args[0], True) if lin.target == LINEAR} - set(attention_columns)
     others = [n for n in linears if n not in rows and n not in attention_columns and n not in mlp_columns]
     vocab_linears = [n for n in others if gm.get_buffer(n.args[1].target).shape[0] == vocab]
@@ -199,10 +196,9 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     _fit_reshapes(gm, ctx)
     return gm, {
         "column_parallel": len(attention_columns) + len(mlp_columns),
-        "latent_replicated": len(latents),
         "row_parallel": len(rows),
         "vocab_parallel": len(vocab_linears) + len(embeddings),
-        "replicated": len(others) - len(vocab_linears) - len(latents),
+        "replicated": len(others) - len(vocab_linears),
         "kv_heads_per_rank": ctx.kv_cache["num_kv_heads"],
     }
 
