@@ -56,6 +56,13 @@ TINY_CONFIGS = {
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=2,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=256),
+    # DeepSeek-V3: MLA (with a q latent) and, after one dense layer, MoE with grouped routing (sigmoid scores plus a
+    # score bias, the best 1 of 2 groups, top-2 renormalised and scaled) and a shared expert.
+    "deepseek_v3": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+                        q_lora_rank=16, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                        norm_topk_prob=True, routed_scaling_factor=2.5, max_position_embeddings=256),
     # RoPE whose frequencies depend on the sequence's length, switching at 16 tokens: prompts and generations
     # cross it. Weights larger than the default init, so that positions change the greedy tokens.
     "phi3_longrope": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -111,6 +118,9 @@ def make_checkpoint(arch: str, path: Path, *, seed: int = 0, **overrides) -> Pat
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(std=0.1)
+    for name, bias in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zero at init; a trained one steers routing (DeepSeek-V3)
+            bias.normal_(std=0.1)
     model.generation_config.eos_token_id = None
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)

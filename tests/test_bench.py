@@ -32,6 +32,14 @@ def test_bench_latency(engine):
     assert set(out["speedups"]["hf"]) == {"batch1", "batch8", "prefill_512"}
 
 
+def test_bench_moe():
+    """A random Mixtral, built and run by llmc and by transformers in one run."""
+    out = run_bench("moe", "--hidden", 64, "--layers", 1, "--experts", 4, "--vocab", 320, "--new-tokens", 4, "--repeats", 1)
+    assert out["model"]["num_local_experts"] == 4 and out["model"]["num_experts_per_tok"] == 2
+    assert out["llmc"]["batch1_tokens_per_s"] > 0 and out["hf"]["batch1_tokens_per_s"] > 0
+    assert out["speedups"]["hf"]["batch1"] == pytest.approx(out["llmc"]["batch1_tokens_per_s"] / out["hf"]["batch1_tokens_per_s"], rel=1e-2)
+
+
 def test_bench_serve(engine):
     out = run_bench("serve", engine, "--num-requests", 6, "--request-rate", "inf", "--prompt-len", 4, 40, "--output-len", 2, 12)
     assert out["llmc"]["requests"] == out["hf"]["requests"] == 6
@@ -91,7 +99,7 @@ def test_bench_gated_activation():
 def test_unknown_benchmark():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code == 1
-    assert "available: gated_activation, latency, offline, parallel, quant_gemv, quantization, serve, triton" in result.output
+    assert "available: gated_activation, latency, moe, offline, parallel, quant_gemv, quantization, serve, triton" in result.output
 
 
 def test_bench_serve_from_a_trace_file(engine, tmp_path):

@@ -307,7 +307,7 @@ def first_weight(program) -> str:
 
 
 @pytest.mark.parametrize("view", [None, "aten.alias.default", "aten.slice.Tensor", "aten.type_as.default"])
-@pytest.mark.parametrize("target", ["aten.add_.Tensor", "aten.div_.Tensor", "aten.copy_.default"])
+@pytest.mark.parametrize("target", ["aten.add_.Tensor", "aten.div_.Tensor", "aten.copy_.default", "aten.scatter_.value"])
 def test_in_place_op_on_a_weight_or_input_is_refused(copied, target, view):
     """In-place ops may write intermediates only: never a weight or an input, directly or through a view."""
     def edit(program):
@@ -317,7 +317,8 @@ def test_in_place_op_on_a_weight_or_input_is_refused(copied, target, view):
                 args = [{"node": source}] + ([{"node": source}] if view == "aten.type_as.default" else [])
                 program[-1:-1] = [call(f"v_{source}", view, *args)]
                 dest = f"v_{source}"
-            program[-1:-1] = [call(f"w_{source}", target, {"node": dest}, {"node": dest})]
+            args = (0, {"node": "input_ids"}, 1.0) if target == "aten.scatter_.value" else ({"node": dest},)
+            program[-1:-1] = [call(f"w_{source}", target, {"node": dest}, *args)]
     edit_program(copied, edit)
     assert_refused(copied, rf"'w_\w+': {re.escape(target)} writes into '\w+', which is not an intermediate result")
 

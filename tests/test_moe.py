@@ -126,13 +126,44 @@ def test_fused_expert_checkpoint_builds(tmp_path):
     assert engine_matches_transformers(fused, tmp_path / "engine")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
-@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
+# DeepSeek-V3 at tp 2 alone too: its MLA's head projections shard by heads, the latent ones stay whole.
+@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+                                        for tp, ep in ((1, 2), (2, 2))] + [("deepseek_v3", 2, 1)])
 def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
     checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=3)
     assert engine_matches_transformers(checkpoint, tmp_path / "engine", tp=tp, ep=ep)
     config = EngineConfig.load(tmp_path / "engine")
-    assert config.mapping["ep"] == ep and config.world_size == tp * ep
+    assert config.mapping.get("ep", 1) == ep and config.world_size == tp * ep
+    if arch == "deepseek_v3" and tp > 1:
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "engine" / "rank1" / "weights.safetensors", "pt") as f:
+            shapes = {k.removeprefix("model.layers.0.self_attn."): f.get_slice(k).get_shape() for k in f.keys()}
+        # 2 of the 4 heads: q 24 features a head, k_nope + v 16 + 12, v 12; the latent projections whole
+        # (q_a 16 and kv_a 32 + 8 rope features, merged as they read the same input).
+        assert shapes["q_b_proj.weight"] == [48, 16] and shapes["kv_b_proj.weight"] == [56, 32]
+        assert shapes["o_proj.weight"] == [64, 24] and shapes["q_a_proj.weight_merged"] == [56, 64]
+
+
+def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
+    """The tiny DeepSeek-V3 exercises what its router adds to plain top-k: without the score bias, or choosing
+    from every group, some tokens would go to other experts (so matching transformers tests both)."""
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint("deepseek_v3", tmp_path / "checkpoint", seed=3))
+    router = model.model.layers[1].mlp.gate
+    x = torch.randn(64, router.hidden_dim, generator=torch.Generator().manual_seed(0))
+
+    def chosen():
+        with torch.no_grad():
+            return router(x)[2].sort(dim=-1).values
+
+    routed = chosen()
+    router.topk_group = router.num_group
+    assert not torch.equal(chosen(), routed)
+    router.topk_group, bias = 1, router.e_score_correction_bias.clone()
+    router.e_score_correction_bias.zero_()
+    assert not torch.equal(chosen(), routed)
+    router.e_score_correction_bias.copy_(bias)
+    assert torch.equal(chosen(), routed)
 
 
 def test_expert_parallel_shards_the_experts(tmp_path):

@@ -30,16 +30,6 @@ BUILDS = {
     "kv-fp8": dict(kv_cache_dtype="fp8"),
     "bfloat16-tp2-fp8-kv-fp8": dict(dtype="bfloat16", tp=2, quant="fp8", kv_cache_dtype="fp8"),
 }
-# Builds a pass refuses for an architecture, with the PassError it gives: MLA's latent projections are not yet
-# tensor-parallel.
-TP_REFUSED = "tensor_parallel: .* fails on the rank's shapes"
-REFUSED = {
-    "deepseek_v3_mla": {"tp2": TP_REFUSED, "bfloat16-tp2-fp8-kv-fp8": TP_REFUSED},
-}
-
-
-def builds(arch: str) -> dict:
-    return {build: options for build, options in BUILDS.items() if build not in REFUSED.get(arch, ())}
 
 
 def call_targets(program: dict) -> set[str]:
@@ -59,16 +49,12 @@ def test_programs_call_only_allow_listed_ops(arch, tmp_path):
     from llmc.backends import torch_backend
     from llmc.backends.allowed_ops import PROGRAM_OPS
     from llmc.backends.graph_format import graph_to_json
-    from llmc.passes.manager import PassError
     from llmc.plugins.linear import PREPACKED
 
     # What loading inserts on CPU (prepacked linears) is never read from a file, so it is not in PROGRAM_OPS.
     load_time_ops = {str(prepacked) for prepacked, _ in PREPACKED.values()}
     checkpoint = make_checkpoint(arch, tmp_path / "checkpoint")
-    for build, message in REFUSED.get(arch, {}).items():
-        with pytest.raises(PassError, match=message):
-            program_ops(checkpoint, tmp_path / build, BUILDS[build])
-    for build, options in builds(arch).items():
+    for build, options in BUILDS.items():
         new = program_ops(checkpoint, tmp_path / build, options) - PROGRAM_OPS
         assert not new, (f"{arch} {build} calls ops the engine loader refuses: {sorted(new)}. Add each to the category of "
                          "llmc/backends/allowed_ops.py whose rule it meets")
@@ -95,7 +81,7 @@ def main(architectures=ARCHITECTURES, ops: set[str] = frozenset()) -> None:
         root = Path(tmp)
         for arch in architectures:
             checkpoint = make_checkpoint(arch, root / arch)
-            for build, options in builds(arch).items():
+            for build, options in BUILDS.items():
                 start = time.perf_counter()
                 ops |= program_ops(checkpoint, root / f"{arch}-{build}", options)
                 print(f"{arch} {build}: {time.perf_counter() - start:.1f} s, {len(ops)} ops so far", file=sys.stderr)

@@ -9,7 +9,7 @@ Before adding an op, put it in the category whose rule it meets; an op that meet
 - not yet, though safe by these rules, because the architectures that call them would build and differ
   from transformers (docs/architectures.md): `aten.arange` (a position computed as arange(number of
   tokens) is wrong for a batch of sequences or a decode step; llmc/passes/positions.py replaces the one it
-  proves is a position-table index, BART's family's, by the positions input) and `aten.gather`;
+  proves is a position-table index, BART's family's, by the positions input);
   `aten.mul_.Tensor` (CTRL matches with it, but Gemma 4's text model then fails its load-time step: its
   global attention layers' head size does not reach llmc::paged_attention).
 tests/test_program_ops.py checks that every tested architecture's program calls only these ops.
@@ -17,8 +17,11 @@ tests/test_program_ops.py checks that every tested architecture's program calls 
 
 # (a) Elementwise math, comparisons, reductions, matmul-like ops, normalizations, softmax-like ops, dtype
 # casts, bounds-checked indexing: the output's size follows from the inputs' sizes, so any constant is safe.
+# `aten.gather` (MoE routers read the chosen experts' scores with it) is indexing of this kind: its output has
+# the index's size, and torch checks every index against the input at run time.
 COMPUTE_OPS = frozenset({
     "aten.add.Tensor",
+    "aten.bitwise_not.default",
     "aten.bmm.default",
     "aten.cat.default",
     "aten.clamp.default",
@@ -30,12 +33,14 @@ COMPUTE_OPS = frozenset({
     "aten.exp.default",
     "aten.expm1.default",
     "aten.floor.default",
+    "aten.gather.default",
     "aten.gelu.default",
     "aten.gt.Scalar",
     "aten.index.Tensor",
     "aten.layer_norm.default",
     "aten.log.default",
     "aten.log1p.default",
+    "aten.masked_fill.Scalar",
     "aten.matmul.default",
     "aten.mean.dim",
     "aten.min.other",
@@ -60,6 +65,7 @@ COMPUTE_OPS = frozenset({
     "aten.topk.default",
     "aten.type_as.default",
     "aten.where.self",
+    "aten.zeros_like.default",
     "operator.getitem",
 })
 
@@ -96,10 +102,12 @@ SIZED_OPS = {
 
 # (d) In-place ops: allowed only on intermediates. The loader refuses one whose destination is, or is a view
 # of, a weight or an input (graph_format._check_in_place), so a program cannot rewrite its weights.
+# `aten.scatter_.value` (DeepSeek's group mask) writes only inside its destination: torch checks its indices.
 IN_PLACE_OPS = frozenset({
     "aten.add_.Tensor",
     "aten.copy_.default",
     "aten.div_.Tensor",
+    "aten.scatter_.value",
 })
 
 # llmc's own ops (llmc/plugins): each checks its arguments against its inputs' shapes.

@@ -131,16 +131,21 @@ def main(argv: list[str] | None = None) -> dict:
         if config.dtype == "float32":  # the genai model is built in fp32
             peers["onnxruntime-genai"] = bench_genai(Path(args.peers), hf_model, prompts, args.new_tokens, args.repeats)
         result.update({peer: r for peer, r in peers.items() if r is not None})
-    ours = result["llmc"]
-    # Speedups of llmc over each peer: > 1 means llmc is faster.
-    result["speedups"] = {
-        peer: {
-            "batch1": ours["batch1_tokens_per_s"] / r["batch1_tokens_per_s"],
-            "batch8": ours["batch8_tokens_per_s"] / r["batch8_tokens_per_s"],
-            "prefill_512": r["prefill_512_ms"] / ours["prefill_512_ms"],
-        }
-        for peer, r in result.items() if peer not in ("workload", "llmc")
+    result["speedups"] = {peer: speedups(result["llmc"], r) for peer, r in result.items() if peer not in ("workload", "llmc")}
+    return report(result)
+
+
+def speedups(ours: dict, peer: dict) -> dict:
+    """llmc's speed over a peer's: > 1 means llmc is faster."""
+    return {
+        "batch1": ours["batch1_tokens_per_s"] / peer["batch1_tokens_per_s"],
+        "batch8": ours["batch8_tokens_per_s"] / peer["batch8_tokens_per_s"],
+        "prefill_512": peer["prefill_512_ms"] / ours["prefill_512_ms"],
     }
+
+
+def report(result: dict) -> dict:
+    """Print `result` as JSON, numbers to 3 decimals; returns what it printed."""
     result = json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 3))
     print(json.dumps(result, indent=2))
     return result

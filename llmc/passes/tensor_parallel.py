@@ -280,6 +280,7 @@ class _ReshapeFitter(fx.Interpreter):
         super().__init__(gm)
         self.rank, self.fixed_sizes = rank, fixed_sizes
         self.sharded: list[fx.Node] = []  # nodes whose traced shape is no longer the rank's
+        self.broadcast_inputs: dict[fx.Node, torch.Tensor] = {}
 
     def _fit_head_constants(self, n: fx.Node) -> None:
         """ALiBi slopes and sinks, one per query head, keep the heads this rank's q has (a contiguous run of them)."""
@@ -296,9 +297,36 @@ class _ReshapeFitter(fx.Interpreter):
                 set_weight(self.module, node.target, value)
             self.env[node] = value
 
+    def _fit_new_tensor_size(self, n: fx.Node) -> None:
+        """A tensor made in the shape of a sharded one (MLA's key: new_empty(kv, [b, heads, s, d])) takes the rank's."""
+        found = _sharded_dim(_shape(n.args[0]), self.env[n.args[0]].shape)
+        size = list(n.args[1])
+        if found is not None and size[found[0]] == _shape(n.args[0])[found[0]]:
+            size[found[0]] //= found[1]
+            n.update_arg(1, size)
+
+    def _fit_copied_broadcast(self, n: fx.Node) -> None:
+        """A broadcast made to fill a sharded tensor (MLA's shared rope key, expanded to every head of the key)
+        takes that tensor's rank shape: their traced shapes were the same."""
+        dest, src = n.args[0], n.args[1]
+        if src.target != aten.expand.default or _shape(src) != _shape(dest):
+            return
+        shape = self.env[dest].shape
+        if self.env[src].shape != shape:
+            src.update_arg(1, [r if isinstance(s, int) and s != -1 else s for s, r in zip(src.args[1], shape)])
+            self.env[src] = self.broadcast_inputs.pop(src).expand(shape)
+            self.sharded.append(src)
+
     def run_node(self, n: fx.Node):
         if n.target == ATTENTION:
             self._fit_head_constants(n)
+        if n.target == aten.new_empty.default and "val" in n.args[0].meta:
+            self._fit_new_tensor_size(n)
+        if n.target == aten.copy_.default:
+            self._fit_copied_broadcast(n)
+        if n.target == aten.expand.default and any(u.target == aten.copy_.default and u.args[1] is n for u in n.users):
+            # kept for _fit_copied_broadcast: the interpreter frees the input once the expand has run
+            self.broadcast_inputs[n] = self.env[n.args[0]]
         if n in self.fixed_sizes:
             n.update_arg(1, self.fixed_sizes[n])
         elif (n.target in VIEWS or n.target in SPLITS) and "val" in n.args[0].meta:
