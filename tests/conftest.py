@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 torch.set_num_threads(2)
 
+EXAMPLE_MODEL = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama"
 VOCAB = 320
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -145,3 +147,46 @@ def step_inputs(plans, block_size: int):
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {arch: make_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+# Engines many modules read, built once per session (issue 22: CI time). Read-only: a test that edits an engine
+# copies it first (`llama_engine_copy`, or shutil.copytree into its tmp_path); teardown checks no file changed.
+
+def file_digests(root: Path) -> dict[str, dict]:
+    from llmc.engine import file_digest
+
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def shared_engine(checkpoint: Path, out: Path, **options):
+    """Build, hand out, then fail the session if any test wrote into the shared engine."""
+    import llmc
+
+    engine = llmc.build(checkpoint, out, log=lambda _: None, **options)
+    before = file_digests(engine)
+    yield engine
+    assert file_digests(engine) == before, f"a test changed the shared engine {engine}: copy it before editing"
+
+
+@pytest.fixture(scope="session")
+def llama_engine(checkpoints, tmp_path_factory):
+    """The tiny Llama, fp32, torch backend, 64 tokens a sequence."""
+    yield from shared_engine(checkpoints["llama"], tmp_path_factory.mktemp("shared") / "llama", max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def llama_onnx_engine(checkpoints, tmp_path_factory):
+    """The tiny Llama, fp32, ONNX backend, 64 tokens a sequence."""
+    yield from shared_engine(checkpoints["llama"], tmp_path_factory.mktemp("shared") / "llama-onnx", max_seq_len=64, backend="onnx")
+
+
+@pytest.fixture(scope="session")
+def example_engine(tmp_path_factory):
+    """The shipped example model (examples/stdlib-llama), fp32, 256 tokens a sequence."""
+    yield from shared_engine(EXAMPLE_MODEL, tmp_path_factory.mktemp("shared") / "stdlib-llama", max_seq_len=256)
+
+
+@pytest.fixture
+def llama_engine_copy(llama_engine, tmp_path) -> Path:
+    """A copy of the shared Llama engine, for a test that edits its files."""
+    return shutil.copytree(llama_engine, tmp_path / "engine")

@@ -89,6 +89,20 @@ def test_build_output_default_verbose_quiet_and_force(checkpoints, tmp_path):
     assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
 
 
+def test_generate_and_inspect(llama_engine):
+    """`llmc build` itself: test_build_output_default_verbose_quiet_and_force."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", str(llama_engine), "-p", "def fib(n):", "--max-tokens", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("{"))
+    assert '"finish_reason": "length"' in line
+    result = runner.invoke(main, ["inspect", str(llama_engine)])
+    assert result.exit_code == 0 and "paged" not in result.output and "attention" in result.output
+    assert "rank0/weights.safetensors" in result.output
+    result = runner.invoke(main, ["generate", str(llama_engine), "-p", "x", "--top-p", "0"])
+    assert result.exit_code == 1 and "top_p must be in (0, 1]" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["-tp", "3"], "Error: tp=3 does not divide the model's 4 attention heads (2 KV heads); tp can be 1, 2, 4"),
     (["--pp", "9"], "Error: pp=9 exceeds the model's 2 layers; pp can be 1 to 2"),

@@ -19,13 +19,13 @@ PROMPTS = ["def fib(n):", "import os", "class A:\n    pass"]
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoints, tmp_path_factory):
-    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("e") / "engine", max_seq_len=64, log=lambda _: None)
+def engine(llama_engine):
+    return llama_engine
 
 
 @pytest.fixture
-def engine_copy(engine, tmp_path):
-    return shutil.copytree(engine, tmp_path / "engine")
+def engine_copy(llama_engine_copy):
+    return llama_engine_copy
 
 
 def test_engine_layout(engine):

@@ -19,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-import llmc
 import llmc.engine as engine_module
 from llmc import LLM
 from llmc.engine import EngineConfig, EngineError, file_digest, verify_files
@@ -28,13 +27,13 @@ PROGRAM, WEIGHTS = "rank0/program.json", "rank0/weights.safetensors"
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoints, tmp_path_factory) -> Path:
-    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("tamper") / "engine", max_seq_len=64, log=lambda _: None)
+def engine(llama_engine) -> Path:
+    return llama_engine
 
 
 @pytest.fixture
-def copied(engine, tmp_path) -> Path:
-    return shutil.copytree(engine, tmp_path / "engine")
+def copied(llama_engine_copy) -> Path:
+    return llama_engine_copy
 
 
 def read_config(engine_dir: Path) -> dict:
@@ -457,9 +456,8 @@ def test_tokenizer_remote_code_is_never_run(copied, monkeypatch):
 # ONNX engines
 
 @pytest.fixture(scope="module")
-def onnx_engine(checkpoints, tmp_path_factory) -> Path:
-    return llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("tamper-onnx") / "engine", max_seq_len=64, backend="onnx",
-                      log=lambda _: None)
+def onnx_engine(llama_onnx_engine) -> Path:
+    return llama_onnx_engine
 
 
 def test_onnx_rank_files_are_required(onnx_engine, tmp_path):

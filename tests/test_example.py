@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import llmc
 from llmc import LLM, SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -20,8 +19,8 @@ PROMPTS = ["def read_config(path):\n", "import os\nimport sys\n\n", "class Parse
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return llmc.build(MODEL, tmp_path_factory.mktemp("e") / "stdlib-llama", log=lambda _: None)
+def engine(example_engine):
+    return example_engine  # 256 tokens a sequence: what these tests generate fits
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,15 @@ quiet = dict(log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
-def engines(checkpoints, tmp_path_factory):
+def engines(checkpoints, tmp_path_factory, llama_onnx_engine):
     """Per architecture: the ONNX engine, and a torch engine with the same cache blocks (one a sequence)."""
     root = tmp_path_factory.mktemp("onnx_engines")
     built = {}
     for arch in ARCHS:
+        onnx = llama_onnx_engine if arch == "llama" else (  # the session's, of max_seq_len 64 (MAX_SEQ_LEN)
+            llmc.build(checkpoints[arch], root / f"{arch}-onnx", max_seq_len=MAX_SEQ_LEN, backend="onnx", **quiet))
         built[arch] = {
-            "onnx": llmc.build(checkpoints[arch], root / f"{arch}-onnx", max_seq_len=MAX_SEQ_LEN, backend="onnx", **quiet),
+            "onnx": onnx,
             "torch": llmc.build(checkpoints[arch], root / f"{arch}-torch", max_seq_len=MAX_SEQ_LEN, block_size=MAX_SEQ_LEN, **quiet),
         }
     return built

@@ -4,18 +4,14 @@ equal its `hf` model's on the same checkpoint (loglikelihoods to 1e-4 in fp32, g
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import llmc
 
 from test_server import CHAT_TEMPLATE, free_port, wait_until_healthy
 
@@ -26,21 +22,13 @@ LOGLIKELIHOOD_TOLERANCE = 1e-4  # fp32 both sides; the kernels sum in another or
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """The example model, with a chat template (it ships none)."""
-    path = shutil.copytree(MODEL, tmp_path_factory.mktemp("ckpt") / "stdlib-llama")
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def url(checkpoint, tmp_path_factory):
-    engine = llmc.build(checkpoint, tmp_path_factory.mktemp("e") / "stdlib-llama", max_seq_len=256, log=lambda _: None)
+def url(example_engine, tmp_path_factory):
+    """`llmc serve` of the example model, with a chat template (it ships none)."""
+    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "serve", str(engine), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "serve", str(example_engine), "--port", str(port),
+                             "--chat-template", str(template)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc, timeout=120)
@@ -68,7 +56,7 @@ def hf_greedy(reference, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(out[0, ids.shape[1]:])
 
 
-def test_openai_client_completions_chat_streaming_n(client, reference, checkpoint):
+def test_openai_client_completions_chat_streaming_n(client, reference):
     model = client.models.list().data[0].id
     want = hf_greedy(reference, PROMPTS[0], 24)
     out = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0, n=2)
@@ -77,7 +65,7 @@ def test_openai_client_completions_chat_streaming_n(client, reference, checkpoin
     assert "".join(c.choices[0].text for c in streamed if c.choices) == want
 
     messages = [{"role": "user", "content": "def fib(n):"}]
-    chat_prompt = AutoTokenizer.from_pretrained(checkpoint).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat_prompt = reference[1].apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
     want = hf_greedy(reference, chat_prompt, 16)
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0, n=2)
     assert [c.message.content for c in chat.choices] == [want, want]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -11,6 +13,21 @@ from llmc.frontend.checkpoint import Checkpoint
 from llmc.frontend.export import trace
 from llmc.passes import PASSES, PIPELINE, BuildContext, register_pass, run_passes
 from llmc.passes.manager import PassError
+
+
+@pytest.fixture(scope="module")
+def lowered(checkpoints):
+    """(arch, dtype) -> the graph module and pass records of the whole pipeline, verified: one trace per model and
+    dtype for the module's tests, which only read them."""
+
+    @functools.cache
+    def lower(arch: str, dtype: str):
+        ckpt = Checkpoint(checkpoints[arch])
+        ctx = BuildContext(ckpt.config, getattr(torch, dtype), 64, 64, 8)
+        gm, records = run_passes(trace(ckpt, getattr(torch, dtype), 64, 8), ctx, PIPELINE, verify=True)
+        return gm, {r["pass"]: r for r in records}
+
+    return lambda arch, dtype="float32": lower(arch, dtype)
 
 
 def test_verify_and_dump_every_stage(checkpoints, tmp_path):
@@ -29,14 +46,10 @@ def test_verify_and_dump_every_stage(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gpt2"])
-def test_canonicalize_removes_asserts_and_attention_removes_the_mask(arch, checkpoints):
-    ckpt = Checkpoint(checkpoints[arch])
-    gm = trace(ckpt, torch.float32, 64, 8)
-    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
-    gm, records = run_passes(gm, ctx, PIPELINE)
+def test_canonicalize_removes_asserts_and_attention_removes_the_mask(arch, lowered):
+    gm, records = lowered(arch)
     targets = {str(n.target) for n in gm.graph.nodes}
     assert not any(word in t for t in targets for word in ("_assert", "scaled_dot_product", "cumsum", "dropout"))
-    records = {r["pass"]: r for r in records}
     if arch == "mistral":
         attention = records["attention"]
         assert attention["num_layers"] == 2 and attention["num_kv_heads"] == 2 and attention["sliding_window"] == 8
@@ -63,33 +76,11 @@ def test_verification_catches_a_pass_that_changes_numerics(checkpoints):
         del PASSES["test_scale_lm_head"]
 
 
-def test_cli_build_generate_inspect(checkpoints, tmp_path):
-    from click.testing import CliRunner
-
-    from llmc.cli import main
-
-    runner = CliRunner()
-    engine = tmp_path / "engine"
-    result = runner.invoke(main, ["build", str(checkpoints["llama"]), "-o", str(engine), "--max-seq-len", "64"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["generate", str(engine), "-p", "def fib(n):", "--max-tokens", "5", "--json"])
-    assert result.exit_code == 0, result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("{"))
-    assert '"finish_reason": "length"' in line
-    result = runner.invoke(main, ["inspect", str(engine)])
-    assert result.exit_code == 0 and "paged" not in result.output and "attention" in result.output
-    assert "rank0/weights.safetensors" in result.output
-    result = runner.invoke(main, ["generate", str(engine), "-p", "x", "--top-p", "0"])
-    assert result.exit_code == 1 and "top_p must be in (0, 1]" in result.output
-
-
 @pytest.mark.parametrize("arch, groups, merged", [("llama", 4, 10), ("qwen2", 4, 10), ("gptj", 2, 6), ("gpt_neox", 0, 0)])
-def test_merge_linears(arch, groups, merged, checkpoints):
+def test_merge_linears(arch, groups, merged, lowered):
     """Q/K/V (with or without biases) and gate/up merge; fused checkpoints (GPT-NeoX) have nothing to merge."""
-    ckpt = Checkpoint(checkpoints[arch])
-    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
-    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
-    record = next(r for r in records if r["pass"] == "merge_linears")
+    gm, records = lowered(arch)
+    record = records["merge_linears"]
     assert (record["merged_groups"], record["linears_merged"], record["verify_max_abs_diff"]) == (groups, merged, 0.0)
     if arch == "llama":
         names = {n for n, _ in gm.named_buffers()}
@@ -97,50 +88,43 @@ def test_merge_linears(arch, groups, merged, checkpoints):
 
 
 @pytest.mark.parametrize("arch, dtype, count", [("llama", "float32", 5), ("qwen2", "bfloat16", 5), ("mistral", "float16", 5), ("gpt2", "float32", 0)])
-def test_fuse_rms_norm(arch, dtype, count, checkpoints, tmp_path):
+def test_fuse_rms_norm(arch, dtype, count, lowered):
     """HF's RMSNorm (with its fp32 upcast in half-precision builds) becomes llmc::rms_norm; LayerNorm models are untouched."""
-    engine = llmc.build(checkpoints[arch], tmp_path / "e", dtype=dtype, max_seq_len=64, verify_passes=True, log=lambda _: None)
-    record = next(r for r in EngineConfig.load(engine).passes if r["pass"] == "fuse_rms_norm")
+    record = lowered(arch, dtype)[1]["fuse_rms_norm"]
     assert record["rms_norms"] == count
     assert record["with_residual_add"] == max(count - 1, 0)  # all but the first layer's input norm
     assert record["verify_max_abs_diff"] <= (1e-5 if dtype == "float32" else 5e-2)
 
 
 @pytest.mark.parametrize("arch, norms, fused", [("gpt2", 5, 5), ("gptj", 3, 2), ("gpt_neox", 5, 2), ("llama", 0, 0)])
-def test_fuse_layer_norm(arch, norms, fused, checkpoints):
+def test_fuse_layer_norm(arch, norms, fused, lowered):
     """Residual add + LayerNorm become llmc::add_layer_norm: all of GPT-2's (the first adds the position
     embedding); GPT-J's and GPT-NeoX's but the first layer's (no add before it) and, in NeoX's parallel
     block, the second norm of the same sum."""
-    ckpt = Checkpoint(checkpoints[arch])
-    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
-    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
-    record = next(r for r in records if r["pass"] == "fuse_layer_norm")
+    gm, records = lowered(arch)
+    record = records["fuse_layer_norm"]
     assert (record["layer_norms"], record["with_residual_add"]) == (norms, fused)
     assert record["verify_max_abs_diff"] <= 1e-5
     assert sum(n.target == torch.ops.llmc.add_layer_norm.default for n in gm.graph.nodes) == fused
 
 
-def test_fuse_gated_activation(checkpoints):
-    ckpt = Checkpoint(checkpoints["llama"])
-    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
-    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
-    record = next(r for r in records if r["pass"] == "fuse_gated_activation")
+def test_fuse_gated_activation(lowered):
+    gm, records = lowered("llama")
+    record = records["fuse_gated_activation"]
     assert record["gated_activations"] == {"silu": 2} and record["verify_max_abs_diff"] == 0.0
     assert not any(n.target == torch.ops.aten.silu.default for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("arch, form", [("llama", "rotate_half"), ("qwen2", "rotate_half"), ("gpt_neox", "rotate_half"),
                                         ("gptj", "interleaved")])
-def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, checkpoints):
+def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, lowered):
     """RoPE of queries and keys in both layers becomes llmc::rotary_embedding: rotate-half (GPT-NeoX's
     partial rotary too) and GPT-J's interleaved pairs (partial rotary too); then each layer's pair folds
     into its attention op, which takes cos / sin [T, rotary_dim] and computes exactly what it did."""
-    ckpt = Checkpoint(checkpoints[arch])
-    ctx = BuildContext(ckpt.config, torch.float32, 64, 64, 8)
-    gm, records = run_passes(trace(ckpt, torch.float32, 64, 8), ctx, PIPELINE, verify=True)
-    fused = next(r for r in records if r["pass"] == "fuse_rotary_embedding")
+    gm, records = lowered(arch)
+    fused = records["fuse_rotary_embedding"]
     assert fused["rotary_embeddings"] == {form: 4} and fused["verify_max_abs_diff"] <= 1e-6
-    folded = next(r for r in records if r["pass"] == "fold_rotary_into_attention")
+    folded = records["fold_rotary_into_attention"]
     assert folded["attentions"] == {form: 2} and folded["verify_max_abs_diff"] == 0.0
     assert not any(n.target in (torch.ops.llmc.rotary_embedding.default, torch.ops.aten.neg.default) for n in gm.graph.nodes)
     attentions = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.paged_attention.default]
@@ -149,10 +133,3 @@ def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, checkp
         assert n.kwargs["rotary_interleaved"] == (form == "interleaved")
         assert all("val" in x.meta for x in n.args[:3])  # backends read q's and k's shapes (GPT-J's are new transposes)
         assert [tuple(n.kwargs[t].meta["val"].shape)[1:] for t in ("cos", "sin")] == [(rotary_dim,)] * 2
-
-
-@pytest.mark.parametrize("act, fn", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
-                                     ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))])
-def test_gated_activation_op(act, fn):
-    gate, up = torch.randn(3, 10), torch.randn(3, 10)
-    torch.testing.assert_close(torch.ops.llmc.gated_activation(gate, up, act), fn(gate) * up)  # the CPU kernel: see test_plugins

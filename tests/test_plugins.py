@@ -247,6 +247,13 @@ def test_add_layer_norm_kernel_matches_reference(dtype, tol):
 
 
 # The kernel computes in torch's own vectorized math, so most outputs equal the reference's bit for bit;
+@pytest.mark.parametrize("act, fn", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+                                     ("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))])
+def test_gated_activation_op(act, fn):
+    gate, up = torch.randn(3, 10), torch.randn(3, 10)
+    torch.testing.assert_close(torch.ops.llmc.gated_activation(gate, up, act), fn(gate) * up)  # the CPU kernel: the test below
+
+
 # torch itself computes some elements otherwise (std::exp / std::tanh in its kernels' scalar tails,
 # oneDNN's GELU on contiguous fp32 and bf16), where the two differ by rounding: at most one bf16 ulp
 # (2^-7 relative); in fp32 a few ulps, and up to about 1e-6 absolute where oneDNN's 1 + erf(x) cancels.

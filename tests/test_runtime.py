@@ -76,10 +76,9 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert draws == {"k": {0, 1}, "p": {0, 1}}
 
 
-def test_text_prompts_and_eos(checkpoints, tmp_path):
+def test_text_prompts_and_eos(llama_engine):
     """A text prompt is tokenized with the checkpoint's tokenizer; EOS ends a request unless ignore_eos."""
-    engine = llmc.build(checkpoints["llama"], tmp_path / "engine", max_seq_len=64, log=lambda _: None)
-    llm = LLM(engine)
+    llm = LLM(llama_engine)
     out = llm.generate("def fib(n):", GREEDY)[0]
     assert out.prompt_token_ids == llm.tokenizer("def fib(n):")["input_ids"]
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)

@@ -14,7 +14,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import llmc
 from llmc import LLM, SamplingParams
 from llmc.runtime.sampler import apply_penalties, filter_logits, sample
 from llmc.runtime.sampling_params import InvalidParam
@@ -24,8 +23,8 @@ from conftest import VOCAB
 
 
 @pytest.fixture(scope="module")
-def llm(checkpoints, tmp_path_factory):
-    return LLM(llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("e") / "engine", max_seq_len=96, log=lambda _: None))
+def llm(llama_engine):
+    return LLM(llama_engine)
 
 
 def test_filters_match_transformers_warpers():

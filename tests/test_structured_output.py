@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -25,7 +24,6 @@ from llmc.runtime.sampling_params import InvalidParam
 
 from test_server import CHAT_TEMPLATE, Server
 
-MODEL = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama"
 PROMPTS = ["def read_config(path):\n", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
 SCHEMA = {
     "type": "object",
@@ -44,8 +42,8 @@ GREEDY, SAMPLED = dict(temperature=0), dict(temperature=1.0, top_p=0.95)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return llmc.build(MODEL, tmp_path_factory.mktemp("e") / "stdlib-llama", max_seq_len=256, log=lambda _: None)
+def engine(example_engine):
+    return example_engine
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,8 @@ def test_tensorrt_engine_builds(dtype, checkpoints, trt_engine, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def torch_tokens(checkpoints, tmp_path_factory):
-    return _tokens(llmc.build(checkpoints["llama"], tmp_path_factory.mktemp("torch") / "llama", max_seq_len=MAX_SEQ_LEN, **quiet))
+def torch_tokens(llama_engine):
+    return _tokens(llama_engine)  # max_seq_len 64, as MAX_SEQ_LEN
 
 
 def _tokens(engine):

@@ -38,8 +38,8 @@ def test_engine_tokenizer_gives_the_checkpoints_ids(arch, checkpoints, tmp_path)
         assert files_only(TEXTS[1])["input_ids"] != reference(TEXTS[1])["input_ids"]
 
 
-def test_a_tokenizer_class_that_is_not_transformers_is_refused(checkpoints, tmp_path):
-    engine = llmc.build(checkpoints["llama"], tmp_path / "engine", max_seq_len=32, log=lambda _: None)
+def test_a_tokenizer_class_that_is_not_transformers_is_refused(llama_engine_copy):
+    engine = llama_engine_copy
     config = json.loads((engine / CONFIG).read_text())
     config["tokenizer_class"] = "Popen"
     (engine / CONFIG).write_text(json.dumps(config))
