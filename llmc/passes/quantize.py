@@ -91,12 +91,13 @@ class _PackedWeights:
         self.done: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> {packed tensor's name: tensor}
         self.compensated = 0  # weights GPTQ quantized
 
-    def __call__(self, name: str, before: fx.Node) -> tuple[fx.Node, ...]:
+    def __call__(self, name: str, before: fx.Node, is_linear: bool) -> tuple[fx.Node, ...]:
         if name in self.done:
             with self.gm.graph.inserting_before(before):
                 return tuple(self.gm.graph.get_attr(n) for n in self.done[name])
         w = self.gm.get_buffer(name).float()
-        hessian = self._hessian(name, w.shape[1])
+        # A table the embedding gathers from is no linear's weight here, even if a tied LM head's input was calibrated.
+        hessian = self._hessian(name, w.shape[1]) if is_linear else None
         self.compensated += hessian is not None
         suffixes = ("", "_scale") if self.fmt == "fp8" else ("", "_block_scale", "_global_scale")
         parts = zip(suffixes, quantize_weight(w, self.fmt, self.ctx.quant_algo, hessian))
@@ -166,7 +167,7 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
             continue
         if name not in packed.done:
             bytes_before += w.nbytes
-        weights = packed(name, node)
+        weights = packed(name, node, is_linear)
         if not is_linear:
             target = torch.ops.llmc.fp8_embedding.default if fmt == "fp8" else torch.ops.llmc.nvfp4_embedding.default
             node.target, node.args, node.kwargs = target, (*weights, node.args[1], w.dtype), {}
