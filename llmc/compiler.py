@@ -64,7 +64,7 @@ def build(
     experts over ep ranks (and each expert over tp); attention and dense layers are replicated across them
     (docs/design.md, Parallelism).
 
-    `quant` (fp8, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
+    `quant` (fp8, fp8-dynamic, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
     `exclude`; `kv_cache_dtype="fp8"` stores the KV cache in FP8. Activation scales come from running
     the model on `calib_samples` windows of `calib_data` (a UTF-8 text file; llmc's own corpus by default).
     `quant_algo` (rtn, mse, awq, gptq, smoothquant) chooses how weights are quantized (llmc/passes/quant_algos).
@@ -76,7 +76,10 @@ def build(
     dtype = normalize_dtype(dtype)
     if quant is not None and quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
-    check_algo(quant, quant_algo, quant is not None and QUANT_MODES[quant][1])
+    check_algo(quant, quant_algo, quant is not None and QUANT_MODES[quant][1] is not None)
+    if quant == "fp8-dynamic" and backend != "torch":
+        raise ValueError(f"--quant fp8-dynamic (per-token activation scales) runs on the torch backend only; for {backend} "
+                         "use --quant fp8 (static, calibrated activation scales)")
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size),

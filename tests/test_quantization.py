@@ -24,7 +24,7 @@ from conftest import make_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama"
 HELDOUT = EXAMPLE / "heldout.txt"
-MODES = ["fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]
+MODES = ["fp8", "fp8-dynamic", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, logprobs=4)

@@ -2,6 +2,8 @@
 
     fp8                 W8A8: E4M3 weights with a scale per output channel; the input quantized to E4M3
                         with a static per-tensor scale (calibrated amax / 448)
+    fp8-dynamic         W8A8 as fp8, the input quantized with a scale per token (its amax / 448) at run time,
+                        vLLM's default FP8: no calibration
     fp8-weight-only     E4M3 weights as above; the input stays in the build dtype
     nvfp4               W4A4: E2M1 weights in blocks of 16 along K with E4M3 block scales and an FP32
                         global scale; the input quantized the same way per block at run time, with a
@@ -47,12 +49,13 @@ from llmc.weights import set_weight
 LINEAR = torch.ops.llmc.linear.default
 MOE = torch.ops.llmc.moe.default
 EMBEDDING = torch.ops.aten.embedding.default
-# mode -> (weight format, whether activations are quantized too)
+# mode -> (weight format, how activations are quantized: None (weight-only), "static" (calibrated) or "dynamic")
 QUANT_MODES = {
-    "fp8": ("fp8", True),
-    "fp8-weight-only": ("fp8", False),
-    "nvfp4": ("nvfp4", True),
-    "nvfp4-weight-only": ("nvfp4", False),
+    "fp8": ("fp8", "static"),
+    "fp8-dynamic": ("fp8", "dynamic"),
+    "fp8-weight-only": ("fp8", None),
+    "nvfp4": ("nvfp4", "static"),
+    "nvfp4-weight-only": ("nvfp4", None),
 }
 # Ops a logits projection's output may pass through on its way to the program's output.
 _PASS_THROUGH = {
@@ -62,7 +65,7 @@ _PASS_THROUGH = {
 
 
 def needs_calibration(quant_mode: str | None, quant_algo: str = "rtn") -> bool:
-    return quant_mode is not None and (QUANT_MODES[quant_mode][1] or quant_algo in STATISTICS)
+    return quant_mode is not None and (QUANT_MODES[quant_mode][1] == "static" or quant_algo in STATISTICS)
 
 
 def _logits_projection(gm: fx.GraphModule) -> fx.Node | None:
@@ -130,9 +133,9 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
         return gm, {"mode": None}
     if ctx.quant_mode not in QUANT_MODES:
         raise PassError(f"quantization must be one of {', '.join(QUANT_MODES)}, got {ctx.quant_mode!r}")
-    fmt, quantize_inputs = QUANT_MODES[ctx.quant_mode]
+    fmt, activations = QUANT_MODES[ctx.quant_mode]
     input_amax = ctx.activation_amax.get("linear", {})
-    if quantize_inputs and not input_amax:
+    if activations == "static" and not input_amax:
         raise PassError(f"--quant {ctx.quant_mode} quantizes activations and needs calibration: the build gave no samples")
     lm_head = _logits_projection(gm)
     packed = _PackedWeights(gm, fmt, ctx)
@@ -174,7 +177,11 @@ def quantize(gm: fx.GraphModule, ctx: BuildContext):
         else:
             x, _, bias = node.args
             input_scale = None
-            if quantize_inputs:
+            if activations == "dynamic":
+                node.target, node.args = torch.ops.llmc.fp8_dynamic_linear.default, (x, *weights, bias)
+                quantized += 1
+                continue
+            if activations == "static":
                 # Calibration saw the weights before merge_linears; a merged weight is named after its first part.
                 calibrated = name.removesuffix("_merged")
                 if calibrated not in input_amax:
