@@ -124,7 +124,7 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode, algo", [("fp8", "mse"), ("nvfp4-weight-only", "awq"), ("nvfp4", "gptq"),
-                                        ("fp8", "smoothquant"), ("nvfp4", "awq")])
+                                        ("fp8", "smoothquant"), ("nvfp4", "awq"), ("fp8-dynamic", "smoothquant")])
 def test_algorithm_builds_an_engine_that_generates(tiny_llama, tmp_path, mode, algo):
     """--verify-passes holds the smoothing pass to fp32's tolerance: folding the scales into the norms and up projections
     leaves the model's function unchanged."""

@@ -19,13 +19,12 @@ from pathlib import Path
 # Every mode with every algorithm that applies to it ("mode" alone is round to nearest, "mode/algo" the others).
 ALGOS = {"mse": None, "awq": None, "gptq": None, "smoothquant": "activations"}
 MODES = {"fp8": True, "fp8-dynamic": True, "fp8-weight-only": False, "nvfp4": True, "nvfp4-weight-only": False}
-CONFIGS = {
-    "none": {},
-    "fp8 + fp8 kv cache": {"quant": "fp8", "kv_cache_dtype": "fp8"},
-    **{mode: {"quant": mode} for mode in MODES},
-    **{f"{mode}/{algo}": {"quant": mode, "quant_algo": algo} for mode, activations in MODES.items()
-       for algo, needs in ALGOS.items() if needs is None or activations},
-}
+CONFIGS = {"none": {}}
+for mode, activations in MODES.items():
+    CONFIGS[mode] = {"quant": mode}
+    if mode == "fp8":
+        CONFIGS["fp8 + fp8 kv cache"] = {"quant": "fp8", "kv_cache_dtype": "fp8"}
+    CONFIGS.update({f"{mode}/{algo}": {"quant": mode, "quant_algo": algo} for algo, needs in ALGOS.items() if needs is None or activations})
 
 
 def engine_bytes(engine: Path) -> int:
