@@ -98,8 +98,10 @@ def _build_options(fn):
         click.option("--pp-layers", default=None, help="Layers per pipeline stage, e.g. 10,14. [default: balanced by parameters]"),
         click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
                      help="torch (runs on CPU/GPU), onnx (ONNX Runtime) or tensorrt (serialized TensorRT engines)."),
-        click.option("--quant", "--quantization", "quant", type=click.Choice(["fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]),
-                     default=None, help="Quantize the linears: FP8 E4M3 or NVFP4 weights, and activations too unless weight-only."),
+        click.option("--quant", "--quantization", "quant", type=click.Choice(["fp8", "fp8-dynamic", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]),
+                     default=None, help="Quantize the linears: FP8 E4M3 or NVFP4 weights, and activations too unless weight-only (fp8-dynamic: per-token scales)."),
+        click.option("--quant-algo", type=click.Choice(["rtn", "mse", "awq", "gptq", "smoothquant"]), default="rtn", show_default=True,
+                     help="How weights are quantized: round to nearest, MSE-searched scales, AWQ, GPTQ or SmoothQuant (W8A8/W4A4)."),
         click.option("--kv-cache-dtype", type=click.Choice(["fp8"]), default=None, help="Store the KV cache as FP8 E4M3 (per-layer scales)."),
         click.option("--calib-data", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="UTF-8 text to calibrate activation scales on. [default: llmc's own corpus]"),
@@ -117,7 +119,7 @@ def _build_kwargs(ctx: click.Context, explicit_only: bool) -> dict:
     """`llmc.build`'s keyword arguments from the build options (with explicit_only, those the user gave)."""
     from click.core import ParameterSource
 
-    names = ("dtype", "max_seq_len", "max_batch_tokens", "tp", "pp", "ep", "pp_layers", "backend", "quant", "kv_cache_dtype",
+    names = ("dtype", "max_seq_len", "max_batch_tokens", "tp", "pp", "ep", "pp_layers", "backend", "quant", "quant_algo", "kv_cache_dtype",
              "calib_data", "calib_samples", "exclude")
     kwargs = {n: ctx.params[n] for n in names
               if not explicit_only or ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}

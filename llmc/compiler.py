@@ -23,6 +23,7 @@ from llmc.frontend.prequantized import read as read_prequantized
 from llmc.frontend.rope import engine_record, max_context
 from llmc.passes import FIRST_RANK_PASS, PIPELINE, BuildContext, run_passes
 from llmc.passes.manager import PassError
+from llmc.passes.quant_algos import check_algo
 from llmc.passes.quantize import QUANT_MODES, needs_calibration
 from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
 
@@ -46,6 +47,7 @@ def build(
     pp_layers: list[int] | None = None,
     backend: str = "torch",
     quant: str | None = None,
+    quant_algo: str = "rtn",
     kv_cache_dtype: str | None = None,
     calib_data: str | os.PathLike | None = None,
     calib_samples: int = 64,
@@ -63,9 +65,10 @@ def build(
     experts over ep ranks (and each expert over tp); attention and dense layers are replicated across them
     (docs/design.md, Parallelism).
 
-    `quant` (fp8, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
+    `quant` (fp8, fp8-dynamic, fp8-weight-only, nvfp4, nvfp4-weight-only) quantizes the linears but those matching
     `exclude`; `kv_cache_dtype="fp8"` stores the KV cache in FP8. Activation scales come from running
     the model on `calib_samples` windows of `calib_data` (a UTF-8 text file; llmc's own corpus by default).
+    `quant_algo` (rtn, mse, awq, gptq, smoothquant) chooses how weights are quantized (llmc/passes/quant_algos).
 
     `dtype` may be "auto" (the checkpoint's own) or an alias (half, fp16, bf16, float, fp32). An existing
     engine at `output_dir` is replaced only with `force`. `verbose` logs every pass; otherwise a summary.
@@ -74,6 +77,10 @@ def build(
     dtype = normalize_dtype(dtype)
     if quant is not None and quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    check_algo(quant, quant_algo, quant is not None and QUANT_MODES[quant][1] is not None)
+    if quant == "fp8-dynamic" and backend != "torch":
+        raise ValueError(f"--quant fp8-dynamic (per-token activation scales) runs on the torch backend only; for {backend} "
+                         "use --quant fp8 (static, calibrated activation scales)")
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs), ("block_size", block_size),
@@ -114,7 +121,7 @@ def build(
 
     tokenizer = ckpt.tokenizer()
     samples = []
-    if needs_calibration(quant) or (kv_cache_dtype is not None and not (prequantized and prequantized.kv_cache_scales)):
+    if needs_calibration(quant, quant_algo) or (kv_cache_dtype is not None and not (prequantized and prequantized.kv_cache_scales)):
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
         samples = calibration_samples(tokenizer, calib_data, calib_samples, seq_len)
 
@@ -125,12 +132,13 @@ def build(
             f"over its own packed weights{', its KV scales make an FP8 KV cache' if prequantized.kv_cache_scales else ''}")
     ctx = BuildContext(
         ckpt.config, DTYPES[dtype], max_seq_len, max_batch_tokens, max_num_seqs, block_size, tp_size=tp, pp_size=pp, ep_size=ep,
-        pp_layers=pp_layers, quant_mode=quant, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
+        pp_layers=pp_layers, quant_mode=quant, quant_algo=quant_algo, kv_cache_dtype=kv_cache_dtype, quant_exclude=tuple(exclude),
         calibration_samples=samples, activation_amax={"kv": prequantized.kv_amax} if prequantized and prequantized.kv_amax else {},
     )
     pass_log = (lambda m: log(f"[llmc] {m}")) if verbose else (lambda m: None)
     gm, records = run_passes(gm, ctx, PIPELINE[:FIRST_RANK_PASS], verify=verify_passes, dump_dir=dump_graphs, log=pass_log)
-    log(f"[llmc] {len(records)} whole-model passes in {time.perf_counter() - start:.1f} s; now {tp * ep * pp} rank(s)")
+    log(f"[llmc] {len(records)} whole-model passes in {time.perf_counter() - start:.1f} s{_calibration_time(records)}; "
+        f"now {tp * ep * pp} rank(s)")
 
     # Write beside the destination and swap in at the end: an interrupted build leaves no half engine.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +166,9 @@ def build(
             if world > 1:
                 log(f"[llmc] rank {rank + 1}/{world} written (tp rank {rank_ctx.tp_rank}, ep rank {rank_ctx.ep_rank}, "
                     f"pipeline stage {rank_ctx.pp_rank})")
+        if quant is not None:
+            seconds = sum(r["seconds"] for rank in ranks for r in rank["passes"] if r["pass"] == "quantize")
+            log(f"[llmc] weights quantized ({quant}, {quant_algo}) in {seconds:.1f} s")
         (staging / "tokenizer").mkdir()
         for f in tokenizer_files:
             shutil.copy2(f, staging / "tokenizer" / f.name)
@@ -177,6 +188,7 @@ def build(
             tokenizer_class=type(tokenizer).__name__,
             quantization=None if quant is None and kv_cache_dtype is None and prequantized is None else {
                 "mode": prequantized.mode if prequantized else quant,
+                "algo": quant_algo,
                 "kv_cache_dtype": kv_cache_dtype,
                 "exclude": [] if prequantized else list(exclude),  # the checkpoint chose what is quantized
                 "calibration": {"source": str(calib_data or "llmc default corpus"), "samples": len(samples),
@@ -201,6 +213,16 @@ def build(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"[llmc] engine written to {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _calibration_time(records: list[dict]) -> str:
+    """", calibration X s (algo Y s)" from the pass records, or "" when the build did not calibrate."""
+    seconds = {r["pass"]: r.get("seconds", 0.0) for r in records}
+    calibrated = next((r for r in records if r["pass"] == "calibrate"), {}).get("samples")
+    if not calibrated:
+        return ""
+    smoothing = seconds.get("smooth_activations", 0.0)
+    return f" (calibration {seconds['calibrate']:.1f} s" + (f", smoothing {smoothing:.1f} s" if smoothing >= 0.05 else "") + ")"
 
 
 DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}

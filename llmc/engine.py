@@ -57,7 +57,8 @@ MAX_SEQUENCE_CACHE_BYTES = 1 << 38  # one full-length sequence's KV cache on a r
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int64": 8, "int32": 4}
 BACKEND_NAMES = ("torch", "onnx", "tensorrt")
-QUANT_MODES = ("fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only")
+QUANT_MODES = ("fp8", "fp8-dynamic", "fp8-weight-only", "nvfp4", "nvfp4-weight-only")
+QUANT_ALGOS = ("rtn", "mse", "awq", "gptq", "smoothquant")  # llmc/passes/quant_algos
 COLLECTIVES = {"llmc::all_reduce": set(), "llmc::all_gather": {"full_size"}}  # and their int arguments
 TENSORRT_BUILDERS = ("tensorrt", "tensorrt_rtx")
 
@@ -174,6 +175,7 @@ class PrequantizedSource(_Schema):
 
 class Quantization(_Schema):
     mode: Optional[Literal[QUANT_MODES]]
+    algo: Literal[QUANT_ALGOS] = "rtn"
     kv_cache_dtype: Optional[Literal["fp8"]]
     exclude: list[str]
     calibration: Optional[Calibration]
@@ -295,7 +297,7 @@ class EngineConfig:
     # num_kv_heads, head_dim}, the tensors it receives from the previous pipeline stage and sends to
     # the next ([{name, shape (-1: the step's token count), dtype}]), and its passes' records.
     ranks: list[dict[str, Any]]
-    # {mode, kv_cache_dtype, exclude, calibration {source, samples, tokens}, checkpoint (a pre-quantized
+    # {mode, algo, kv_cache_dtype, exclude, calibration {source, samples, tokens}, checkpoint (a pre-quantized
     # checkpoint's format, version, scheme, kv_cache_scales)}, or None.
     quantization: dict[str, Any] | None = None
     # {type: longrope | dynamic, recompute_above: tokens or None} for length-dependent RoPE, else None.

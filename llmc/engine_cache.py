@@ -22,7 +22,7 @@ from llmc.engine import CONFIG, SCHEMA_VERSION, EngineConfig, EngineError
 
 # What `build` takes that decides the engine; anything else (logging, verification) does not change it.
 BUILD_OPTIONS = ("dtype", "max_seq_len", "max_batch_tokens", "max_num_seqs", "tp", "pp", "ep", "pp_layers", "backend", "quant",
-                 "kv_cache_dtype", "calib_data", "calib_samples", "exclude")
+                 "quant_algo", "kv_cache_dtype", "calib_data", "calib_samples", "exclude")
 
 
 def cache_root() -> Path:
@@ -114,7 +114,7 @@ def resolve_engine(model: str | os.PathLike, log: Callable[[str], None] = print,
     config = EngineConfig.load(model)
     quant = config.quantization or {}
     built = {"dtype": config.dtype, "tp": config.mapping["tp"], "pp": config.mapping["pp"], "ep": config.mapping.get("ep", 1), "backend": config.backend,
-             "quant": quant.get("mode"), "kv_cache_dtype": quant.get("kv_cache_dtype"),
+             "quant": quant.get("mode"), "quant_algo": quant.get("algo", "rtn"), "kv_cache_dtype": quant.get("kv_cache_dtype"),
              "max_batch_tokens": config.limits["max_batch_tokens"], "pp_layers": config.mapping["pp_layers"]}
     for name, value in options.items():
         if name == "dtype" and value is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -118,3 +119,12 @@ def test_bench_triton(engine):
     out = run_bench("triton", engine, "--requests", 4, "--new-tokens", 4, "--rounds", 1)
     assert out["same_text"] and out["triton"]["output_tokens"] == out["llmc_serve"]["output_tokens"] == 16
     assert out["triton"]["load_seconds"] > 0 and out["throughput_triton_over_llmc_serve"] > 0
+
+
+def test_bench_quantization_reports_modes_and_algorithms(checkpoints):
+    text = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama" / "heldout.txt"
+    configs = "none,nvfp4-weight-only,nvfp4-weight-only/mse,fp8-dynamic"
+    out = run_bench("quantization", checkpoints["llama"], "--text", text, "--configs", configs, "--max-tokens", 200,
+                    "--window", 64, "--calib-samples", 2)
+    assert all(out[name]["ppl"] > 1 and out[name]["build_s"] > 0 for name in configs.split(","))
+    assert out["nvfp4-weight-only"]["size_vs_none"] < 1 and out["none"]["ppl_vs_none"] == 1

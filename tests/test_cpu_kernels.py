@@ -23,7 +23,7 @@ AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
 # The ops with a kernel at each level; the others run their reference.
 PORTABLE_KERNELS = {"llmc::prepacked_linear", "llmc::paged_attention", "llmc::gated_activation", "llmc::rms_norm",
                     "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding", "llmc::moe"}
-QUANTIZED_KERNELS = {"llmc::fp8_prepacked_linear", "llmc::nvfp4_prepacked_linear"}  # x86 intrinsics: AVX2 and up
+QUANTIZED_KERNELS = {"llmc::fp8_prepacked_linear", "llmc::fp8_dynamic_prepacked_linear", "llmc::nvfp4_prepacked_linear"}  # x86 intrinsics: AVX2 and up
 KERNELS = {
     "avx512bf16": PORTABLE_KERNELS | QUANTIZED_KERNELS,
     "avx512": PORTABLE_KERNELS | QUANTIZED_KERNELS,
@@ -85,6 +85,7 @@ def small_inputs(dtype):
         ops.rotary_embedding.default: (randn(1, 2, 3, 8), randn(1, 1, 3, 8), randn(1, 1, 3, 8), False),
         ops.prepacked_linear.default: (x, prepack_weight(w), randn(40), 40),
         ops.fp8_prepacked_linear.default: (x, prepack_quantized(q8), scale8, None, randn(40), 40),
+        ops.fp8_dynamic_prepacked_linear.default: (x, prepack_quantized(q8), scale8, randn(40), 40),
         ops.nvfp4_prepacked_linear.default: (x, prepack_quantized(q4), prepack_quantized(block_scale), global_scale, None,
                                              None, 40),
         ops.paged_attention.default: attention,

@@ -134,11 +134,13 @@ def test_schema_sets_are_the_builders():
     be what the builder writes."""
     from llmc.backends import BACKENDS
     from llmc.frontend.export import DTYPES
+    from llmc.passes.quant_algos import QUANT_ALGOS
     from llmc.passes.quantize import QUANT_MODES
     from llmc.passes.quantize_kv_cache import KV_CACHE_DTYPES
 
     assert set(engine_module.BACKEND_NAMES) == set(BACKENDS) and set(engine_module.MODEL_DTYPES) == set(DTYPES)
     assert set(engine_module.QUANT_MODES) == set(QUANT_MODES) and set(KV_CACHE_DTYPES) == {"fp8"}
+    assert engine_module.QUANT_ALGOS == QUANT_ALGOS
 
 
 def test_kv_cache_of_absurd_size_is_refused(copied):

@@ -1,4 +1,4 @@
-"""llmc.fp8_linear and llmc.nvfp4_linear: their prepacked forms' CPU kernels (decode and prefill paths)
+"""llmc.fp8_linear, llmc.fp8_dynamic_linear and llmc.nvfp4_linear: their prepacked forms' CPU kernels (decode and prefill paths)
 against the reference, the quantized layers against fp32 ones, and engines holding them on disk."""
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ N = 37  # not a multiple of the kernels' groups of 64 outputs
 
 def layer(fmt: str, w: torch.Tensor, x: torch.Tensor):
     """(reference, its args after x, prepacked op, its args after x but the bias) of w quantized to fmt;
-    activation scales calibrated on x."""
+    activation scales calibrated on x (w8a8-dynamic: per token, at run time)."""
+    if fmt == "w8a8-dynamic":
+        q, scale = quantize_fp8_weight(w)
+        return quant_linear.fp8_dynamic_linear, (q, scale), torch.ops.llmc.fp8_dynamic_prepacked_linear, (prepack_quantized(q), scale)
     if fmt in ("fp8", "w8a8"):
         q, scale = quantize_fp8_weight(w)
         input_scale = x.abs().max().float() / 448 if fmt == "w8a8" else None
@@ -37,7 +40,7 @@ def assert_matches(got, expected, rtol):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "w8a8", "nvfp4", "w4a4"])
+@pytest.mark.parametrize("fmt", ["fp8", "w8a8", "w8a8-dynamic", "nvfp4", "w4a4"])
 @pytest.mark.parametrize("k", [48, 400])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 40])  # AVX-512: tiles of 5-6 rows, above 12 the prefill path;
 # AVX2: tiles of 1-2 rows, above 5 (E4M3) or 2 (E2M1) the prefill path
@@ -69,6 +72,9 @@ def test_kernels_quantize_activations_bit_exactly(rows):
     eye = torch.eye(k).to(torch.float8_e4m3fn)
     got = torch.ops.llmc.fp8_prepacked_linear(x, prepack_quantized(eye), torch.ones(k), scale, None, k)
     assert torch.equal(got, quantize_fp8(x, scale).float() * scale)
+    per_token = x.abs().amax(dim=1, keepdim=True) / 448  # fp8-dynamic: each row its own scale
+    got = torch.ops.llmc.fp8_dynamic_prepacked_linear(x, prepack_quantized(eye), torch.ones(k), None, k)
+    assert torch.equal(got, quantize_fp8(x, per_token).float() * per_token)
 
     codes = torch.eye(k, dtype=torch.uint8) * 2  # E2M1 code 2 is 1.0; block scales and global scale 1
     packed, block_scale = codes[:, 0::2] | codes[:, 1::2] << 4, torch.ones(k, k // 16).to(torch.float8_e4m3fn)
@@ -88,7 +94,7 @@ def test_bf16_inputs(fmt, rows):
     assert_matches(op(x, *packed, None, 130), reference(x, *args, None), rtol=2e-2)
 
 
-@pytest.mark.parametrize("fmt, tolerance", [("fp8", 0.035), ("w8a8", 0.05), ("nvfp4", 0.12), ("w4a4", 0.17)])
+@pytest.mark.parametrize("fmt, tolerance", [("fp8", 0.035), ("w8a8", 0.05), ("w8a8-dynamic", 0.05), ("nvfp4", 0.12), ("w4a4", 0.17)])
 @pytest.mark.parametrize("rows", [1, 16])
 def test_quantized_layer_close_to_fp32(fmt, tolerance, rows):
     """Relative error of the output: E4M3 keeps 3 mantissa bits (2^-5 relative rounding, averaging

@@ -24,7 +24,7 @@ from conftest import make_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama"
 HELDOUT = EXAMPLE / "heldout.txt"
-MODES = ["fp8", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]
+MODES = ["fp8", "fp8-dynamic", "fp8-weight-only", "nvfp4", "nvfp4-weight-only"]
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, logprobs=4)
@@ -238,3 +238,10 @@ def test_missing_calibration_file_and_bad_eval_text(quant_checkpoints, tmp_path)
     empty.write_text("")
     result = CliRunner().invoke(main, ["eval", str(EXAMPLE), "--text", str(empty)])
     assert result.exit_code != 0 and "has no text" in result.output
+
+
+def test_fp8_dynamic_needs_no_calibration_and_runs_on_the_torch_backend_only(quant_checkpoints, tmp_path):
+    config = EngineConfig.load(quiet_build(quant_checkpoints["llama"], tmp_path / "torch", quant="fp8-dynamic"))
+    assert config.quantization["mode"] == "fp8-dynamic" and config.quantization["calibration"] is None
+    with pytest.raises(ValueError, match="fp8-dynamic .* runs on the torch backend only; for onnx use --quant fp8"):
+        quiet_build(quant_checkpoints["llama"], tmp_path / "onnx", quant="fp8-dynamic", backend="onnx")

@@ -117,6 +117,7 @@ LLMC_OPS = frozenset({
     "llmc.all_gather.default",
     "llmc.all_reduce.default",
     "llmc.expert_all_reduce.default",
+    "llmc.fp8_dynamic_linear.default",
     "llmc.fp8_embedding.default",
     "llmc.fp8_linear.default",
     "llmc.fp8_moe.default",

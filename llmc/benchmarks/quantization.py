@@ -1,6 +1,6 @@
-"""`llmc bench quantization MODEL --text FILE`: what each quantization mode costs in accuracy and buys
-in size (and, with --latency, in decode speed), against the unquantized engine and Hugging Face, in
-one run; prints JSON.
+"""`llmc bench quantization MODEL --text FILE`: what each quantization mode and algorithm (`--quant-algo`)
+costs in accuracy and buys in size (and, with --latency, in decode speed), against the unquantized engine
+and Hugging Face, in one run; prints JSON.
 
 Every mode is built from MODEL with llmc's default calibration corpus; perplexity is `llmc eval`'s
 (windows of --window tokens of FILE). Engine size is the bytes of all its rank files.
@@ -13,16 +13,18 @@ import json
 import runpy
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-CONFIGS = {
-    "none": {},
-    "fp8": {"quant": "fp8"},
-    "fp8 + fp8 kv cache": {"quant": "fp8", "kv_cache_dtype": "fp8"},
-    "fp8-weight-only": {"quant": "fp8-weight-only"},
-    "nvfp4": {"quant": "nvfp4"},
-    "nvfp4-weight-only": {"quant": "nvfp4-weight-only"},
-}
+# Every mode with every algorithm that applies to it ("mode" alone is round to nearest, "mode/algo" the others).
+ALGOS = {"mse": None, "awq": None, "gptq": None, "smoothquant": "activations"}
+MODES = {"fp8": True, "fp8-dynamic": True, "fp8-weight-only": False, "nvfp4": True, "nvfp4-weight-only": False}
+CONFIGS = {"none": {}}
+for mode, activations in MODES.items():
+    CONFIGS[mode] = {"quant": mode}
+    if mode == "fp8":
+        CONFIGS["fp8 + fp8 kv cache"] = {"quant": "fp8", "kv_cache_dtype": "fp8"}
+    CONFIGS.update({f"{mode}/{algo}": {"quant": mode, "quant_algo": algo} for algo, needs in ALGOS.items() if needs is None or activations})
 
 
 def engine_bytes(engine: Path) -> int:
@@ -58,9 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"[bench] {name}", file=sys.stderr, flush=True)
-            engine = llmc.build(args.model, Path(tmp) / name.replace(" ", ""), dtype=args.dtype, calib_samples=args.calib_samples,
-                                exclude=exclude, log=lambda _: None, **CONFIGS[name])
-            row = {**perplexity(engine, args.text, window=args.window, max_tokens=args.max_tokens), "engine_mb": engine_bytes(engine) / 1e6}
+            start = time.perf_counter()
+            engine = llmc.build(args.model, Path(tmp) / name.replace(" ", "").replace("/", "-"), dtype=args.dtype,
+                                calib_samples=args.calib_samples, exclude=exclude, log=lambda _: None, **CONFIGS[name])
+            row = {**perplexity(engine, args.text, window=args.window, max_tokens=args.max_tokens), "engine_mb": engine_bytes(engine) / 1e6,
+                   "build_s": round(time.perf_counter() - start, 1)}
             if latency:
                 prompts = latency["make_prompts"](llmc.engine.EngineConfig.load(engine).vocab_size)
                 row.update(latency["bench_llmc"](engine, prompts, args.new_tokens, args.repeats))

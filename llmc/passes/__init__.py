@@ -11,14 +11,14 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 from llmc.passes import (  # noqa: E402,F401
     attention, calibrate, canonicalize, eager_attention, expert_parallel, fold_rotary_into_attention,
     fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears,
-    pipeline_parallel, positions, quantize, quantize_kv_cache, tensor_parallel,
+    pipeline_parallel, positions, quantize, quantize_kv_cache, smooth_activations, tensor_parallel,
 )
 
 PIPELINE = (
     # The whole model:
     "canonicalize", "positions", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
     "fuse_rotary_embedding", "linear",
-    "calibrate", "quantize_kv_cache",
+    "calibrate", "smooth_activations", "quantize_kv_cache",
     # After calibration, which records the keys' amax where they enter the cache: after RoPE.
     "fold_rotary_into_attention",
     # Each rank's part of it, from here on (the build runs these once per rank):

@@ -58,11 +58,14 @@ class BuildContext:
     # Quantization (llmc/passes/quantize.py): the mode of the linears, the KV cache's dtype, the
     # weight-name patterns kept in high precision, and the token ids calibration runs the model on.
     quant_mode: str | None = None
+    quant_algo: str = "rtn"  # how weights are quantized (llmc/passes/quant_algos)
     kv_cache_dtype: str | None = None
     quant_exclude: tuple[str, ...] = ("lm_head",)
     calibration_samples: list[list[int]] = field(default_factory=list)
     # Filled by the calibrate pass: amax of each linear's input (by weight name) and of each layer's K and V.
     activation_amax: dict[str, dict] = field(default_factory=dict)
+    # ... and, for a --quant-algo that reads them, each linear input's statistics (by weight name).
+    activation_stats: dict[str, dict] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:

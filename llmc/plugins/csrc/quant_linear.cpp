@@ -1,4 +1,4 @@
-// llmc::fp8_prepacked_linear and llmc::nvfp4_prepacked_linear for CPU: y = x dequant(W)^T + b with W kept packed,
+// llmc::fp8_prepacked_linear, llmc::fp8_dynamic_prepacked_linear and llmc::nvfp4_prepacked_linear for CPU: y = x dequant(W)^T + b with W kept packed,
 // reordered at load time into column groups of 64 outputs (llmc/plugins/quant_linear.py, `prepack_quantized`):
 //   fp8 weight     [N/64, K, 64]     E4M3 bytes      group[k][j] = W[64 g + j][k]
 //   nvfp4 weight   [N/64, K/2, 64]   two E2M1 codes  group[p][j] = W[64 g + j][2p] | W[64 g + j][2p + 1] << 4
@@ -24,6 +24,7 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 #include <immintrin.h>
 #include "blocked_gemm.h"
@@ -290,10 +291,11 @@ at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
   return y.to(x.scalar_type()).view(shape);
 }
 
-at::Tensor fp8_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                                const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& bias,
-                                int64_t out_features) {
-  const char* op = "fp8_prepacked_linear";
+// The inputs are quantized to E4M3 and read back (W8A8) with a static per-tensor scale if one is given, or with
+// `per_token` each row's (token's) own scale, its amax / 448 (1 for a zero row: vLLM's default FP8); else weight-only.
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                      const c10::optional<at::Tensor>& in_scale, bool per_token, const c10::optional<at::Tensor>& bias,
+                      int64_t out_features, const char* op) {
   TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, op, ": weight must be float8_e4m3fn, got ", w.scalar_type());
   const int64_t N = out_features, K = w.size(1);
   check_groups(w, K, N, "weight", op);
@@ -301,16 +303,36 @@ at::Tensor fp8_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(scale.numel() == N, op, ": weight_scale must have one value per output channel (", N, ")");
   auto xf = input_rows(x, K, op);
   const int64_t M = xf.size(0);
-  if (given(in_scale)) {  // W8A8: the inputs quantized to E4M3 with their static scale and read back
+  float* xp = xf.data_ptr<float>();
+  if (given(in_scale)) {
     const float s = scalar(*in_scale, "fp8_prepacked_linear: input_scale");
-    float* xp = xf.data_ptr<float>();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { fake_quantize_fp8(xp + m0 * K, (m1 - m0) * K, s); });
+  } else if (per_token) {
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xp[m * K + k]));
+        const float s = amax / kE4M3Max;
+        fake_quantize_fp8(xp + m * K, K, s > 0.f ? s : 1.f);
+      }
+    });
   }
   auto b = bias_of(bias, N, op);
   auto y = at::empty({M, N}, xf.options());
   const Fp8Weights weights{static_cast<const uint8_t*>(w.data_ptr()), scale.data_ptr<float>(), K};
-  quantized_gemm(weights, xf.data_ptr<float>(), M, K, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  quantized_gemm(weights, xp, M, K, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   return finish(y, x);
+}
+
+at::Tensor fp8_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& bias,
+                                int64_t out_features) {
+  return fp8_linear(x, w, w_scale, in_scale, false, bias, out_features, "fp8_prepacked_linear");
+}
+
+at::Tensor fp8_dynamic_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                        const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  return fp8_linear(x, w, w_scale, c10::nullopt, true, bias, out_features, "fp8_dynamic_prepacked_linear");
 }
 
 at::Tensor nvfp4_prepacked_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -345,5 +367,6 @@ at::Tensor nvfp4_prepacked_linear(const at::Tensor& x, const at::Tensor& w, cons
 TORCH_LIBRARY_IMPL(llmc, CPU, m) {
   m.impl("fp8_prepacked_linear", &llmc::quant_linear_kernel::fp8_prepacked_linear);
   m.impl("nvfp4_prepacked_linear", &llmc::quant_linear_kernel::nvfp4_prepacked_linear);
+  m.impl("fp8_dynamic_prepacked_linear", &llmc::quant_linear_kernel::fp8_dynamic_prepacked_linear);
 }
 #endif  // CPU_CAPABILITY_AVX512 || CPU_CAPABILITY_AVX2
