@@ -211,7 +211,7 @@ def compare_servers(args, config, trace: list[dict]) -> dict:
         return [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(hf_model).resolve()),
                 "--served-model-name", "bench", "--port", str(port), "--host", "127.0.0.1", "--dtype", config.dtype,
                 "--max-model-len", str(limits["max_seq_len"]), "--max-num-seqs", str(limits["max_num_seqs"]),
-                "--max-num-batched-tokens", str(limits["max_batch_tokens"]), "--disable-log-requests"]
+                "--max-num-batched-tokens", str(limits["max_batch_tokens"])]
 
     vllm_env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
     hf_model = args.hf_model or config.build["checkpoint"]
