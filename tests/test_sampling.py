@@ -30,13 +30,28 @@ def llm(llama_engine):
 def test_filters_match_transformers_warpers():
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
     params = SamplingParams(temperature=0.7, top_k=40, top_p=0.8, min_p=0.05)
-    ours = filter_logits(logits[0], params)
+    ours = filter_logits(logits, [params])[0]
     ids = torch.zeros(1, 1, dtype=torch.long)
     theirs = logits
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
         theirs = warper(ids, theirs)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0]))
     torch.testing.assert_close(ours.softmax(-1), theirs[0].softmax(-1))
+
+
+def test_batched_filters_and_draws_match_each_row_alone():
+    """One call over rows with different params gives each row what it gets alone; seeded draws ignore the batch."""
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(2)) * 3
+    params = [SamplingParams(temperature=0.7, top_k=40, top_p=0.8, seed=1), SamplingParams(temperature=1.3, seed=2),
+              SamplingParams(temperature=0.5, min_p=0.1, seed=3), SamplingParams(temperature=1.0, top_p=0.3, seed=4)]
+    together = filter_logits(logits, params)
+    for i, p in enumerate(params):
+        assert torch.equal(together[i], filter_logits(logits[i : i + 1], [p])[0])
+    for _ in range(3):
+        batch, alone = [Sequence([1], p) for p in params], [Sequence([1], p) for p in params]
+        tokens = [sample(logits, batch)[0] for _ in range(5)]
+        assert tokens == [[sample(logits[i : i + 1], [alone[i]])[0][0] for i in range(4)] for _ in range(5)]
+    assert len({tuple(t) for t in tokens}) > 1  # the generators move on: not the same tokens every step
 
 
 def test_repetition_penalty_matches_transformers():

@@ -36,29 +36,44 @@ def busy_process():
 
 
 @contextlib.contextmanager
+def http_server(name: str, command: list[str], port: int, ready_timeout: float, env: dict | None = None):
+    """Run COMMAND (a server listening on loopback PORT) until /health answers; yields its base URL, then stops it.
+    Its output goes to a temporary file, whose tail a failure to start shows."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    why = f"exited with status {proc.returncode}" if proc.returncode is not None else f"was not ready within {ready_timeout:g} s"
+                    raise RuntimeError(f"{name} {why}; its output ended with:\n{log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
 def server(engine: str, ready_timeout: float):
     """`llmc serve ENGINE` on a free loopback port; yields its completions URL."""
     from llmc.runtime.executor import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "serve", engine, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llmc serve exited with status {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llmc serve was not ready within {ready_timeout:g} s")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1/completions"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with http_server("llmc serve", [sys.executable, "-m", "llmc.cli", "serve", engine, "--port", str(port)], port, ready_timeout) as url:
+        yield f"{url}/v1/completions"
 
 
 def offline_run(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:

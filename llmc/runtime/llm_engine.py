@@ -19,7 +19,7 @@ from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.executor import LocalExecutor, MultiprocExecutor, TorchrunExecutor, exit_if_importing_main
 from llmc.runtime.step_inputs import prepare_step
 from llmc.runtime.outputs import RequestOutput, RequestState, SampleState
-from llmc.runtime.sampler import before_min_tokens, greedy_tokens, prompt_logprobs, sample_one
+from llmc.runtime.sampler import before_min_tokens, prompt_logprobs, sample_tokens, token_logprobs
 from llmc.runtime.sampling_params import InvalidParam, SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.structured_output import StructuredOutput
@@ -249,7 +249,12 @@ class LLMEngine:
         rows = logits[: len(sampled)][live].float().contiguous()  # contiguous: grammars mask it in place
         seqs = [sampled[i] for i in live]
         raw_rows = self._mask_by_grammars(rows, seqs)
-        for i, (seq, row, greedy_token) in enumerate(zip(seqs, rows, greedy_tokens(rows))):
+        try:  # the whole batch at once (llmc/runtime/sampler.py)
+            tokens = sample_tokens(rows, seqs)
+        except Exception:  # one request's data broke it: sample each row alone below, so that only that one fails
+            log.exception("sampling the batch failed; sampling each request alone")
+            tokens = None
+        for i, (seq, row) in enumerate(zip(seqs, rows)):
             state = touched[seq.request_id] = self.requests[seq.request_id]
             if seq.request_id in failed:  # an earlier sample of the request failed this step
                 continue
@@ -260,15 +265,17 @@ class LLMEngine:
                     self._finish(scheduler, seq, "length")
                     continue
                 raw_row = raw_rows.get(i)
-                token, token_logprobs = sample_one(row, seq, greedy_token, raw_row)
+                token = tokens[i] if tokens else sample_tokens(row[None], [seq])[0]
+                model_row = row if raw_row is None else raw_row
+                logprobs = token_logprobs(model_row, token, seq)
                 if seq.grammar is not None:
                     self._advance_grammar(seq, token)
                 seq.token_ids.append(token)
                 sample = state.samples[seq.index]
                 logprob = None
                 if sample.cumulative_logprob is not None:
-                    logprob = token_logprobs[token] if token_logprobs else (row if raw_row is None else raw_row).log_softmax(-1)[token].item()
-                sample.append(token, token_logprobs, logprob)
+                    logprob = logprobs[token] if logprobs else model_row.log_softmax(-1)[token].item()
+                sample.append(token, logprobs, logprob)
                 reason = self._finish_reason(seq, token, sample)
                 if reason:
                     self._finish(scheduler, seq, reason)

@@ -2,6 +2,11 @@
 
 Every value SamplingParams admits samples without error: logits that penalties overflow are clamped, the
 temperature divides logits whose maximum is 0, and a distribution that is still not finite falls back to argmax.
+
+The batch is sampled at once: the filters run as one torch call per kind over all sampled rows, and each row
+draws one uniform number from its own generator (seeded requests) and takes its token by inverse CDF, so a
+seeded request's tokens do not depend on what else is in the batch. Penalties, bad words, logit bias and
+logprobs are per-request data, applied row by row to the rows that ask for them.
 """
 
 from __future__ import annotations
@@ -48,22 +53,43 @@ def adjust_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return row.nan_to_num(nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
 
 
-def filter_logits(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p as -inf masks."""
-    row = (row - row.max()) / p.temperature  # <= 0 with a 0 at the top: no overflow, whatever the temperature
-    if 0 < p.top_k < row.numel():
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = row.sort(descending=True)
+def filter_logits(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks, on rows [len(params), vocab], each row with its params."""
+    vocab, inf = rows.shape[-1], float("inf")
+
+    def column(values):
+        return torch.tensor(values, dtype=rows.dtype).unsqueeze(1)
+
+    rows = (rows - rows.amax(-1, keepdim=True)) / column([p.temperature for p in params])  # <= 0 with a 0 at the top: no overflow
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        values = torch.topk(rows, max(top_k)).values
+        kth = torch.where(column(top_k) > 0, values.gather(1, (column(top_k).long() - 1).clamp_min(0)), -inf)
+        rows = rows.masked_fill(rows < kth, -inf)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = rows.sort(dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
-        # Drop tokens once the mass before them reaches top_p; the first token always stays.
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        row = row.scatter(0, order[drop], float("-inf"))
-    if p.min_p > 0:
-        probs = row.softmax(-1)
-        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    return row
+        # Drop tokens once the mass before them reaches top_p; the first token always stays (top_p 1: none dropped).
+        drop = probs.cumsum(-1) - probs >= column([p.top_p if p.top_p < 1.0 else inf for p in params])
+        rows = rows.scatter(1, order, sorted_logits.masked_fill(drop, -inf))
+    if any(p.min_p > 0 for p in params):
+        probs = rows.softmax(-1)
+        rows = rows.masked_fill(probs < column([p.min_p for p in params]) * probs.amax(-1, keepdim=True), -inf)
+    return rows
+
+
+def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row of probs (rows summing to more than 0), by inverse CDF on one uniform number per row:
+    from the sequence's generator where it has one, else from torch's global generator."""
+    u = torch.rand(len(seqs), dtype=torch.float64)
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None:
+            u[i] = torch.rand(1, dtype=torch.float64, generator=seq.generator)
+    cdf = probs.double().cumsum(-1)
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+    # u * total can round up to the total: then take the last token that has any probability.
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.where(probs.gather(1, picks.unsqueeze(1)).squeeze(1) > 0, picks, last)
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, float]:
@@ -83,26 +109,39 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.float().cpu().numpy().argmax(-1).tolist()
 
 
-def sample_one(
-    row: torch.Tensor, seq: Sequence, greedy_token: int, raw_row: torch.Tensor | None = None
-) -> tuple[int, dict[int, float] | None]:
-    """One sequence's next token from its logits row (float32) given the row's argmax; and its logprobs if asked for,
-    from `raw_row` where `row` was masked by a grammar (logprobs are the model's, as vLLM's)."""
+def needs_adjusting(seq: Sequence) -> bool:
     p = seq.params
-    token = greedy_token
-    if p.penalized or p.bad_words_ids or p.logit_bias or not p.greedy or before_min_tokens(seq):  # else the argmax stands
-        adjusted = adjust_logits(row, seq)
-        token = int(adjusted.argmax())
-        if not p.greedy:
-            probs = filter_logits(adjusted, p).softmax(-1)
-            if torch.isfinite(probs).all() and probs.sum() > 0:
-                token = int(torch.multinomial(probs, 1, generator=seq.generator).item())
-    logprobs = top_logprobs((row if raw_row is None else raw_row).log_softmax(-1), token, p.logprobs) if p.logprobs is not None else None
-    return token, logprobs
+    return bool(p.penalized or p.bad_words_ids or p.logit_bias or before_min_tokens(seq))
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits [len(seqs), vocab] (float32, after any grammar mask) -> one token id per sequence."""
+    tokens = greedy_tokens(logits)
+    adjusted = [i for i, seq in enumerate(seqs) if needs_adjusting(seq)]
+    rows = logits
+    if adjusted:
+        rows = logits.clone()
+        for i in adjusted:
+            rows[i] = adjust_logits(logits[i], seqs[i])
+            tokens[i] = int(rows[i].argmax())
+    sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if sampled:
+        probs = filter_logits(rows[sampled], [seqs[i].params for i in sampled]).softmax(-1)
+        ok = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()  # else the argmax stands
+        picks = draw(probs.nan_to_num(0.0, 0.0, 0.0), [seqs[i] for i in sampled]).tolist()
+        for i, good, pick in zip(sampled, ok, picks):
+            tokens[i] = pick if good else tokens[i]
+    return tokens
+
+
+def token_logprobs(row: torch.Tensor, token: int, seq: Sequence) -> dict[int, float] | None:
+    """The chosen token's logprobs if the request asks for them, from its row as the model gave it (before any
+    grammar mask: logprobs are the model's, as vLLM's)."""
+    return top_logprobs(row.log_softmax(-1), token, seq.params.logprobs) if seq.params.logprobs is not None else None
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [len(seqs), vocab] -> one token id per sequence, and its logprobs where asked for."""
     logits = logits.float()
-    picks = [sample_one(logits[i], seq, token) for i, (seq, token) in enumerate(zip(seqs, greedy_tokens(logits)))]
-    return [t for t, _ in picks], [lp for _, lp in picks]
+    tokens = sample_tokens(logits, seqs)
+    return tokens, [token_logprobs(row, token, seq) for row, token, seq in zip(logits, tokens, seqs)]
