@@ -41,6 +41,7 @@ COMPUTE_OPS = frozenset({
     "aten.gt.Scalar",
     "aten.index.Tensor",
     "aten.layer_norm.default",
+    "aten.linalg_vector_norm.default",
     "aten.log.default",
     "aten.log1p.default",
     "aten.masked_fill.Scalar",
