@@ -79,12 +79,21 @@ def _own_loops() -> dict[type, tuple]:
     return {DbrxExperts: (_dbrx_experts_forward, lambda m: m.mlp.activation_fn)}
 
 
+def _refused_loops() -> dict[type, str]:
+    """Experts modules in the model's own code that llmc::moe cannot compute -> what they compute."""
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoA
+
+    return {JetMoeMoA: "a mixture of attention heads (query and output projections are experts chosen per token)"}
+
+
 def prepare(model: torch.nn.Module) -> None:
     """Before tracing: what each experts module's gate computes, or a build error naming what llmc::moe lacks."""
     from transformers.integrations.moe import _default_apply_gate
 
-    own_loops = _own_loops()
+    own_loops, refused = _own_loops(), _refused_loops()
     for module in model.modules():
+        if type(module) in refused:
+            raise ExpertsError(f"{type(module).__name__} computes {refused[type(module)]}, which llmc does not lower")
         if type(module) in own_loops:
             forward, act = own_loops[type(module)]
             module.llmc_act = _activation(module, act(module))
