@@ -21,7 +21,7 @@ PROMPT_LENGTHS = (5, 11)
 NEW_TOKENS = 8
 MAX_PARAMS = 20_000_000
 
-# Registry entries the sweep does not build, and why (the only ones).
+# Registry entries the sweep does not build, and why (the only ones): models that cannot run alone on text.
 SKIPPED = {
     "moss_transcribe_diarize": "speech model: needs audio inputs",
     "musicgen": "audio model: predicts codebooks, needs encoder inputs",
@@ -39,15 +39,14 @@ SKIPPED = {
     "git": "image-to-text model: needs pixel inputs",
     "trocr": "OCR decoder: needs encoder (image) hidden states",
     "whisper": "speech decoder: needs encoder (audio) hidden states",
+    "gemma4_assistant": "speculative-decoding drafter: needs the main model's hidden states and KV cache",
+    "gemma4_unified_assistant": "speculative-decoding drafter: needs the main model's hidden states and KV cache",
 }
 
 # Registry entries whose tiny config (`tiny_config`) transformers itself cannot run yet: the shrinker's gaps,
 # not llmc's (the sweep reports them as crashed; tests/test_architectures.py expects that, strictly).
 TINY_CONFIG_GAPS = {
-    "blt": "sub-model sizes (encoder, global, decoder) not shrunk",
-    "gemma4_assistant": "a drafter whose default config its own validation refuses",
-    "gemma4_unified_assistant": "a drafter: sizes of its text sub-config (AutoConfig) not shrunk",
-    "prophetnet": "decoder needs n-gram inputs",
+    "blt": "transformers' generate fails on it at any size: its cache asks BltConfig for num_hidden_layers, which it lacks",
 }
 
 # Standard config attribute names (mapped to each config's own through its `attribute_map`) and the tiny values.
@@ -75,6 +74,7 @@ CLAMPED = {
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
 }
 
+_BLT_SUB = {"vocab_size": VOCAB, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128}
 # Per-type attributes the generic shrinking cannot derive (sizes left None, layer layouts that must keep an
 # attention layer among 2, sizes a validator ties together). Data only: `tiny_config` applies them last.
 OVERRIDES = {
@@ -104,6 +104,12 @@ OVERRIDES = {
                    "audio_config": {"adapter_out_dim": TINY["hidden_size"]}},
     "xmod": {"default_language": "en_XX"},
     "xlm": {"pad_token_id": 2},  # its sequence lengths count the tokens that are not padding
+    "prophetnet": {"pad_token_id": 0},  # its positions start after the padding index
+    "blt": {"encoder_hash_byte_group_vocab": 512, "encoder_hash_byte_group_size": [3, 4],  # its 4 sub-models
+            "patcher_config": {**_BLT_SUB, "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16},
+            "encoder_config": {**_BLT_SUB, "hidden_size": 64, "hidden_size_global": 128, "num_hidden_layers": 1},
+            "decoder_config": {**_BLT_SUB, "hidden_size": 64, "hidden_size_global": 128, "num_hidden_layers": 2, "head_dim": 16},
+            "global_config": {**_BLT_SUB, "hidden_size": 128, "num_hidden_layers": 2, "head_dim": 32}},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 2, "ngram_vocab_size_base": VOCAB, "hc_lowrank": 16},
     "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2, "num_heads": 4},  # q/k dims: multiples of 64
@@ -276,7 +282,7 @@ def markdown(results: list[Result]) -> str:
         f"transformers' `generate` (fp32, greedy, {len(PROMPT_LENGTHS)} prompts x {NEW_TOKENS} tokens). `tests/test_architectures.py`",
         "asserts that each one matches token for token or is refused at build time with a one-line error.",
         "",
-        ", ".join(f"{status}: {n}" for status, n in counts.items()) + ". Skipped: not text-only models (llmc/sweep.py's",
+        ", ".join(f"{status}: {n}" for status, n in counts.items()) + ". Skipped: models that cannot run alone on text (llmc/sweep.py's",
         "SKIPPED). Crashed \"tiny model in transformers\": the sweep's own gaps, tiny configs transformers cannot run",
         "(TINY_CONFIG_GAPS); any other crash or difference is an llmc bug.",
         "",

@@ -84,6 +84,15 @@ ARCHITECTURES = list(TINY_CONFIGS)  # each built in every mode: dtypes, tp, pp, 
 SINGLE_RANK_CONFIGS = {
     "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
+    # DBRX: experts the model loops over in its own code (w1, v1, w2 of all experts stacked), clipped QKV.
+    "dbrx": dict(model_type="dbrx", d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}),
+    # Phi-3.5-MoE: sparsemixer routing (each choice's softmax over the experts within its jitter threshold), and
+    # RoPE frequencies computed in every forward.
+    "phimoe": dict(model_type="phimoe", hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                   router_jitter_noise=0.5),
 }
 TOKENIZER_TEXT = (
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"

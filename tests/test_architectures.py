@@ -84,3 +84,25 @@ def test_a_program_the_loader_would_refuse_is_a_build_error(tmp_path):
 def test_generated_table_lists_the_registry():
     rows = re.findall(r"^\| (\S+) \| \S+ \| (\w[\w -]*) \|", DOC.read_text(), flags=re.M)
     assert [t for t, _ in rows if t != "model_type"] == sweep.model_types(), "regenerate: python -m llmc.sweep --write docs/architectures.md"
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("mpt", r"^MptForCausalLM: none of its 2 layers computes attention through transformers' attention interface "),
+    ("diffllama", r"^DiffLlamaForCausalLM: its 2 layers call transformers' attention interface 4 times \(a layer "
+                  r"attends more than once"),
+])
+def test_attention_outside_the_interface_is_counted_per_layer(model_type, message, tmp_path):
+    sweep.make_checkpoint(model_type, tmp_path / "ckpt")
+    with pytest.raises(BUILD_ERRORS, match=message) as e:
+        llmc.build(tmp_path / "ckpt", tmp_path / "engine", max_seq_len=64, max_batch_tokens=32, log=lambda _: None)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_without_a_position_limit_takes_the_engines():
+    from transformers import XLNetConfig
+
+    from llmc.engine import MAX_SEQ_LEN
+    from llmc.frontend.rope import max_context
+
+    assert XLNetConfig().max_position_embeddings == -1  # transformers' "no sequence length limit"
+    assert max_context(XLNetConfig()) == MAX_SEQ_LEN

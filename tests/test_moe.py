@@ -247,3 +247,26 @@ def test_olmoe_matches_transformers_at_tp1_ep2_and_tp2(tmp_path):
     assert engine_matches_transformers(checkpoint, tmp_path / "ep2", ep=2)  # attention replicated, experts split
     # q/k norms over all heads: q and k projected whole on each rank, normalised, then cut to the rank's heads
     assert engine_matches_transformers(checkpoint, tmp_path / "tp2", tp=2)
+
+
+def test_dbrx_experts_loop_matches_transformers_at_tp1_ep2_and_tp2(tmp_path):
+    # DBRX loops over its experts in its own code: lowered to llmc::moe, its stacked weights rearranged at build.
+    checkpoint = make_checkpoint("dbrx", tmp_path / "checkpoint")
+    assert engine_matches_transformers(checkpoint, tmp_path / "tp1")
+    assert engine_matches_transformers(checkpoint, tmp_path / "ep2", ep=2)
+    assert engine_matches_transformers(checkpoint, tmp_path / "tp2", tp=2)
+
+
+def test_phimoe_sparsemixer_routing_matches_transformers(tmp_path):
+    checkpoint = make_checkpoint("phimoe", tmp_path / "checkpoint")
+    assert engine_matches_transformers(checkpoint, tmp_path / "tp1")
+    assert engine_matches_transformers(checkpoint, tmp_path / "ep2", ep=2)
+
+
+def test_mixture_of_attention_is_refused_in_one_line(tmp_path):
+    from llmc import sweep
+
+    sweep.make_checkpoint("jetmoe", tmp_path / "checkpoint")  # JetMoE: attention heads routed through experts
+    with pytest.raises(CheckpointError, match=r"^JetMoeMoA computes a mixture of attention heads") as e:
+        llmc.build(tmp_path / "checkpoint", tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, log=lambda _: None)
+    assert "\n" not in str(e.value)

@@ -18,12 +18,15 @@ tests/test_program_ops.py checks that every tested architecture's program calls 
 # (a) Elementwise math, comparisons, reductions, matmul-like ops, normalizations, softmax-like ops, dtype
 # casts, bounds-checked indexing: the output's size follows from the inputs' sizes, so any constant is safe.
 # `aten.gather` (MoE routers read the chosen experts' scores with it) is indexing of this kind: its output has
-# the index's size, and torch checks every index against the input at run time.
+# the index's size, and torch checks every index against the input at run time; so is `aten.scatter.value`
+# (Phi-3.5-MoE's router masks its first choice with it): its output has its input's size.
 COMPUTE_OPS = frozenset({
+    "aten.abs.default",
     "aten.add.Tensor",
     "aten.bitwise_not.default",
     "aten.bmm.default",
     "aten.cat.default",
+    "aten.clamp.Tensor",
     "aten.clamp.default",
     "aten.clone.default",
     "aten.contiguous.default",
@@ -38,10 +41,12 @@ COMPUTE_OPS = frozenset({
     "aten.gt.Scalar",
     "aten.index.Tensor",
     "aten.layer_norm.default",
+    "aten.linalg_vector_norm.default",
     "aten.log.default",
     "aten.log1p.default",
     "aten.masked_fill.Scalar",
     "aten.matmul.default",
+    "aten.max.dim",
     "aten.mean.dim",
     "aten.min.other",
     "aten.mul.Tensor",
@@ -52,6 +57,7 @@ COMPUTE_OPS = frozenset({
     "aten.relu.default",
     "aten.rms_norm.default",
     "aten.rsqrt.default",
+    "aten.scatter.value",
     "aten.sigmoid.default",
     "aten.sin.default",
     "aten.softmax.int",

@@ -7,7 +7,8 @@ while the router (softmax or sigmoid top-k, renormalisation, DeepSeek's grouped 
 shared experts stay the model's own graph ops. Transposed expert weights and interleaved gate/up features
 (GPT-OSS) are rearranged into the op's layout by graph ops on the weights, which canonicalize computes once at
 build time; biases are the op's. A custom gate is the op's clamped SwiGLU only once proven equal to it on a
-grid of values (`prepare`, before tracing). Anything else (experts without a gate, a norm after each expert,
+grid of values (`prepare`, before tracing). Experts a model loops over in its own code are lowered only for the
+classes listed in `OWN_LOOPS`, each read once to be the same sum of gated experts (DBRX). Anything else (experts without a gate, a norm after each expert,
 another gate or activation) is a build error naming it.
 """
 
@@ -29,15 +30,16 @@ class ExpertsError(CheckpointError):
     """An experts module llmc::moe cannot compute: raised while tracing, passed on unchanged."""
 
 
-def _activation(experts: torch.nn.Module) -> str:
+def _activation(experts: torch.nn.Module, act_fn=None) -> str:
     from transformers.activations import ACT2FN
 
-    if experts.act_fn in FUNCTIONS:
-        return FUNCTIONS[experts.act_fn]
+    act_fn = experts.act_fn if act_fn is None else act_fn
+    if act_fn in FUNCTIONS:
+        return FUNCTIONS[act_fn]
     for hf_name, name in ACTIVATIONS.items():
-        if type(experts.act_fn) is type(ACT2FN[hf_name]) and repr(experts.act_fn) == repr(ACT2FN[hf_name]):
+        if type(act_fn) is type(ACT2FN[hf_name]) and repr(act_fn) == repr(ACT2FN[hf_name]):
             return name
-    act = getattr(experts.act_fn, "__name__", None) or repr(experts.act_fn)  # a function's name, not its address
+    act = getattr(act_fn, "__name__", None) or repr(act_fn)  # a function's name, not its address
     raise ExpertsError(f"{type(experts).__name__} uses the activation {act}, which llmc::moe does not "
                        f"compute (it has {', '.join(sorted(set(ACTIVATIONS)))})")
 
@@ -60,11 +62,43 @@ def _custom_gate(experts: torch.nn.Module) -> tuple[str, float, float, bool]:
                        "llmc::moe does not compute (it has act(gate) * up and GPT-OSS's clamped SwiGLU)")
 
 
+def _dbrx_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """DbrxExperts.forward: expert e is down_e(act(x w1_e^T) * (x v1_e^T)) with w1, v1, w2 [E * I, H] (w2 used as is,
+    so [I, H] per expert); llmc::moe's weights are [E, 2I, H] (gate; up) and [E, H, I]."""
+    experts, size = self.num_experts, self.hidden_size
+    w1, v1, w2 = (w.view(experts, -1, size) for w in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+    out = torch.ops.llmc.moe(hidden_states.reshape(-1, size), top_k_index, top_k_weights, torch.cat([w1, v1], dim=1),
+                             w2.transpose(1, 2), self.llmc_act, 0)
+    return out.view(hidden_states.shape[0], -1, size)
+
+
+def _own_loops() -> dict[type, tuple]:
+    """Experts modules that loop over their experts in the model's own code -> (llmc's forward, its act module)."""
+    from transformers.models.dbrx.modeling_dbrx import DbrxExperts
+
+    return {DbrxExperts: (_dbrx_experts_forward, lambda m: m.mlp.activation_fn)}
+
+
+def _refused_loops() -> dict[type, str]:
+    """Experts modules in the model's own code that llmc::moe cannot compute -> what they compute."""
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoA
+
+    return {JetMoeMoA: "a mixture of attention heads (query and output projections are experts chosen per token)"}
+
+
 def prepare(model: torch.nn.Module) -> None:
     """Before tracing: what each experts module's gate computes, or a build error naming what llmc::moe lacks."""
     from transformers.integrations.moe import _default_apply_gate
 
+    own_loops, refused = _own_loops(), _refused_loops()
     for module in model.modules():
+        if type(module) in refused:
+            raise ExpertsError(f"{type(module).__name__} computes {refused[type(module)]}, which llmc does not lower")
+        if type(module) in own_loops:
+            forward, act = own_loops[type(module)]
+            module.llmc_act = _activation(module, act(module))
+            module.forward = forward.__get__(module)
+            continue
         if not hasattr(module, "is_concatenated"):  # not an experts module of transformers' implementations
             continue
         layout = {"experts without a gate projection": not module.has_gate,

@@ -111,7 +111,9 @@ def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int
     dims = ({1: num_tokens}, {1: num_tokens}, {0: num_seqs})
     if rope_lengths is not None:
         example, dims = (*example, torch.full((1, 3), 3, device="meta")), (*dims, {1: num_tokens})
-    with attention_interface.unpacked_sequences():
+    # Without gradients, as engines run: a model's own `torch.no_grad()` regions (Phi-3.5-MoE's router) then trace
+    # inline instead of as wrapped regions (wrap_with_set_grad_enabled).
+    with attention_interface.unpacked_sequences(), torch.no_grad():
         return torch.export.export(_Step(model, rope_lengths or SimpleNamespace()), example, dynamic_shapes=dims,
                                    strict=False)
 

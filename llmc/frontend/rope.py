@@ -54,7 +54,8 @@ def max_context(config) -> int:
     rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
     if isinstance(rope_type, str) and "dynamic" in rope_type:
         return int(config.max_position_embeddings * params["factor"])
-    return getattr(config, "max_position_embeddings", None) or MAX_SEQ_LEN
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if limit and limit > 0 else MAX_SEQ_LEN  # XLNet says -1: no limit of its own
 
 
 def engine_record(config) -> dict | None:

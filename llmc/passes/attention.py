@@ -67,6 +67,18 @@ def _mask(gm: fx.GraphModule, mask: fx.Node, ctx: BuildContext, layer: int) -> t
     )
 
 
+def _interface_coverage(arch: str, calls: int, layers: int | None) -> str:
+    """Why `calls` attentions through transformers' interface cannot be `layers` layers' KV-cached attentions."""
+    if not calls:
+        return (f"{arch}: none of its {layers or ''} layers computes attention through transformers' attention "
+                "interface (each computes it in the model's own code), which llmc does not lower").replace("  ", " ")
+    if calls > layers:
+        return (f"{arch}: its {layers} layers call transformers' attention interface {calls} times (a layer attends more "
+                "than once, or runs more than once); llmc's KV cache holds one attention per layer")
+    return (f"{arch}: only {calls} of its {layers} layers compute attention through transformers' attention interface; "
+            "the others compute it in the model's own code, which llmc does not lower")
+
+
 @register_pass("attention")
 def attention(gm: fx.GraphModule, ctx: BuildContext):
     graph, arch = gm.graph, _architecture(ctx)
@@ -77,10 +89,7 @@ def attention(gm: fx.GraphModule, ctx: BuildContext):
     traced = [n for n in graph.nodes if n.target == TRACED_ATTENTION]
     layers = getattr(ctx.hf_config.get_text_config(), "num_hidden_layers", None)
     if not traced or (layers is not None and len(traced) != layers):
-        raise PassError(
-            f"{arch}: {len(traced)} of its {layers} layers compute attention through transformers' attention interface; "
-            "the others compute it in the model's own code, which llmc does not lower"
-        )
+        raise PassError(_interface_coverage(arch, len(traced), layers))
     inputs = _add_inputs(graph)
     kv_heads, head_dims, windows, features = set(), set(), [], set()
     for layer, node in enumerate(traced):

@@ -5,6 +5,11 @@
 - dropout in eval mode (`dropout(x, p, train=False)` is x),
 - aliases (`x[..., :d]` of a last dim of d, as Phi-3 slices its whole head for RoPE) and empty tensors in a
   concatenation (its pass-through part `x[..., d:]`), so RoPE is found as on any other model,
+- tensors computed from literals alone (Phi-3.5-MoE computes its RoPE frequencies `base ** (arange(0, d, 2) / d)`
+  in every forward) are computed once and become weights, like other models' frequency buffers,
+- `concat` is `cat` (the name the other passes match),
+- `squeeze()` of a tensor of static shape (ERNIE-MoE's router bias) becomes squeezes of its size-1 dims: the
+  dim-less form stays refused where a dim is symbolic (a decode step's one token would be squeezed away),
 - slices that cut a linear's output into consecutive parts (Phi-3's fused QKV `qkv[..., :q]`, `qkv[..., q:q + k]`,
   ...) become the one split the other passes know (tensor parallelism splits such sections),
 - expert weights the model rearranges before llmc::moe (GPT-OSS's transposed, interleaved gate/up) are
@@ -74,6 +79,49 @@ def _slices_to_splits(graph: fx.Graph) -> int:
     return made
 
 
+def _static_squeeze(graph: fx.Graph, node: fx.Node) -> bool:
+    """`squeeze(x)` of an x whose shape is all numbers -> squeeze(x, d) for each size-1 dim d, last first."""
+    shape = getattr(val(node.args[0]), "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return False
+    out = node.args[0]
+    with graph.inserting_before(node):
+        for d in reversed([d for d, size in enumerate(shape) if size == 1]):
+            out = graph.call_function(aten.squeeze.dim, (out, d))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True
+
+
+def _is_pure(node: fx.Node) -> bool:
+    """An ATen op that neither draws random numbers nor writes to its arguments."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+            and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
+def _fold_constants(gm: fx.GraphModule) -> int:
+    """Each tensor computed by pure ops from literals alone, and used by other ops, becomes a weight; returns how many."""
+    values: dict[fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        literal_args = not any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool))
+                               for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)))
+        if _is_pure(node) and literal_args and all(n in values for n in node.all_input_nodes):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            values[node] = node.target(*args, **kwargs)
+    folded = 0
+    for node, v in values.items():
+        if not isinstance(v, torch.Tensor) or all(u in values for u in node.users):
+            continue
+        if any(not _is_pure(u) for u in node.users):  # something writes to it: it stays the fresh tensor it is
+            continue
+        set_weight(gm, f"constant_{node.name}", v.contiguous())
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.get_attr(f"constant_{node.name}"))
+        folded += 1
+    return folded
+
+
 def _computed_from_weights(node: fx.Node) -> list[fx.Node] | None:
     """The subgraph computing `node` (inputs first) if it reads weights alone; None if it reads a step input."""
     order, seen = [], set()
@@ -115,7 +163,7 @@ def _fold_expert_weights(gm: fx.GraphModule) -> int:
 
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
-    asserts = conversions = dropouts = aliases = empties = 0
+    asserts = conversions = dropouts = aliases = empties = squeezes = 0
     for node in list(gm.graph.nodes):
         if calls(node, ASSERTS):
             gm.graph.erase_node(node)
@@ -132,6 +180,10 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             aliases += 1
+        elif node.target == aten.concat.default:
+            node.target = aten.cat.default
+        elif node.target == aten.squeeze.default and _static_squeeze(gm.graph, node):
+            squeezes += 1
         elif node.target == aten.cat.default and any(map(_is_empty, node.args[0])) and not _is_empty(node):
             kept = [x for x in node.args[0] if not _is_empty(x)]
             empties += len(node.args[0]) - len(kept)
@@ -140,7 +192,8 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
                 gm.graph.erase_node(node)
             else:
                 node.update_arg(0, kept)
+    constants = _fold_constants(gm)
     splits = _slices_to_splits(gm.graph)
     expert_weights = _fold_expert_weights(gm)
-    return gm, {"slices_to_splits": splits, "expert_weights_rearranged": expert_weights, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
-                "aliases_removed": aliases, "empty_concatenated_removed": empties}
+    return gm, {"constants_folded": constants, "slices_to_splits": splits, "expert_weights_rearranged": expert_weights, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
+                "aliases_removed": aliases, "empty_concatenated_removed": empties, "static_squeezes": squeezes}

@@ -44,6 +44,8 @@ LINEARS = {
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 CHUNK = aten.chunk.default  # by count: each rank's chunks are its share of each section, unchanged
+# Ops of one tensor, feature by feature, between a linear and the split of its sections (DBRX's clipped QKV).
+ELEMENTWISE = (aten.clamp.default, aten.to.dtype)
 
 
 def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
@@ -97,7 +99,7 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int, tuple[fx.No
                     size = _shape(n)[-1] // u.args[1] if u.target == CHUNK else u.args[1]  # chunk(x, count)
                     sections = list(size) if isinstance(size, (list, tuple)) else [size] * (_shape(n)[-1] // size)
                     stack.append(u)
-            elif u.target == operator.getitem:
+            elif u.target == operator.getitem or u.target in ELEMENTWISE and u.args[0] is n:
                 stack.append(u)
             elif u.target in VIEWS:
                 before, after = _shape(u.args[0]), _shape(u)
