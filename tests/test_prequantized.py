@@ -22,6 +22,7 @@ FP8_CHANNEL_WEIGHT_ONLY = {"weights": {"num_bits": 8, "type": "float", "strategy
 # name -> (how the checkpoint is made, llmc's mode of its linears)
 CHECKPOINTS = {
     "ct-fp8": (lambda p: compressed_tensors_checkpoint("FP8", p), "fp8"),
+    "ct-fp8-dynamic": (lambda p: compressed_tensors_checkpoint("FP8_DYNAMIC", p), "fp8-dynamic"),
     "ct-fp8-channel-weight-only": (lambda p: compressed_tensors_checkpoint(FP8_CHANNEL_WEIGHT_ONLY, p), "fp8-weight-only"),
     "ct-nvfp4": (lambda p: compressed_tensors_checkpoint("NVFP4", p), "nvfp4"),
     "ct-nvfp4a16": (lambda p: compressed_tensors_checkpoint("NVFP4A16", p), "nvfp4-weight-only"),
@@ -116,7 +117,7 @@ def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp
     torch.testing.assert_close(step_logits(fp8_cache, PROMPT), step_logits(engine, PROMPT), atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ct-nvfp4", "modelopt-fp8-kv"])
+@pytest.mark.parametrize("name", ["ct-nvfp4", "modelopt-fp8-kv", "ct-fp8-dynamic"])
 @pytest.mark.parametrize("mapping", [{"tp": 2}, {"pp": 2}])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
     """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them."""
@@ -129,9 +130,13 @@ def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
     checkpoint = built("ct-fp8")[0]
     with pytest.raises(ValueError, match="quantized already; build it without --quant"):
         llmc.build(checkpoint, tmp_path / "e1", quant="nvfp4", log=lambda _: None)
-    for scheme, message in [("FP8_DYNAMIC", "dynamic=True"), ("W4A16", "llmc runs FP8 .* and NVFP4 .* only")]:
+    dynamic_per_tensor = _preset_group("FP8_DYNAMIC")
+    dynamic_per_tensor["input_activations"]["strategy"] = "tensor"
+    for group, message in [(dynamic_per_tensor, "tensor-wise with dynamic=True"),
+                           (_preset_group("W4A16"), "llmc runs FP8 .* and NVFP4 .* only")]:
         config = json.loads((checkpoint / "config.json").read_text())
-        config["quantization_config"]["config_groups"]["group_0"] = _preset_group(scheme)
+        config["quantization_config"]["config_groups"]["group_0"] = group
+        scheme = group["weights"]["strategy"]
         path = _copy_with_config(checkpoint, tmp_path / scheme, config)
         with pytest.raises(CheckpointError, match=message) as error:
             llmc.build(path, tmp_path / f"{scheme}-engine", log=lambda _: None)

@@ -38,6 +38,7 @@ from llmc.frontend.checkpoint import Checkpoint, CheckpointError
 from llmc.weights import set_weight
 
 LINEAR = torch.ops.aten.linear.default
+FP8_DYNAMIC = torch.ops.llmc.fp8_dynamic_linear.default
 # Tensors beside a quantized weight that llmc's ops have no place for.
 UNSUPPORTED_TENSORS = ("weight_zero_point", "weight_g_idx", "input_zero_point", "output_scale", "weight_shape",
                        "pre_quant_scale", "weight_scale_inv")
@@ -51,6 +52,7 @@ class Prequantized:
     version: str | None
     scheme: str  # as the checkpoint names it (compressed-tensors' format, Model Optimizer's quant_algo)
     kv_cache_scales: bool = False  # the checkpoint has FP8 K and V scales per layer
+    dynamic_inputs: bool = False  # FP8 linears quantize their input per token at run time (FP8_DYNAMIC)
     modes: set[str] = field(default_factory=set)  # llmc's modes of the linears rewritten
     kv_amax: dict[int, list[float]] = field(default_factory=dict)  # from the KV scales, as calibration gives them
 
@@ -88,7 +90,7 @@ def _compressed_tensors(config: dict) -> Prequantized:
     if config.get("kv_cache_scheme"):
         raise CheckpointError("compressed-tensors kv_cache_scheme: llmc does not read its KV-cache scales yet; "
                               "remove it from the recipe, or build with --kv-cache-dtype fp8 (calibrated by llmc)")
-    formats = set()
+    formats, dynamic = set(), set()
     for name, group in config.get("config_groups", {}).items():
         fmt = group.get("format") or config.get("format")
         formats.add(fmt)
@@ -98,8 +100,10 @@ def _compressed_tensors(config: dict) -> Prequantized:
         if group.get("output_activations"):
             raise CheckpointError(f"{what} quantizes outputs, which llmc's linears do not")
         if fmt in ("float-quantized", "naive-quantized") and (kind, bits) == ("float", 8) and strategy in ("tensor", "channel"):
-            input_ok = inputs is None or (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"),
-                                          inputs.get("dynamic")) == ("float", 8, "tensor", False)
+            # A static per-tensor input scale (fp8) or one per token computed at run time (FP8_DYNAMIC, fp8-dynamic).
+            input_kind = inputs and (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"), inputs.get("dynamic"))
+            input_ok = input_kind in (None, ("float", 8, "tensor", False), ("float", 8, "token", True))
+            dynamic.add(input_kind == ("float", 8, "token", True))
         elif fmt == "nvfp4-pack-quantized" and weights.get("group_size") == 16:
             input_ok = inputs is None or (inputs.get("num_bits"), inputs.get("group_size"), inputs.get("dynamic")) == (4, 16, "local")
         else:
@@ -109,9 +113,13 @@ def _compressed_tensors(config: dict) -> Prequantized:
             raise CheckpointError(f"{what} is asymmetric (zero points): llmc's formats are symmetric")
         if not input_ok:
             raise CheckpointError(f"{what} quantizes inputs {inputs.get('strategy')}-wise with dynamic={inputs.get('dynamic')}: "
-                                  "llmc's FP8 linear takes a static per-tensor input scale (e.g. FP8_DYNAMIC's per-token "
-                                  "scales are not in llmc yet); use the FP8 scheme (static) or a weight-only one")
-    return Prequantized("compressed-tensors", config.get("version"), ", ".join(sorted(f for f in formats if f)))
+                                  "llmc's FP8 linears take a static per-tensor input scale or dynamic per-token scales "
+                                  "(FP8, FP8_DYNAMIC), its NVFP4 linears a static global scale")
+    if len(dynamic) > 1:
+        raise CheckpointError("compressed-tensors checkpoint mixes FP8 linears with dynamic per-token input scales and "
+                              "others; llmc builds one mode per engine")
+    return Prequantized("compressed-tensors", config.get("version"), ", ".join(sorted(f for f in formats if f)),
+                        dynamic_inputs=dynamic == {True})
 
 
 def _modelopt(config: dict) -> Prequantized:
@@ -161,6 +169,10 @@ def _packed(pq: Prequantized, module: str, t: dict[str, torch.Tensor]):
                               f"per tensor or per output channel ({w.shape[0]})")
     input_scale = t.get("input_scale")
     parts = [("", w), ("_scale", scale.reshape(-1).expand(w.shape[0]).contiguous())]
+    if pq.dynamic_inputs:
+        if input_scale is not None:
+            raise CheckpointError(f"{module} has a static input_scale, but its scheme ({pq.source} {pq.scheme}) says dynamic")
+        return FP8_DYNAMIC, "fp8-dynamic", parts, None
     mode = "fp8" if input_scale is not None else "fp8-weight-only"
     return torch.ops.llmc.fp8_linear.default, mode, parts, _scalar(input_scale)
 
@@ -200,7 +212,7 @@ def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
             set_weight(gm, f"{w.target}_{mode.split('-')[0]}{suffix}", value)
             with gm.graph.inserting_before(node):
                 args.append(gm.graph.get_attr(f"{w.target}_{mode.split('-')[0]}{suffix}"))
-        if input_scale is None:
+        if input_scale is None and op != FP8_DYNAMIC:  # weight-only (FP8_DYNAMIC's op has no static input scale)
             args.append(None)
         x, bias = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         node.target, node.args, node.kwargs = op, (x, *args, bias), {}
