@@ -117,13 +117,25 @@ def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp
     torch.testing.assert_close(step_logits(fp8_cache, PROMPT), step_logits(engine, PROMPT), atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ct-nvfp4", "modelopt-fp8-kv", "ct-fp8-dynamic"])
-@pytest.mark.parametrize("mapping", [{"tp": 2}, {"pp": 2}])
+@pytest.mark.parametrize("name, mapping", [(n, m) for n in ("ct-nvfp4", "modelopt-fp8-kv") for m in ({"tp": 2}, {"pp": 2})]
+                         + [("ct-fp8-dynamic", {"pp": 2})])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
     """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them."""
     checkpoint, engine, _, _ = built(name)
     parallel = llmc.build(checkpoint, tmp_path / "parallel", max_seq_len=64, log=lambda _: None, **mapping)
     torch.testing.assert_close(step_logits(parallel, PROMPT), step_logits(engine, PROMPT), atol=1e-5, rtol=1e-5)
+
+
+# Largest |llmc at tp 2 - library| logit for FP8_DYNAMIC: a row-parallel linear quantizes each token's share of
+# its input with that share's own amax (as vLLM does, and llmc's --quant fp8-dynamic), where the library takes
+# the whole row's. Measured: 0.018 (the logits reach about 1.5).
+DYNAMIC_TP_TOLERANCE = 0.05
+
+
+def test_fp8_dynamic_at_tp2_scales_each_ranks_share_of_a_token(built, tmp_path):
+    checkpoint, engine, expected, _ = built("ct-fp8-dynamic")
+    parallel = step_logits(llmc.build(checkpoint, tmp_path / "tp2", max_seq_len=64, tp=2, log=lambda _: None), PROMPT)
+    assert 0 < (parallel - expected).abs().max().item() <= DYNAMIC_TP_TOLERANCE
 
 
 def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
