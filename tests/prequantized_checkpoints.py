@@ -10,6 +10,7 @@ on the prompt. Model Optimizer calibrates and exports itself (`mtq.quantize`, `e
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
@@ -40,17 +41,19 @@ def _input_amax(model) -> dict[str, float]:
     return amax
 
 
-def compressed_tensors_checkpoint(scheme: str | dict, path: Path, seed: int = 3) -> tuple[Path, torch.Tensor]:
-    """A compressed-tensors checkpoint of a tiny Llama (every linear but the LM head), and the logits of
-    compressed-tensors' fake-quantized model on PROMPT. `scheme`: a preset name or QuantizationScheme fields."""
+def compressed_tensors_checkpoint(scheme: str | dict, path: Path, seed: int = 3, kv_cache: bool = False) -> tuple[Path, torch.Tensor]:
+    """A compressed-tensors checkpoint of a tiny Llama (every linear but the LM head; with `kv_cache`, K and V
+    too: FP8 with a static scale per layer), and the logits of compressed-tensors' fake-quantized model on PROMPT.
+    `scheme`: a preset name or QuantizationScheme fields."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config, preset_name_to_scheme)
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config, preset_name_to_scheme)
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     model = _float_model(path, seed)
     amax = _input_amax(model)
     scheme = preset_name_to_scheme(scheme, ["Linear"]) if isinstance(scheme, str) else QuantizationScheme(targets=["Linear"], **scheme)
+    kv_scheme = QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]), show_progress=False)
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -75,13 +78,50 @@ def compressed_tensors_checkpoint(scheme: str | dict, path: Path, seed: int = 3)
                 else:
                     m.input_scale.copy_(calculate_qparams(-a, a, inputs)[0].reshape(m.input_scale.shape))
             m.quantization_status = QuantizationStatus.FROZEN
+        if kv_cache:
+            _quantize_kv_cache(model, kv_scheme)
         expected = model(torch.tensor([PROMPT])).logits[0]
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     model.save_pretrained(path)
     compressor.update_config(path)
+    if kv_cache:
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"]["kv_cache_scheme"] = kv_scheme.model_dump(mode="json")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer().save_pretrained(path)
     return path, expected
+
+
+def _quantize_kv_cache(model, args) -> None:
+    """Each attention's FP8 k_scale and v_scale, from the amax of its K and V on PROMPT by compressed-tensors'
+    formula, and from then on its K and V fake-quantized by compressed-tensors' own `forward_quantize`, the call
+    its QuantizedKVCache makes. (compressed-tensors 0.20.1 does not find transformers 5's attentions, whose
+    forward takes `cache` where it looks for `past_key_values`; so this does its part by hand, and the config's
+    kv_cache_scheme is written after saving, as compressed-tensors writes it.)"""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    amax = {}
+
+    def attention(module, query, key, value, *args, **kwargs):
+        if hasattr(module, "k_scale"):
+            key, value = forward_quantize(module, key, "k", kv_args), forward_quantize(module, value, "v", kv_args)
+        else:
+            amax[module] = key.abs().max(), value.abs().max()
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    kv_args = args
+    AttentionInterface.register("compressed_tensors_fp8_kv", attention)
+    model.set_attn_implementation("compressed_tensors_fp8_kv")
+    model(torch.tensor([PROMPT]))  # K and V of the quantized linears, unquantized
+    for module, pair in amax.items():
+        module.quantization_status = QuantizationStatus.FROZEN
+        for which, a in zip("kv", pair):
+            module.register_parameter(f"{which}_scale", torch.nn.Parameter(calculate_qparams(-a, a, args)[0], requires_grad=False))
 
 
 def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, seed: int = 4) -> tuple[Path, torch.Tensor]:

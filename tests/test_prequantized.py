@@ -23,6 +23,7 @@ FP8_CHANNEL_WEIGHT_ONLY = {"weights": {"num_bits": 8, "type": "float", "strategy
 CHECKPOINTS = {
     "ct-fp8": (lambda p: compressed_tensors_checkpoint("FP8", p), "fp8"),
     "ct-fp8-dynamic": (lambda p: compressed_tensors_checkpoint("FP8_DYNAMIC", p), "fp8-dynamic"),
+    "ct-nvfp4-fp8-kv": (lambda p: compressed_tensors_checkpoint("NVFP4", p, kv_cache=True), "nvfp4"),
     "ct-fp8-channel-weight-only": (lambda p: compressed_tensors_checkpoint(FP8_CHANNEL_WEIGHT_ONLY, p), "fp8-weight-only"),
     "ct-nvfp4": (lambda p: compressed_tensors_checkpoint("NVFP4", p), "nvfp4"),
     "ct-nvfp4a16": (lambda p: compressed_tensors_checkpoint("NVFP4A16", p), "nvfp4-weight-only"),
@@ -84,14 +85,16 @@ def test_engine_holds_the_checkpoints_packed_tensors(built, name):
             assert torch.equal(ckpt.get_tensor(prefix + theirs).view(torch.uint8), eng.get_tensor(prefix + ours).view(torch.uint8))
 
 
-def test_modelopt_fp8_kv_cache_takes_the_checkpoints_scales(built):
-    checkpoint, engine, _, _ = built("modelopt-fp8-kv")
+@pytest.mark.parametrize("name, module", [("modelopt-fp8-kv", "self_attn.{which}_proj"), ("ct-nvfp4-fp8-kv", "self_attn")])
+def test_fp8_kv_cache_takes_the_checkpoints_scales(built, name, module):
+    checkpoint, engine, _, _ = built(name)
     config = EngineConfig.load(engine)
     assert config.quantization["kv_cache_dtype"] == "fp8" and config.kv_cache["dtype"] == "float8_e4m3fn"
+    assert config.quantization["checkpoint"]["kv_cache_scales"]
     with safe_open(checkpoint / "model.safetensors", "pt") as ckpt, safe_open(engine / "rank0" / "weights.safetensors", "pt") as eng:
         for layer in range(2):
             for which in "kv":
-                theirs = ckpt.get_tensor(f"model.layers.{layer}.self_attn.{which}_proj.{which}_scale")
+                theirs = ckpt.get_tensor(f"model.layers.{layer}.{module.format(which=which)}.{which}_scale")
                 assert eng.get_tensor(f"kv_cache_{which}_scale_{layer}").item() == theirs.item()
 
 
@@ -117,7 +120,7 @@ def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp
     torch.testing.assert_close(step_logits(fp8_cache, PROMPT), step_logits(engine, PROMPT), atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("name, mapping", [(n, m) for n in ("ct-nvfp4", "modelopt-fp8-kv") for m in ({"tp": 2}, {"pp": 2})]
+@pytest.mark.parametrize("name, mapping", [(n, m) for n in ("ct-nvfp4", "modelopt-fp8-kv", "ct-nvfp4-fp8-kv") for m in ({"tp": 2}, {"pp": 2})]
                          + [("ct-fp8-dynamic", {"pp": 2})])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
     """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them."""
@@ -144,14 +147,18 @@ def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
         llmc.build(checkpoint, tmp_path / "e1", quant="nvfp4", log=lambda _: None)
     dynamic_per_tensor = _preset_group("FP8_DYNAMIC")
     dynamic_per_tensor["input_activations"]["strategy"] = "tensor"
-    for group, message in [(dynamic_per_tensor, "tensor-wise with dynamic=True"),
-                           (_preset_group("W4A16"), "llmc runs FP8 .* and NVFP4 .* only")]:
+    kv_per_head = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "attn_head", "dynamic": False}
+    cases = {  # name -> (what changes in quantization_config, the error's message)
+        "dynamic-per-tensor": ({"config_groups": {"group_0": dynamic_per_tensor}}, "tensor-wise with dynamic=True"),
+        "w4a16": ({"config_groups": {"group_0": _preset_group("W4A16")}}, "llmc runs FP8 .* and NVFP4 .* only"),
+        "kv-per-head": ({"kv_cache_scheme": kv_per_head}, "strategy attn_head.*one static FP8 scale per layer"),
+    }
+    for name, (change, message) in cases.items():
         config = json.loads((checkpoint / "config.json").read_text())
-        config["quantization_config"]["config_groups"]["group_0"] = group
-        scheme = group["weights"]["strategy"]
-        path = _copy_with_config(checkpoint, tmp_path / scheme, config)
+        config["quantization_config"].update(change)
+        path = _copy_with_config(checkpoint, tmp_path / name, config)
         with pytest.raises(CheckpointError, match=message) as error:
-            llmc.build(path, tmp_path / f"{scheme}-engine", log=lambda _: None)
+            llmc.build(path, tmp_path / f"{name}-engine", log=lambda _: None)
         assert "\n" not in str(error.value)
 
 

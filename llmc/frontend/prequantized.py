@@ -87,9 +87,12 @@ def _compressed_tensors(config: dict) -> Prequantized:
     if status != "compressed":
         raise CheckpointError(f"compressed-tensors checkpoint with quantization_status {status!r}: llmc reads "
                               "compressed checkpoints (save with save_compressed=True)")
-    if config.get("kv_cache_scheme"):
-        raise CheckpointError("compressed-tensors kv_cache_scheme: llmc does not read its KV-cache scales yet; "
-                              "remove it from the recipe, or build with --kv-cache-dtype fp8 (calibrated by llmc)")
+    kv = config.get("kv_cache_scheme")
+    kv_kind = kv and (kv.get("type"), kv.get("num_bits"), kv.get("strategy"), kv.get("dynamic"), kv.get("symmetric", True))
+    if kv and kv_kind != ("float", 8, "tensor", False, True):
+        raise CheckpointError(f"compressed-tensors kv_cache_scheme {kv.get('type')} {kv.get('num_bits')}-bit, strategy "
+                              f"{kv.get('strategy')}, dynamic={kv.get('dynamic')}: llmc's FP8 KV cache takes one static "
+                              "FP8 scale per layer for K and one for V (strategy tensor)")
     formats, dynamic = set(), set()
     for name, group in config.get("config_groups", {}).items():
         fmt = group.get("format") or config.get("format")
@@ -119,7 +122,7 @@ def _compressed_tensors(config: dict) -> Prequantized:
         raise CheckpointError("compressed-tensors checkpoint mixes FP8 linears with dynamic per-token input scales and "
                               "others; llmc builds one mode per engine")
     return Prequantized("compressed-tensors", config.get("version"), ", ".join(sorted(f for f in formats if f)),
-                        dynamic_inputs=dynamic == {True})
+                        kv_cache_scales=bool(kv), dynamic_inputs=dynamic == {True})
 
 
 def _modelopt(config: dict) -> Prequantized:
@@ -231,7 +234,8 @@ def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
 
 
 def kv_cache_amax(weights) -> dict[int, list[float]]:
-    """Layer index -> [K amax, V amax] from Model Optimizer's `layers.<i>. ... .k_scale` / `.v_scale` (amax / 448),
+    """Layer index -> [K amax, V amax] from the checkpoint's `layers.<i>. ... .k_scale` / `.v_scale` (amax / 448;
+    Model Optimizer's are on k_proj and v_proj, compressed-tensors' on the attention),
     in the form calibration gives them, so llmc's KV-cache pass turns them back into the same scales."""
     from llmc.plugins.quant_formats import E4M3_MAX
 
