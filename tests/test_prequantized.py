@@ -27,6 +27,8 @@ CHECKPOINTS = {
     "ct-fp8-channel-weight-only": (lambda p: compressed_tensors_checkpoint(FP8_CHANNEL_WEIGHT_ONLY, p), "fp8-weight-only"),
     "ct-nvfp4": (lambda p: compressed_tensors_checkpoint("NVFP4", p), "nvfp4"),
     "ct-nvfp4a16": (lambda p: compressed_tensors_checkpoint("NVFP4A16", p), "nvfp4-weight-only"),
+    "ct-qwen3-moe-nvfp4a16": (lambda p: compressed_tensors_checkpoint("NVFP4A16", p, arch="qwen3_moe"), "nvfp4-weight-only"),
+    "ct-mixtral-fp8-weight-only": (lambda p: compressed_tensors_checkpoint(FP8_CHANNEL_WEIGHT_ONLY, p, arch="mixtral"), "fp8-weight-only"),
     "modelopt-fp8-kv": (lambda p: modelopt_checkpoint("FP8_DEFAULT_CFG", p, kv_cache=True), "fp8"),
     "modelopt-nvfp4": (lambda p: modelopt_checkpoint("NVFP4_DEFAULT_CFG", p), "nvfp4"),
     "modelopt-w4a16-nvfp4": (lambda p: modelopt_checkpoint("W4A16_NVFP4_CFG", p), "nvfp4-weight-only"),

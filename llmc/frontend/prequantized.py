@@ -35,6 +35,7 @@ import torch.fx as fx
 
 import llmc.plugins.quant_linear  # noqa: F401  (registers the ops the rewrite inserts)
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
+from llmc.frontend.prequantized_experts import rewrite_experts
 from llmc.weights import set_weight
 
 LINEAR = torch.ops.aten.linear.default
@@ -143,11 +144,15 @@ def _modelopt(config: dict) -> Prequantized:
     return Prequantized("modelopt", version, algo, kv_cache_scales=kv == "FP8")
 
 
-def _tensors(weights, module: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors of the module `module` (its parameter names through transformers' renamings)."""
-    prefix = module + "."
-    return {name[len(prefix):]: weights.ckpt.tensor(key) for name, key in weights.keys.items()
-            if name.startswith(prefix) and name != prefix + "bias"}  # the bias loads as any other weight
+def _by_module(weights) -> dict[str, dict[str, str]]:
+    """Module -> {tensor name: checkpoint key} over the checkpoint's parameter names (through transformers' renamings,
+    experts' unstacked); a bias loads as any other weight."""
+    modules: dict[str, dict[str, str]] = {}
+    for name, key in {**weights.unconverted, **weights.keys}.items():
+        module, _, tensor = name.rpartition(".")
+        if tensor != "bias":
+            modules.setdefault(module, {})[tensor] = key
+    return modules
 
 
 def _packed(pq: Prequantized, module: str, t: dict[str, torch.Tensor]):
@@ -201,14 +206,21 @@ def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
     """Each linear whose weight the checkpoint holds quantized becomes llmc's quantized linear over the
     checkpoint's tensors (`weights`: the frontend's CheckpointWeights), registered as real buffers; the
     meta weight it replaces is dropped, so the frontend loads only the others."""
-    quantized = {name.removesuffix(".weight_scale") for name in weights.keys if name.endswith(".weight_scale")}
-    done = set()
+    modules = _by_module(weights)
+    quantized = {module for module, tensors in modules.items() if "weight_scale" in tensors}
+
+    def packed(module: str):
+        return _packed(pq, module, {name: weights.ckpt.tensor(key) for name, key in modules[module].items()})
+
+    experts = rewrite_experts(gm, f"{pq.source} {pq.scheme}", quantized, packed)
+    pq.modes.update(experts)
+    done = set().union(*experts.values())
     for node in list(gm.graph.nodes):
         w = node.args[1] if node.target == LINEAR else None
         if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target.removesuffix(".weight") in quantized):
             continue
         module = w.target.removesuffix(".weight")
-        op, mode, parts, input_scale = _packed(pq, module, _tensors(weights, module))
+        op, mode, parts, input_scale = packed(module)
         pq.modes.add(mode)
         args = []
         for suffix, value in parts + ([("_input_scale", input_scale)] if input_scale is not None else []):
@@ -226,9 +238,9 @@ def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
         done.add(module)
     if missed := sorted(quantized - done):
         raise CheckpointError(f"{missed[0]} is quantized in the checkpoint ({pq.source} {pq.scheme}) but is not a plain "
-                              "linear in the traced model (a MoE expert or a fused weight?): llmc cannot run it quantized")
+                              "linear or MoE expert in the traced model (a fused weight, transposed experts?): llmc cannot run it quantized")
     if len(pq.modes) > 1:
-        raise CheckpointError(f"{pq.source} checkpoint mixes {', '.join(sorted(pq.modes))} linears; llmc builds one mode per engine")
+        raise CheckpointError(f"{pq.source} checkpoint mixes {', '.join(sorted(pq.modes))} weights; llmc builds one mode per engine")
     if pq.kv_cache_scales:
         pq.kv_amax = kv_cache_amax(weights)
 
