@@ -14,6 +14,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig
 from llmc.frontend.checkpoint import CheckpointError
+from llmc.passes.manager import PassError
 
 from prequantized_checkpoints import PROMPT, compressed_tensors_checkpoint, modelopt_checkpoint
 from test_quantization import reference_logits, step_logits
@@ -123,9 +124,11 @@ def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp
 
 
 @pytest.mark.parametrize("name, mapping", [(n, m) for n in ("ct-nvfp4", "modelopt-fp8-kv", "ct-nvfp4-fp8-kv") for m in ({"tp": 2}, {"pp": 2})]
-                         + [("ct-fp8-dynamic", {"pp": 2})])
+                         + [("ct-fp8-dynamic", {"pp": 2})]
+                         + [(n, m) for n in ("ct-qwen3-moe-nvfp4a16", "ct-mixtral-fp8-weight-only") for m in ({"tp": 2}, {"ep": 2})])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
-    """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them."""
+    """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them;
+    expert parallelism gives each rank its experts' packed tensors."""
     checkpoint, engine, _, _ = built(name)
     parallel = llmc.build(checkpoint, tmp_path / "parallel", max_seq_len=64, log=lambda _: None, **mapping)
     torch.testing.assert_close(step_logits(parallel, PROMPT), step_logits(engine, PROMPT), atol=1e-5, rtol=1e-5)
@@ -162,6 +165,28 @@ def test_what_llmc_cannot_run_exactly_is_a_one_line_error(built, tmp_path):
         with pytest.raises(CheckpointError, match=message) as error:
             llmc.build(path, tmp_path / f"{name}-engine", log=lambda _: None)
         assert "\n" not in str(error.value)
+
+
+def test_quantized_experts_llmc_cannot_run_exactly_are_one_line_errors(built, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    w8a8, _ = compressed_tensors_checkpoint("FP8", tmp_path / "w8a8", arch="qwen3_moe")
+    with pytest.raises(CheckpointError, match="experts quantize their inputs .*llmc mode fp8.*weight-only") as error:
+        llmc.build(w8a8, tmp_path / "w8a8-engine", log=lambda _: None)
+    assert "\n" not in str(error.value)
+
+    checkpoint = built("ct-qwen3-moe-nvfp4a16")[0]
+    tensors = load_file(checkpoint / "model.safetensors")
+    tensors["model.layers.1.mlp.experts.5.up_proj.weight_global_scale"] *= 2
+    path = _copy_with_config(checkpoint, tmp_path / "separate-global-scales", json.loads((checkpoint / "config.json").read_text()))
+    (path / "model.safetensors").unlink()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="experts.5: gate and up have different NVFP4 global scales") as error:
+        llmc.build(path, tmp_path / "separate-engine", log=lambda _: None)
+    assert "\n" not in str(error.value)
+
+    with pytest.raises(PassError, match=r"tp=4 gives each rank 8 of an MoE layer's 32 .*\(16 features a column\)"):
+        llmc.build(checkpoint, tmp_path / "tp4", tp=4, log=lambda _: None)
 
 
 def _preset_group(name: str) -> dict:
