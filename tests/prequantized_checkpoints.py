@@ -196,7 +196,8 @@ def _quantize_kv_cache(model, args) -> None:
             module.register_parameter(f"{which}_scale", torch.nn.Parameter(calculate_qparams(-a, a, args)[0], requires_grad=False))
 
 
-def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, seed: int = 4) -> tuple[Path, torch.Tensor]:
+def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, seed: int = 4,
+                       arch: str = "llama") -> tuple[Path, torch.Tensor]:
     """A Model Optimizer checkpoint of a tiny Llama calibrated on PROMPT, and the reference logits: Model
     Optimizer's fake-quantized model for FP8; for NVFP4, whose fake quantization needs CUDA, the float model
     with the exported weights dequantized and each linear's input quantized and dequantized, both by Model
@@ -206,7 +207,7 @@ def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, se
         import modelopt.torch.quantization as mtq
         from modelopt.torch.export import export_hf_checkpoint
 
-    model = _float_model(path, seed)
+    model = _float_model(path, seed, arch)
     config = copy.deepcopy(getattr(mtq, config_name))
     if kv_cache:
         config["quant_cfg"] = config["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
@@ -221,16 +222,21 @@ def modelopt_checkpoint(config_name: str, path: Path, kv_cache: bool = False, se
         export_hf_checkpoint(model, export_dir=path)
     tokenizer().save_pretrained(path)
     if expected is None:
-        expected = _modelopt_nvfp4_reference(path, seed)
+        expected = _modelopt_nvfp4_reference(path, seed, arch)
     return path, expected
 
 
-def _modelopt_nvfp4_reference(path: Path, seed: int) -> torch.Tensor:
+def _modelopt_nvfp4_reference(path: Path, seed: int, arch: str) -> torch.Tensor:
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
     from safetensors.torch import load_file
 
     tensors = load_file(path / "model.safetensors")
-    model = _float_model(path, seed)
+    model = _float_model(path, seed, arch)
+
+    def dequantized(name, like):
+        packed = NVFP4QTensor(like.shape, like.dtype, tensors[f"{name}.weight"])
+        return packed.dequantize(scale=tensors[f"{name}.weight_scale"], double_scale=tensors[f"{name}.weight_scale_2"],
+                                 block_sizes={-1: 16})
 
     def fake_quantize_input(input_scale):
         def hook(module, args):
@@ -240,11 +246,14 @@ def _modelopt_nvfp4_reference(path: Path, seed: int) -> torch.Tensor:
 
     with torch.no_grad():
         for name, m in model.named_modules():
+            if hasattr(m, "gate_up_proj") and f"{name}.0.gate_proj.weight_scale_2" in tensors:  # fused experts
+                for e in range(m.gate_up_proj.shape[0]):
+                    gate, up = m.gate_up_proj[e].chunk(2)
+                    m.gate_up_proj[e] = torch.cat([dequantized(f"{name}.{e}.gate_proj", gate), dequantized(f"{name}.{e}.up_proj", up)])
+                    m.down_proj[e] = dequantized(f"{name}.{e}.down_proj", m.down_proj[e])
             if f"{name}.weight_scale_2" not in tensors:
                 continue
-            packed = NVFP4QTensor(m.weight.shape, m.weight.dtype, tensors[f"{name}.weight"])
-            m.weight.copy_(packed.dequantize(scale=tensors[f"{name}.weight_scale"], double_scale=tensors[f"{name}.weight_scale_2"],
-                                             block_sizes={-1: 16}))
+            m.weight.copy_(dequantized(name, m.weight))
             if f"{name}.input_scale" in tensors:
                 m.register_forward_pre_hook(fake_quantize_input(tensors[f"{name}.input_scale"]))
         return model(torch.tensor([PROMPT])).logits[0]

@@ -33,6 +33,7 @@ CHECKPOINTS = {
     "modelopt-fp8-kv": (lambda p: modelopt_checkpoint("FP8_DEFAULT_CFG", p, kv_cache=True), "fp8"),
     "modelopt-nvfp4": (lambda p: modelopt_checkpoint("NVFP4_DEFAULT_CFG", p), "nvfp4"),
     "modelopt-w4a16-nvfp4": (lambda p: modelopt_checkpoint("W4A16_NVFP4_CFG", p), "nvfp4-weight-only"),
+    "modelopt-qwen3-moe-w4a16-nvfp4": (lambda p: modelopt_checkpoint("W4A16_NVFP4_CFG", p, arch="qwen3_moe"), "nvfp4-weight-only"),
 }
 # Largest |llmc - library| logit allowed (the logits reach about 1.5): the same numbers up to fp32 summation
 # order, and for compressed-tensors NVFP4 a scale divided by G where llmc multiplies by 1 / G. Measured: at
@@ -125,7 +126,8 @@ def test_fp8_kv_cache_of_a_checkpoint_without_kv_scales_is_calibrated(built, tmp
 
 @pytest.mark.parametrize("name, mapping", [(n, m) for n in ("ct-nvfp4", "modelopt-fp8-kv", "ct-nvfp4-fp8-kv") for m in ({"tp": 2}, {"pp": 2})]
                          + [("ct-fp8-dynamic", {"pp": 2})]
-                         + [(n, m) for n in ("ct-qwen3-moe-nvfp4a16", "ct-mixtral-fp8-weight-only") for m in ({"tp": 2}, {"ep": 2})])
+                         + [(n, m) for n in ("ct-qwen3-moe-nvfp4a16", "ct-mixtral-fp8-weight-only") for m in ({"tp": 2}, {"ep": 2})]
+                         + [("modelopt-qwen3-moe-w4a16-nvfp4", {"tp": 2})])
 def test_parallel_prequantized_engine_equals_single_rank(built, tmp_path, name, mapping):
     """Tensor parallelism shards the packed weights and their scales (NVFP4 blocks whole); pipeline stages split them;
     expert parallelism gives each rank its experts' packed tensors."""
