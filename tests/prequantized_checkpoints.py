@@ -62,7 +62,8 @@ def compressed_tensors_checkpoint(scheme: str | dict, path: Path, seed: int = 3,
     kv_scheme = QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
     apply_quantization_config(model, config, show_progress=False)
     experts, expert_groups = _unfused_experts(model, arch)
-    apply_quantization_config(experts, config, show_progress=False)
+    if expert_groups:
+        apply_quantization_config(experts, config, show_progress=False)
     with torch.no_grad():
         for name, m in model.named_modules():
             if getattr(m, "quantization_scheme", None) is not None:
@@ -119,9 +120,11 @@ def _unfused_experts(model, arch: str) -> tuple[torch.nn.Module, list]:
     checkpoints hold and compressed-tensors quantizes, named as `arch`'s checkpoints name them; and for each fused
     experts module, its experts' (gate, up, down) linears."""
     tree, groups = torch.nn.Module(), []
-    block, (gate_name, up_name, down_name) = EXPERT_NAMES.get(arch, (None, ()))
+    if arch not in EXPERT_NAMES:
+        return tree, groups
+    block, (gate_name, up_name, down_name) = EXPERT_NAMES[arch]
     for name, m in model.named_modules():
-        if block is None or not hasattr(m, "gate_up_proj"):
+        if not hasattr(m, "gate_up_proj"):
             continue
         prefix = name.replace(".mlp.", f".{block}.")
         per_expert = []
