@@ -6,12 +6,17 @@ is in the checkpoint), each library's own dequantization maps onto llmc's ops so
 
     compressed-tensors FP8 (float- or naive-quantized)
                                                X.weight e4m3 [N, K], X.weight_scale [1] or [N, 1]: w = q * scale;
-                                               X.input_scale [1] (static) -> fp8_linear
+                                               X.input_scale [1] (static) -> fp8_linear; inputs dynamic per
+                                               token (FP8_DYNAMIC: scale = the token's amax / 448, as llmc's)
+                                               -> fp8_dynamic_linear
     compressed-tensors NVFP4 (nvfp4-pack-quantized)
                                                X.weight_packed uint8 [N, K/2] (element 2j in the low nibble),
                                                X.weight_scale e4m3 [N, K/16], X.weight_global_scale G:
                                                w = e2m1 * scale / G, so llmc's global scale is 1 / G; the
                                                input's X.input_global_scale likewise -> nvfp4_linear
+    compressed-tensors kv_cache_scheme (FP8, strategy tensor)
+                                               `*.self_attn.k_scale` / `.v_scale` [1] (amax / 448) make the
+                                               engine's FP8 KV cache, as Model Optimizer's do
     Model Optimizer FP8                        X.weight e4m3, X.weight_scale [] (per tensor), X.input_scale []
     Model Optimizer NVFP4 / W4A16_NVFP4        X.weight uint8 [N, K/2], X.weight_scale e4m3 [N, K/16],
                                                X.weight_scale_2 (= llmc's global scale), X.input_scale
@@ -20,8 +25,10 @@ is in the checkpoint), each library's own dequantization maps onto llmc's ops so
                                                make the engine's FP8 KV cache
 
 A per-tensor weight scale becomes llmc's per-channel scale repeated, which is the same number per weight.
-Anything else (integer or block-wise FP8 weights, group sizes other than 16, zero points, dynamic per-token
-input scales, output quantization, quantized MoE experts) is a CheckpointError naming the scheme.
+MoE experts quantized weight-only (each expert's projections mapped as above) become llmc::fp8_moe /
+llmc::nvfp4_moe (llmc/frontend/prequantized_experts.py). Anything else (integer or block-wise FP8 weights, group
+sizes other than 16, zero points, dynamic per-tensor input scales, output quantization, experts whose inputs are
+quantized, a KV cache scale per head) is a CheckpointError naming the scheme.
 """
 
 from __future__ import annotations
