@@ -61,7 +61,7 @@ class Prequantized:
     scheme: str  # as the checkpoint names it (compressed-tensors' format, Model Optimizer's quant_algo)
     kv_cache_scales: bool = False  # the checkpoint has FP8 K and V scales per layer
     dynamic_inputs: bool = False  # FP8 linears quantize their input per token at run time (FP8_DYNAMIC)
-    modes: set[str] = field(default_factory=set)  # llmc's modes of the linears rewritten
+    modes: set[str] = field(default_factory=set)  # llmc's modes of the linears and experts rewritten
     kv_amax: dict[int, list[float]] = field(default_factory=dict)  # from the KV scales, as calibration gives them
 
     @property
@@ -211,8 +211,9 @@ def _scalar(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
     """Each linear whose weight the checkpoint holds quantized becomes llmc's quantized linear over the
-    checkpoint's tensors (`weights`: the frontend's CheckpointWeights), registered as real buffers; the
-    meta weight it replaces is dropped, so the frontend loads only the others."""
+    checkpoint's tensors (`weights`: the frontend's CheckpointWeights), registered as real buffers, and so does each
+    MoE layer whose experts it holds quantized (prequantized_experts.py); the meta weights they replace are
+    dropped, so the frontend loads only the others."""
     modules = _by_module(weights)
     quantized = {module for module, tensors in modules.items() if "weight_scale" in tensors}
 
