@@ -89,6 +89,20 @@ def test_engine_holds_the_checkpoints_packed_tensors(built, name):
             assert torch.equal(ckpt.get_tensor(prefix + theirs).view(torch.uint8), eng.get_tensor(prefix + ours).view(torch.uint8))
 
 
+def test_engine_holds_the_checkpoints_packed_experts(built):
+    checkpoint, engine, _, _ = built("ct-qwen3-moe-nvfp4a16")
+    with safe_open(checkpoint / "model.safetensors", "pt") as ckpt, safe_open(engine / "rank0" / "weights.safetensors", "pt") as eng:
+        experts = "model.layers.1.mlp.experts"
+        gate_up, scales = eng.get_tensor(f"{experts}.gate_up_proj_nvfp4"), eng.get_tensor(f"{experts}.gate_up_proj_nvfp4_block_scale")
+        for e in range(8):
+            theirs = [ckpt.get_tensor(f"{experts}.{e}.{p}_proj.weight_packed") for p in ("gate", "up")]
+            assert torch.equal(gate_up[e], torch.cat(theirs))
+            theirs = [ckpt.get_tensor(f"{experts}.{e}.{p}_proj.weight_scale").view(torch.uint8) for p in ("gate", "up")]
+            assert torch.equal(scales[e].view(torch.uint8), torch.cat(theirs))
+        down = eng.get_tensor(f"{experts}.down_proj_nvfp4_global_scale")
+        assert torch.equal(down, torch.stack([1 / ckpt.get_tensor(f"{experts}.{e}.down_proj.weight_global_scale").reshape(()) for e in range(8)]))
+
+
 @pytest.mark.parametrize("name, module", [("modelopt-fp8-kv", "self_attn.{which}_proj"), ("ct-nvfp4-fp8-kv", "self_attn")])
 def test_fp8_kv_cache_takes_the_checkpoints_scales(built, name, module):
     checkpoint, engine, _, _ = built(name)
