@@ -101,7 +101,7 @@ def build(
     tokenizer_files = ckpt.tokenizer_files()
     prequantized = read_prequantized(ckpt)
     if prequantized is not None:
-        check_prequantized(prequantized, quant, tp, ep, backend)
+        check_prequantized(prequantized, quant, backend)
         kv_cache_dtype = "fp8" if prequantized.kv_cache_scales else kv_cache_dtype
     if dtype == "auto":
         dtype = checkpoint_dtype(ckpt.config)
@@ -244,13 +244,11 @@ def checkpoint_dtype(hf_config) -> str:
     return name if name in DTYPES else "float32"
 
 
-def check_prequantized(prequantized, quant: str | None, tp: int, ep: int, backend: str) -> None:
+def check_prequantized(prequantized, quant: str | None, backend: str) -> None:
     """What a pre-quantized checkpoint's build cannot do yet, before tracing."""
     what = f"{prequantized.source} checkpoint ({prequantized.scheme})"
     if quant is not None:
         raise ValueError(f"the {what} is quantized already; build it without --quant")
-    if ep > 1:
-        raise ValueError(f"ep > 1 does not apply to a {what}: llmc does not read quantized experts")
     if backend != "torch":
         raise ValueError(f"a {what} builds for the torch backend only, not {backend}")
 

@@ -169,11 +169,15 @@ class CheckpointWeights:
         meta_state = model.state_dict()
         self.keys: dict[str, str] = {}  # parameter -> its one checkpoint key
         self.conversions: dict[str, WeightConverter] = {}  # parameter (the converter's first target) -> conversion
+        # A converted key by its name renamed alone (e.g. one expert's `...experts.3.w1.weight`): where a pre-quantized
+        # checkpoint's experts are read unconverted (llmc/frontend/prequantized_experts.py).
+        self.unconverted: dict[str, str] = {}
         for key in sorted(ckpt.keys(), key=dot_natural_key):  # experts in order, as transformers stacks them
             name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
             if pattern is None:
                 self.keys[name] = key
                 continue
+            self.unconverted[rename_source_key(key, renamings, [], model.base_model_prefix, meta_state)[0]] = key
             if name not in self.conversions:
                 self.conversions[name] = copy.deepcopy(by_pattern[pattern])
             self.conversions[name].add_tensor(name, key, pattern, functools.partial(ckpt.tensor, key))

@@ -6,12 +6,17 @@ is in the checkpoint), each library's own dequantization maps onto llmc's ops so
 
     compressed-tensors FP8 (float- or naive-quantized)
                                                X.weight e4m3 [N, K], X.weight_scale [1] or [N, 1]: w = q * scale;
-                                               X.input_scale [1] (static) -> fp8_linear
+                                               X.input_scale [1] (static) -> fp8_linear; inputs dynamic per
+                                               token (FP8_DYNAMIC: scale = the token's amax / 448, as llmc's)
+                                               -> fp8_dynamic_linear
     compressed-tensors NVFP4 (nvfp4-pack-quantized)
                                                X.weight_packed uint8 [N, K/2] (element 2j in the low nibble),
                                                X.weight_scale e4m3 [N, K/16], X.weight_global_scale G:
                                                w = e2m1 * scale / G, so llmc's global scale is 1 / G; the
                                                input's X.input_global_scale likewise -> nvfp4_linear
+    compressed-tensors kv_cache_scheme (FP8, strategy tensor)
+                                               `*.self_attn.k_scale` / `.v_scale` [1] (amax / 448) make the
+                                               engine's FP8 KV cache, as Model Optimizer's do
     Model Optimizer FP8                        X.weight e4m3, X.weight_scale [] (per tensor), X.input_scale []
     Model Optimizer NVFP4 / W4A16_NVFP4        X.weight uint8 [N, K/2], X.weight_scale e4m3 [N, K/16],
                                                X.weight_scale_2 (= llmc's global scale), X.input_scale
@@ -20,8 +25,10 @@ is in the checkpoint), each library's own dequantization maps onto llmc's ops so
                                                make the engine's FP8 KV cache
 
 A per-tensor weight scale becomes llmc's per-channel scale repeated, which is the same number per weight.
-Anything else (integer or block-wise FP8 weights, group sizes other than 16, zero points, dynamic per-token
-input scales, output quantization, quantized MoE experts) is a CheckpointError naming the scheme.
+MoE experts quantized weight-only (each expert's projections mapped as above) become llmc::fp8_moe /
+llmc::nvfp4_moe (llmc/frontend/prequantized_experts.py). Anything else (integer or block-wise FP8 weights, group
+sizes other than 16, zero points, dynamic per-tensor input scales, output quantization, experts whose inputs are
+quantized, a KV cache scale per head) is a CheckpointError naming the scheme.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ import torch.fx as fx
 
 import llmc.plugins.quant_linear  # noqa: F401  (registers the ops the rewrite inserts)
 from llmc.frontend.checkpoint import Checkpoint, CheckpointError
+from llmc.frontend.prequantized_experts import rewrite_experts
 from llmc.weights import set_weight
 
 LINEAR = torch.ops.aten.linear.default
+FP8_DYNAMIC = torch.ops.llmc.fp8_dynamic_linear.default
 # Tensors beside a quantized weight that llmc's ops have no place for.
 UNSUPPORTED_TENSORS = ("weight_zero_point", "weight_g_idx", "input_zero_point", "output_scale", "weight_shape",
                        "pre_quant_scale", "weight_scale_inv")
@@ -51,7 +60,8 @@ class Prequantized:
     version: str | None
     scheme: str  # as the checkpoint names it (compressed-tensors' format, Model Optimizer's quant_algo)
     kv_cache_scales: bool = False  # the checkpoint has FP8 K and V scales per layer
-    modes: set[str] = field(default_factory=set)  # llmc's modes of the linears rewritten
+    dynamic_inputs: bool = False  # FP8 linears quantize their input per token at run time (FP8_DYNAMIC)
+    modes: set[str] = field(default_factory=set)  # llmc's modes of the linears and experts rewritten
     kv_amax: dict[int, list[float]] = field(default_factory=dict)  # from the KV scales, as calibration gives them
 
     @property
@@ -85,10 +95,13 @@ def _compressed_tensors(config: dict) -> Prequantized:
     if status != "compressed":
         raise CheckpointError(f"compressed-tensors checkpoint with quantization_status {status!r}: llmc reads "
                               "compressed checkpoints (save with save_compressed=True)")
-    if config.get("kv_cache_scheme"):
-        raise CheckpointError("compressed-tensors kv_cache_scheme: llmc does not read its KV-cache scales yet; "
-                              "remove it from the recipe, or build with --kv-cache-dtype fp8 (calibrated by llmc)")
-    formats = set()
+    kv = config.get("kv_cache_scheme")
+    kv_kind = kv and (kv.get("type"), kv.get("num_bits"), kv.get("strategy"), kv.get("dynamic"), kv.get("symmetric", True))
+    if kv and kv_kind != ("float", 8, "tensor", False, True):
+        raise CheckpointError(f"compressed-tensors kv_cache_scheme {kv.get('type')} {kv.get('num_bits')}-bit, strategy "
+                              f"{kv.get('strategy')}, dynamic={kv.get('dynamic')}: llmc's FP8 KV cache takes one static "
+                              "FP8 scale per layer for K and one for V (strategy tensor)")
+    formats, dynamic = set(), set()
     for name, group in config.get("config_groups", {}).items():
         fmt = group.get("format") or config.get("format")
         formats.add(fmt)
@@ -98,8 +111,10 @@ def _compressed_tensors(config: dict) -> Prequantized:
         if group.get("output_activations"):
             raise CheckpointError(f"{what} quantizes outputs, which llmc's linears do not")
         if fmt in ("float-quantized", "naive-quantized") and (kind, bits) == ("float", 8) and strategy in ("tensor", "channel"):
-            input_ok = inputs is None or (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"),
-                                          inputs.get("dynamic")) == ("float", 8, "tensor", False)
+            # A static per-tensor input scale (fp8) or one per token computed at run time (FP8_DYNAMIC, fp8-dynamic).
+            input_kind = inputs and (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"), inputs.get("dynamic"))
+            input_ok = input_kind in (None, ("float", 8, "tensor", False), ("float", 8, "token", True))
+            dynamic.add(input_kind == ("float", 8, "token", True))
         elif fmt == "nvfp4-pack-quantized" and weights.get("group_size") == 16:
             input_ok = inputs is None or (inputs.get("num_bits"), inputs.get("group_size"), inputs.get("dynamic")) == (4, 16, "local")
         else:
@@ -109,9 +124,13 @@ def _compressed_tensors(config: dict) -> Prequantized:
             raise CheckpointError(f"{what} is asymmetric (zero points): llmc's formats are symmetric")
         if not input_ok:
             raise CheckpointError(f"{what} quantizes inputs {inputs.get('strategy')}-wise with dynamic={inputs.get('dynamic')}: "
-                                  "llmc's FP8 linear takes a static per-tensor input scale (e.g. FP8_DYNAMIC's per-token "
-                                  "scales are not in llmc yet); use the FP8 scheme (static) or a weight-only one")
-    return Prequantized("compressed-tensors", config.get("version"), ", ".join(sorted(f for f in formats if f)))
+                                  "llmc's FP8 linears take a static per-tensor input scale or dynamic per-token scales "
+                                  "(FP8, FP8_DYNAMIC), its NVFP4 linears a static global scale")
+    if len(dynamic) > 1:
+        raise CheckpointError("compressed-tensors checkpoint mixes FP8 linears with dynamic per-token input scales and "
+                              "others; llmc builds one mode per engine")
+    return Prequantized("compressed-tensors", config.get("version"), ", ".join(sorted(f for f in formats if f)),
+                        kv_cache_scales=bool(kv), dynamic_inputs=dynamic == {True})
 
 
 def _modelopt(config: dict) -> Prequantized:
@@ -132,11 +151,15 @@ def _modelopt(config: dict) -> Prequantized:
     return Prequantized("modelopt", version, algo, kv_cache_scales=kv == "FP8")
 
 
-def _tensors(weights, module: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors of the module `module` (its parameter names through transformers' renamings)."""
-    prefix = module + "."
-    return {name[len(prefix):]: weights.ckpt.tensor(key) for name, key in weights.keys.items()
-            if name.startswith(prefix) and name != prefix + "bias"}  # the bias loads as any other weight
+def _by_module(weights) -> dict[str, dict[str, str]]:
+    """Module -> {tensor name: checkpoint key} over the checkpoint's parameter names (through transformers' renamings,
+    experts' unstacked); a bias loads as any other weight."""
+    modules: dict[str, dict[str, str]] = {}
+    for name, key in {**weights.unconverted, **weights.keys}.items():
+        module, _, tensor = name.rpartition(".")
+        if tensor != "bias":
+            modules.setdefault(module, {})[tensor] = key
+    return modules
 
 
 def _packed(pq: Prequantized, module: str, t: dict[str, torch.Tensor]):
@@ -161,6 +184,10 @@ def _packed(pq: Prequantized, module: str, t: dict[str, torch.Tensor]):
                               f"per tensor or per output channel ({w.shape[0]})")
     input_scale = t.get("input_scale")
     parts = [("", w), ("_scale", scale.reshape(-1).expand(w.shape[0]).contiguous())]
+    if pq.dynamic_inputs:
+        if input_scale is not None:
+            raise CheckpointError(f"{module} has a static input_scale, but its scheme ({pq.source} {pq.scheme}) says dynamic")
+        return FP8_DYNAMIC, "fp8-dynamic", parts, None
     mode = "fp8" if input_scale is not None else "fp8-weight-only"
     return torch.ops.llmc.fp8_linear.default, mode, parts, _scalar(input_scale)
 
@@ -184,23 +211,31 @@ def _scalar(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
     """Each linear whose weight the checkpoint holds quantized becomes llmc's quantized linear over the
-    checkpoint's tensors (`weights`: the frontend's CheckpointWeights), registered as real buffers; the
-    meta weight it replaces is dropped, so the frontend loads only the others."""
-    quantized = {name.removesuffix(".weight_scale") for name in weights.keys if name.endswith(".weight_scale")}
-    done = set()
+    checkpoint's tensors (`weights`: the frontend's CheckpointWeights), registered as real buffers, and so does each
+    MoE layer whose experts it holds quantized (prequantized_experts.py); the meta weights they replace are
+    dropped, so the frontend loads only the others."""
+    modules = _by_module(weights)
+    quantized = {module for module, tensors in modules.items() if "weight_scale" in tensors}
+
+    def packed(module: str):
+        return _packed(pq, module, {name: weights.ckpt.tensor(key) for name, key in modules[module].items()})
+
+    experts = rewrite_experts(gm, f"{pq.source} {pq.scheme}", quantized, packed)
+    pq.modes.update(experts)
+    done = set().union(*experts.values())
     for node in list(gm.graph.nodes):
         w = node.args[1] if node.target == LINEAR else None
         if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target.removesuffix(".weight") in quantized):
             continue
         module = w.target.removesuffix(".weight")
-        op, mode, parts, input_scale = _packed(pq, module, _tensors(weights, module))
+        op, mode, parts, input_scale = packed(module)
         pq.modes.add(mode)
         args = []
         for suffix, value in parts + ([("_input_scale", input_scale)] if input_scale is not None else []):
             set_weight(gm, f"{w.target}_{mode.split('-')[0]}{suffix}", value)
             with gm.graph.inserting_before(node):
                 args.append(gm.graph.get_attr(f"{w.target}_{mode.split('-')[0]}{suffix}"))
-        if input_scale is None:
+        if input_scale is None and op != FP8_DYNAMIC:  # weight-only (FP8_DYNAMIC's op has no static input scale)
             args.append(None)
         x, bias = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         node.target, node.args, node.kwargs = op, (x, *args, bias), {}
@@ -211,15 +246,16 @@ def rewrite_linears(gm: fx.GraphModule, pq: Prequantized, weights) -> None:
         done.add(module)
     if missed := sorted(quantized - done):
         raise CheckpointError(f"{missed[0]} is quantized in the checkpoint ({pq.source} {pq.scheme}) but is not a plain "
-                              "linear in the traced model (a MoE expert or a fused weight?): llmc cannot run it quantized")
+                              "linear or MoE expert in the traced model (a fused weight, transposed experts?): llmc cannot run it quantized")
     if len(pq.modes) > 1:
-        raise CheckpointError(f"{pq.source} checkpoint mixes {', '.join(sorted(pq.modes))} linears; llmc builds one mode per engine")
+        raise CheckpointError(f"{pq.source} checkpoint mixes {', '.join(sorted(pq.modes))} weights; llmc builds one mode per engine")
     if pq.kv_cache_scales:
         pq.kv_amax = kv_cache_amax(weights)
 
 
 def kv_cache_amax(weights) -> dict[int, list[float]]:
-    """Layer index -> [K amax, V amax] from Model Optimizer's `layers.<i>. ... .k_scale` / `.v_scale` (amax / 448),
+    """Layer index -> [K amax, V amax] from the checkpoint's `layers.<i>. ... .k_scale` / `.v_scale` (amax / 448;
+    Model Optimizer's are on k_proj and v_proj, compressed-tensors' on the attention),
     in the form calibration gives them, so llmc's KV-cache pass turns them back into the same scales."""
     from llmc.plugins.quant_formats import E4M3_MAX
 

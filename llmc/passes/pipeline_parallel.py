@@ -23,7 +23,7 @@ aten = torch.ops.aten
 ATTENTION = torch.ops.llmc.paged_attention.default
 LINEAR = torch.ops.llmc.linear.default
 # A pre-quantized checkpoint's linears are quantized from the start (llmc/frontend/prequantized.py).
-LINEARS = (LINEAR, torch.ops.llmc.fp8_linear.default, torch.ops.llmc.nvfp4_linear.default)
+LINEARS = (LINEAR, torch.ops.llmc.fp8_linear.default, torch.ops.llmc.fp8_dynamic_linear.default, torch.ops.llmc.nvfp4_linear.default)
 # The norms a layer can begin with (fused with the residual add or not).
 NORMS = (torch.ops.llmc.rms_norm.default, torch.ops.llmc.add_rms_norm.default, torch.ops.llmc.add_layer_norm.default,
          aten.layer_norm.default)

@@ -39,6 +39,7 @@ LINEAR, ATTENTION = llmc.linear.default, llmc.paged_attention.default
 LINEARS = {
     LINEAR: (2, [(1, 1)]),
     llmc.fp8_linear.default: (4, [(1, 1), (2, None)]),
+    llmc.fp8_dynamic_linear.default: (3, [(1, 1), (2, None)]),
     llmc.nvfp4_linear.default: (5, [(1, 2), (2, 16)]),  # two E2M1 codes a byte; an E4M3 scale a block of 16
 }
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
