@@ -126,15 +126,18 @@ def test_fused_expert_checkpoint_builds(tmp_path):
     assert engine_matches_transformers(fused, tmp_path / "engine")
 
 
-# DeepSeek-V3 at tp 2 alone too: its MLA's head projections shard by heads, the latent ones stay whole.
-@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
-                                        for tp, ep in ((1, 2), (2, 2))] + [("deepseek_v3", 2, 1)])
+# DeepSeek-V3 and V2 at tp 2 alone too: their MLA's head projections shard by heads, the latent ones stay whole.
+DEEPSEEKS = ("deepseek_v3", "deepseek_v2")
+
+
+@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", *DEEPSEEKS)
+                                        for tp, ep in ((1, 2), (2, 2))] + [(arch, 2, 1) for arch in DEEPSEEKS])
 def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
     checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=3)
     assert engine_matches_transformers(checkpoint, tmp_path / "engine", tp=tp, ep=ep)
     config = EngineConfig.load(tmp_path / "engine")
     assert config.mapping.get("ep", 1) == ep and config.world_size == tp * ep
-    if arch == "deepseek_v3" and tp > 1:
+    if arch in DEEPSEEKS and tp > 1:
         from safetensors import safe_open
 
         with safe_open(tmp_path / "engine" / "rank1" / "weights.safetensors", "pt") as f:
@@ -164,6 +167,22 @@ def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
     assert not torch.equal(chosen(), routed)
     router.e_score_correction_bias.copy_(bias)
     assert torch.equal(chosen(), routed)
+
+
+def test_deepseek_v2_routing_depends_on_groups(tmp_path):
+    """The tiny DeepSeek-V2 routes within the best group (group_limited_greedy): choosing from every group, some
+    tokens would go to other experts (so matching transformers tests it)."""
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint("deepseek_v2", tmp_path / "checkpoint", seed=3))
+    router = model.model.layers[1].mlp.gate
+    x = torch.randn(64, router.hidden_dim, generator=torch.Generator().manual_seed(0))
+
+    def chosen():
+        with torch.no_grad():
+            return router(x)[2].sort(dim=-1).values
+
+    routed = chosen()
+    router.topk_method = "greedy"
+    assert not torch.equal(chosen(), routed)
 
 
 def test_expert_parallel_shards_the_experts(tmp_path):

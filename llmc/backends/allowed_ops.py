@@ -42,6 +42,7 @@ COMPUTE_OPS = frozenset({
     "aten.log1p.default",
     "aten.masked_fill.Scalar",
     "aten.matmul.default",
+    "aten.max.dim",
     "aten.mean.dim",
     "aten.min.other",
     "aten.mul.Tensor",
