@@ -60,11 +60,36 @@ def _custom_gate(experts: torch.nn.Module) -> tuple[str, float, float, bool]:
                        "llmc::moe does not compute (it has act(gate) * up and GPT-OSS's clamped SwiGLU)")
 
 
+def _llama4_moe_forward(self, hidden_states: torch.Tensor):
+    """Llama4TextMoe.forward with its experts as llmc::moe. transformers runs every expert on every token, its input
+    scaled by the router's score: sigmoid of the chosen logit, 0 for the others, whose experts then output exact
+    zeros (no biases). With one expert a token that is llmc::moe over the scaled input with weight 1, exactly; the
+    router and the shared expert stay the model's own."""
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    scores, logits = self.router(x)
+    chosen = torch.topk(logits, 1, dim=1).indices  # the router's own choice: the same topk of the same logits
+    score = scores.gather(1, chosen)
+    experts = self.experts  # [E, H, 2I] and [E, I, H]; llmc::moe's are [E, 2I, H] and [E, H, I]
+    routed = torch.ops.llmc.moe(x * score, chosen, torch.ones_like(score), experts.gate_up_proj.transpose(1, 2),
+                                experts.down_proj.transpose(1, 2), _activation(experts), 0)
+    return self.shared_expert(x) + routed, logits
+
+
+def _prepare_llama4(module: torch.nn.Module) -> None:
+    if module.top_k != 1:
+        raise ExpertsError(f"{type(module).__name__} with {module.top_k} experts a token: its router scores scale each "
+                           "expert's input, which llmc::moe computes for one expert a token only")
+    module.forward = _llama4_moe_forward.__get__(module)
+
+
 def prepare(model: torch.nn.Module) -> None:
     """Before tracing: what each experts module's gate computes, or a build error naming what llmc::moe lacks."""
     from transformers.integrations.moe import _default_apply_gate
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     for module in model.modules():
+        if isinstance(module, Llama4TextMoe):  # experts outside transformers' implementations
+            _prepare_llama4(module)
         if not hasattr(module, "is_concatenated"):  # not an experts module of transformers' implementations
             continue
         layout = {"experts without a gate projection": not module.has_gate,
