@@ -130,7 +130,7 @@ def test_fused_expert_checkpoint_builds(tmp_path):
 DEEPSEEKS = ("deepseek_v3", "deepseek_v2")
 
 
-@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", *DEEPSEEKS)
+@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "llama4_text", *DEEPSEEKS)
                                         for tp, ep in ((1, 2), (2, 2))] + [(arch, 2, 1) for arch in DEEPSEEKS])
 def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
     checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=3)
