@@ -13,6 +13,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig
 from llmc.frontend.checkpoint import CheckpointError
+from llmc.frontend.experts import ExpertsError
 from llmc.passes.manager import PassError
 from llmc.plugins import cpu_kernels
 from llmc.plugins.moe import moe
@@ -183,6 +184,14 @@ def test_deepseek_v2_routing_depends_on_groups(tmp_path):
     routed = chosen()
     router.topk_method = "greedy"
     assert not torch.equal(chosen(), routed)
+
+
+def test_llama4_with_several_experts_a_token_is_a_build_error(tmp_path):
+    """Llama 4 scales each expert's input by its score: llmc::moe computes that for one expert a token only."""
+    checkpoint = make_checkpoint("llama4_text", tmp_path / "checkpoint", num_experts_per_tok=2)
+    with pytest.raises(ExpertsError, match=r"^Llama4TextMoe with 2 experts a token: its router scores scale each expert's "
+                                           r"input, which llmc::moe computes for one expert a token only$"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
 
 
 def test_expert_parallel_shards_the_experts(tmp_path):
