@@ -66,8 +66,12 @@ def _pairs_of(node) -> fx.Node | None:
     x, pairs = val(node.args[0]), val(node)
     if x is None or pairs is None or pairs.dim() != x.dim() + 1 or pairs.shape[-1] != 2 or x.dtype != torch.float32:
         return None
-    same = all(statically_known_true(a == b) for a, b in zip(x.shape[:-1], pairs.shape[:-2]))
+    same = _same_sizes(x.shape[:-1], pairs.shape[:-2])
     return node.args[0] if same and statically_known_true(x.shape[-1] == 2 * pairs.shape[-2]) else None
+
+
+def _same_sizes(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _flattens_pairs(node: fx.Node, rank: int) -> bool:
@@ -90,9 +94,9 @@ def _match(graph: fx.Graph, real: fx.Node, memo: dict):
     for turned, table in (product.args, product.args[::-1]):
         x = _pairs_of(turned.args[0]) if calls(turned, aten.view_as_complex.default) else None
         table_val = val(table)
-        if x is None or table_val is None or table_val.dtype != torch.complex64 or not statically_known_true(
-                2 * table_val.shape[-1] == val(x).shape[-1]):
-            continue
+        if x is None or table_val is None or table_val.dtype != torch.complex64 or not (
+                _same_sizes(val(product).shape, val(turned).shape) and _same_sizes(table_val.shape[-1:], val(turned).shape[-1:])):
+            continue  # the table must broadcast to x, as the op's cos and sin do, with one angle a pair
         parts = _parts(graph, table, memo)
         if parts is None:
             continue
