@@ -8,7 +8,9 @@ shared experts stay the model's own graph ops. Transposed expert weights and int
 (GPT-OSS) are rearranged into the op's layout by graph ops on the weights, which canonicalize computes once at
 build time; biases are the op's. A custom gate is the op's clamped SwiGLU only once proven equal to it on a
 grid of values (`prepare`, before tracing). Anything else (experts without a gate, a norm after each expert,
-another gate or activation) is a build error naming it.
+another gate or activation) is a build error naming it. Llama 4's MoE block runs its experts outside those
+implementations; its forward is replaced by one that calls llmc::moe with the block's own router
+(`_llama4_moe_forward`, exact for one expert a token, the only case it accepts).
 """
 
 from __future__ import annotations

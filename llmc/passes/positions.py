@@ -30,8 +30,7 @@ def _counts_tokens(node: fx.Node, tokens) -> bool:
     """`node` is arange(0, T) over the token count T, step 1, int64."""
     start, end = (0, node.args[0]) if node.target == aten.arange.default else node.args[:2]
     end_value, out = value(end), val(node)
-    return (start == 0 and isinstance(end_value, torch.SymInt) and out is not None and out.dtype == torch.int64
-            and end_value.node.expr == tokens.node.expr)
+    return start == 0 and _is_token_count(end_value, tokens) and out is not None and out.dtype == torch.int64
 
 
 def _indexes_tables_only(node: fx.Node) -> bool:
@@ -69,22 +68,22 @@ def _scales_tokens_only(node: fx.Node, tokens) -> bool:
 
 def _factor_only(view: fx.Node, tokens) -> bool:
     shape = val(view).shape
-    if not (len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1 and value_is(shape[1], tokens)):
+    if not (len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1 and _is_token_count(shape[1], tokens)):
         return False
     for user in view.users:
         factor = user
         if calls(user, aten.expand.default):
             factor = only_user(user, aten.mul.Tensor)
-        if not calls(factor, aten.mul.Tensor) or len(factor.users) == 0:
+        if not calls(factor, aten.mul.Tensor):
             return False
         other = next((a for a in factor.args if a is not user), None)
         other_shape = val(other).shape if val(other) is not None else ()
-        if len(other_shape) != 4 or other_shape[0] != 1 or not value_is(other_shape[1], tokens):
+        if len(other_shape) != 4 or other_shape[0] != 1 or not _is_token_count(other_shape[1], tokens):
             return False
     return bool(view.users)
 
 
-def value_is(size, tokens) -> bool:
+def _is_token_count(size, tokens) -> bool:
     return isinstance(size, torch.SymInt) and size.node.expr == tokens.node.expr
 
 
