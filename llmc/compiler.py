@@ -125,7 +125,7 @@ def build(
         seq_len = min(CALIBRATION_SEQ_LEN, max_seq_len, max_batch_tokens)
         samples = calibration_samples(tokenizer, calib_data, calib_samples, seq_len)
 
-    gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs, prequantized)
+    gm = trace(ckpt, DTYPES[dtype], max_batch_tokens, max_num_seqs, prequantized, max_seq_len)
     log(f"[llmc] traced in {time.perf_counter() - start:.1f} s: {len(gm.graph.nodes)} nodes")
     if prequantized is not None:
         log(f"[llmc] {prequantized.source} {prequantized.scheme} checkpoint: its linears run as {prequantized.mode or 'unquantized'} "

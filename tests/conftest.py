@@ -65,6 +65,21 @@ TINY_CONFIGS = {
                         q_lora_rank=16, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
                         n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                         norm_topk_prob=True, routed_scaling_factor=2.5, max_position_embeddings=256),
+    # DeepSeek-V2: MLA, RoPE as complex multiplication, and MoE routed by softmax scores within the best 1 of 2
+    # groups (a group's score: its best expert's), top-2 not renormalised but scaled, and a shared expert.
+    "deepseek_v2": dict(model_type="deepseek_v2", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+                        q_lora_rank=16, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                        n_routed_experts=8, num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=2,
+                        topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, max_position_embeddings=256),
+    # Llama 4: RoPE as complex multiplication with an L2 norm of q and k after it; a layer without RoPE whose queries
+    # scale with their position (temperature tuning, steps of 4 tokens here: prompts cross several); chunked attention
+    # (chunks longer than any engine's sequence here: causal); a dense layer then an MoE one whose sigmoid router
+    # score scales the input of its one expert per token, beside a shared expert.
+    "llama4_text": dict(model_type="llama4_text", hidden_size=64, intermediate_size=32, intermediate_size_mlp=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
+                        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5, attention_chunk_size=8192),
     # RoPE whose frequencies depend on the sequence's length, switching at 16 tokens: prompts and generations
     # cross it. Weights larger than the default init, so that positions change the greedy tokens.
     "phi3_longrope": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -112,20 +112,26 @@ def test_a_model_attention_mask_llmc_cannot_prove_is_a_build_error(tmp_path, mon
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
 
 
-def test_a_mask_transformers_makes_that_is_not_causal_is_a_build_error(tmp_path, monkeypatch):
-    """A chunked mask (Llama 4 style) is neither causal nor a sliding window: refused where an attention uses it."""
+@pytest.mark.parametrize("max_seq_len", [32, 33])
+def test_a_chunked_mask_is_causal_only_where_no_sequence_outgrows_a_chunk(max_seq_len, tmp_path, monkeypatch):
+    """A chunked mask (Llama 4 style) with chunks of 32 tokens: causal for every position of an engine of 32 tokens a
+    sequence (it builds), neither causal nor a sliding window beyond (refused in one line)."""
     from transformers import masking_utils
     from transformers.models.llama import modeling_llama
 
     checkpoint = make_checkpoint("llama", tmp_path / "checkpoint")
 
     def chunked(config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kwargs):
-        config.attention_chunk_size = 4
+        config.attention_chunk_size = 32
         return masking_utils.create_chunked_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids)
 
     monkeypatch.setattr(modeling_llama, "create_causal_mask", chunked)
-    with pytest.raises(PassError, match=r"LlamaForCausalLM: the attention mask of layer 0 \(.*\) is neither causal nor a causal sliding window"):
-        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
+    if max_seq_len == 32:
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=max_seq_len, log=lambda _: None)
+        return
+    with pytest.raises(CheckpointError, match=r"^llama: chunked attention \(chunks of 32 tokens\), which llmc's attention "
+                                              r"does not implement; with max_seq_len <= 32 it is causal attention and builds$"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=max_seq_len, log=lambda _: None)
 
 
 def test_attention_in_the_model_own_code_is_a_clear_build_error(tmp_path, monkeypatch):

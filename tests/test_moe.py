@@ -13,6 +13,7 @@ import llmc
 from llmc import LLM, SamplingParams
 from llmc.engine import EngineConfig
 from llmc.frontend.checkpoint import CheckpointError
+from llmc.frontend.experts import ExpertsError
 from llmc.passes.manager import PassError
 from llmc.plugins import cpu_kernels
 from llmc.plugins.moe import moe
@@ -126,15 +127,18 @@ def test_fused_expert_checkpoint_builds(tmp_path):
     assert engine_matches_transformers(fused, tmp_path / "engine")
 
 
-# DeepSeek-V3 at tp 2 alone too: its MLA's head projections shard by heads, the latent ones stay whole.
-@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
-                                        for tp, ep in ((1, 2), (2, 2))] + [("deepseek_v3", 2, 1)])
+# DeepSeek-V3 and V2 at tp 2 alone too: their MLA's head projections shard by heads, the latent ones stay whole.
+DEEPSEEKS = ("deepseek_v3", "deepseek_v2")
+
+
+@pytest.mark.parametrize("arch,tp,ep", [(arch, tp, ep) for arch in ("mixtral", "qwen3_moe", "qwen2_moe", "llama4_text", *DEEPSEEKS)
+                                        for tp, ep in ((1, 2), (2, 2))] + [(arch, 2, 1) for arch in DEEPSEEKS])
 def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
     checkpoint = make_checkpoint(arch, tmp_path / "checkpoint", seed=3)
     assert engine_matches_transformers(checkpoint, tmp_path / "engine", tp=tp, ep=ep)
     config = EngineConfig.load(tmp_path / "engine")
     assert config.mapping.get("ep", 1) == ep and config.world_size == tp * ep
-    if arch == "deepseek_v3" and tp > 1:
+    if arch in DEEPSEEKS and tp > 1:
         from safetensors import safe_open
 
         with safe_open(tmp_path / "engine" / "rank1" / "weights.safetensors", "pt") as f:
@@ -164,6 +168,30 @@ def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
     assert not torch.equal(chosen(), routed)
     router.e_score_correction_bias.copy_(bias)
     assert torch.equal(chosen(), routed)
+
+
+def test_deepseek_v2_routing_depends_on_groups(tmp_path):
+    """The tiny DeepSeek-V2 routes within the best group (group_limited_greedy): choosing from every group, some
+    tokens would go to other experts (so matching transformers tests it)."""
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint("deepseek_v2", tmp_path / "checkpoint", seed=3))
+    router = model.model.layers[1].mlp.gate
+    x = torch.randn(64, router.hidden_dim, generator=torch.Generator().manual_seed(0))
+
+    def chosen():
+        with torch.no_grad():
+            return router(x)[2].sort(dim=-1).values
+
+    routed = chosen()
+    router.topk_method = "greedy"
+    assert not torch.equal(chosen(), routed)
+
+
+def test_llama4_with_several_experts_a_token_is_a_build_error(tmp_path):
+    """Llama 4 scales each expert's input by its score: llmc::moe computes that for one expert a token only."""
+    checkpoint = make_checkpoint("llama4_text", tmp_path / "checkpoint", num_experts_per_tok=2)
+    with pytest.raises(ExpertsError, match=r"^Llama4TextMoe with 2 experts a token: its router scores scale each expert's "
+                                           r"input, which llmc::moe computes for one expert a token only$"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, log=lambda _: None)
 
 
 def test_expert_parallel_shards_the_experts(tmp_path):

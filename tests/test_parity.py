@@ -44,7 +44,7 @@ def test_greedy_tokens_match_transformers_fp32(arch, checkpoints, tmp_path):
 BF16_ATOL = 2e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gptj", "deepseek_v2", "llama4_text"])
 def test_bf16_logits_close_to_transformers(arch, checkpoints, tmp_path):
     engine = llmc.build(checkpoints[arch], tmp_path / "engine", dtype="bfloat16", max_seq_len=64, log=lambda _: None)
     llm = LLM(engine)

@@ -133,3 +133,25 @@ def test_rotary_embedding_is_fused_then_folded_into_attention(arch, form, lowere
         assert n.kwargs["rotary_interleaved"] == (form == "interleaved")
         assert all("val" in x.meta for x in n.args[:3])  # backends read q's and k's shapes (GPT-J's are new transposes)
         assert [tuple(n.kwargs[t].meta["val"].shape)[1:] for t in ("cos", "sin")] == [(rotary_dim,)] * 2
+
+
+def test_complex_rotary_becomes_the_interleaved_op(lowered):
+    """DeepSeek-V2's RoPE, complex multiplication by polar(1, angle), is the op's interleaved pairing: every
+    query and key (4) becomes llmc::rotary_embedding and no complex value is left."""
+    gm, records = lowered("deepseek_v2")
+    record = records["complex_rotary"]
+    assert record["rotary_embeddings"] == 4 and record["verify_max_abs_diff"] <= 1e-6
+    ropes = [n for n in gm.graph.nodes if n.target == torch.ops.llmc.rotary_embedding.default]
+    assert len(ropes) == 4 and all(n.args[3] is True for n in ropes)
+    assert not any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in gm.graph.nodes)
+
+
+def test_other_complex_arithmetic_is_a_build_error(checkpoints, tmp_path, monkeypatch):
+    """Turning by the table twice is complex arithmetic the pass does not prove: refused in one line."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+
+    original = modeling_deepseek_v2.apply_rotary_emb
+    monkeypatch.setattr(modeling_deepseek_v2, "apply_rotary_emb", lambda q, k, table: original(q, k, table * table))
+    with pytest.raises(PassError, match=r"^DeepseekV2ForCausalLM: computes with complex numbers \(polar: aten.polar.default\) other than RoPE's") as e:
+        llmc.build(checkpoints["deepseek_v2"], tmp_path / "engine", max_seq_len=64, log=lambda _: None)
+    assert "\n" not in str(e.value)

@@ -36,6 +36,7 @@ COMPUTE_OPS = frozenset({
     "aten.exp.default",
     "aten.expm1.default",
     "aten.floor.default",
+    "aten.full_like.default",
     "aten.gather.default",
     "aten.gelu.default",
     "aten.gt.Scalar",
@@ -51,6 +52,7 @@ COMPUTE_OPS = frozenset({
     "aten.min.other",
     "aten.mul.Tensor",
     "aten.neg.default",
+    "aten.ones_like.default",
     "aten.pow.Tensor_Scalar",
     "aten.pow.Tensor_Tensor",
     "aten.reciprocal.default",
@@ -108,11 +110,13 @@ SIZED_OPS = {
 
 # (d) In-place ops: allowed only on intermediates. The loader refuses one whose destination is, or is a view
 # of, a weight or an input (graph_format._check_in_place), so a program cannot rewrite its weights.
-# `aten.scatter_.value` (DeepSeek's group mask) writes only inside its destination: torch checks its indices.
+# `aten.scatter_` (DeepSeek's group mask, Llama 4's router scores) writes only inside its destination: torch checks
+# its indices.
 IN_PLACE_OPS = frozenset({
     "aten.add_.Tensor",
     "aten.copy_.default",
     "aten.div_.Tensor",
+    "aten.scatter_.src",
     "aten.scatter_.value",
 })
 

@@ -115,13 +115,28 @@ def llmc_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.transpose(1, 2).contiguous(), None
 
 
+# Positions the engine computes are below its max_seq_len (set while tracing a build): a mask is recognised over
+# those alone, so a window or chunk no sequence can outgrow (Llama 4's 8192-token chunks) is the causal mask.
+_positions = {"limit": None}
+
+
+@contextlib.contextmanager
+def positions_below(max_seq_len: int | None):
+    _positions["limit"] = max_seq_len
+    try:
+        yield
+    finally:
+        _positions["limit"] = None
+
+
 def _recognised_window(mask_function, local_size) -> int | None:
     """0 for the causal mask, w for the causal mask within a window of w tokens, None for anything else. The mask
     function is evaluated on real tensors (outside the trace) at rows chosen to show any window of up to
-    max(local_size, 256) tokens: the first rows, the rows around the window's edge, and far beyond it."""
+    max(local_size, 256) tokens: the first rows, the rows around the window's edge, and far beyond it, all below
+    the engine's max_seq_len when it is known."""
     span = max(int(local_size or 0), 256)
-    n = 2 * span + 2
-    rows = sorted({*range(min(n, 64)), *range(span - 2, span + 3), *range(2 * span - 2, n)})
+    n = min(2 * span + 2, _positions["limit"] or 2 * span + 2)
+    rows = sorted({r for r in (*range(min(n, 64)), *range(span - 2, span + 3), *range(2 * span - 2, n)) if r < n} | {n - 1})
     with unset_fake_temporarily(), _disable_current_modes():
         q_idx = torch.tensor(rows, device="cpu")[:, None]
         kv_idx = torch.arange(n, device="cpu")[None, :]
@@ -146,7 +161,16 @@ def llmc_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
         raise CheckpointError(f"{arch}: a padding mask at trace time; llmc traces one unpadded sequence")
     if batch_size != 1 or q_offset != 0 or kv_offset != 0 or kv_length is not q_length and kv_length != q_length:
         raise CheckpointError(f"{arch}: an attention mask over a cache or a batch at trace time; llmc traces one sequence")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and local_size == chunk:  # transformers' chunked mask: it reads the left padding (meta here, and none)
+        from transformers.masking_utils import chunked_causal_mask_function
+
+        with unset_fake_temporarily(), _disable_current_modes():
+            mask_function = chunked_causal_mask_function(chunk, torch.zeros(1, dtype=torch.long, device="cpu"))
     window = _recognised_window(mask_function, local_size)
+    if window is None and chunk and local_size == chunk:
+        raise CheckpointError(f"{arch}: chunked attention (chunks of {chunk} tokens), which llmc's attention does not "
+                              f"implement; with max_seq_len <= {chunk} it is causal attention and builds")
     if window is None:
         name = str(getattr(mask_function, "__qualname__", mask_function))
         return torch.ops.llmc_trace.unrecognised_mask(q_length, name, torch.device(device))

@@ -32,6 +32,8 @@ TESTED_ARCHITECTURES = (
     "BloomForCausalLM",
     "Gemma2ForCausalLM",
     "DeepseekV3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "Llama4ForCausalLM",
 )
 
 

@@ -8,8 +8,10 @@ shared experts stay the model's own graph ops. Transposed expert weights and int
 (GPT-OSS) are rearranged into the op's layout by graph ops on the weights, which canonicalize computes once at
 build time; biases are the op's. A custom gate is the op's clamped SwiGLU only once proven equal to it on a
 grid of values (`prepare`, before tracing). Experts a model loops over in its own code are lowered only for the
-classes listed in `OWN_LOOPS`, each read once to be the same sum of gated experts (DBRX). Anything else (experts without a gate, a norm after each expert,
-another gate or activation) is a build error naming it.
+classes listed in `_own_loops`, each read once to be the same sum of gated experts (DBRX). Llama 4's MoE block runs
+its experts outside those implementations; its forward is replaced by one that calls llmc::moe with the block's own
+router (`_llama4_moe_forward`, exact for one expert a token, the only case it accepts). Anything else (experts
+without a gate, a norm after each expert, another gate or activation) is a build error naming it.
 """
 
 from __future__ import annotations
@@ -86,12 +88,37 @@ def _refused_loops() -> dict[type, str]:
     return {JetMoeMoA: "a mixture of attention heads (query and output projections are experts chosen per token)"}
 
 
+def _llama4_moe_forward(self, hidden_states: torch.Tensor):
+    """Llama4TextMoe.forward with its experts as llmc::moe. transformers runs every expert on every token, its input
+    scaled by the router's score: sigmoid of the chosen logit, 0 for the others, whose experts then output exact
+    zeros (no biases). With one expert a token that is llmc::moe over the scaled input with weight 1, exactly; the
+    router and the shared expert stay the model's own."""
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    scores, logits = self.router(x)
+    chosen = torch.topk(logits, 1, dim=1).indices  # the router's own choice: the same topk of the same logits
+    score = scores.gather(1, chosen)
+    experts = self.experts  # [E, H, 2I] and [E, I, H]; llmc::moe's are [E, 2I, H] and [E, H, I]
+    routed = torch.ops.llmc.moe(x * score, chosen, torch.ones_like(score), experts.gate_up_proj.transpose(1, 2),
+                                experts.down_proj.transpose(1, 2), _activation(experts), 0)
+    return self.shared_expert(x) + routed, logits
+
+
+def _prepare_llama4(module: torch.nn.Module) -> None:
+    if module.top_k != 1:
+        raise ExpertsError(f"{type(module).__name__} with {module.top_k} experts a token: its router scores scale each "
+                           "expert's input, which llmc::moe computes for one expert a token only")
+    module.forward = _llama4_moe_forward.__get__(module)
+
+
 def prepare(model: torch.nn.Module) -> None:
     """Before tracing: what each experts module's gate computes, or a build error naming what llmc::moe lacks."""
     from transformers.integrations.moe import _default_apply_gate
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     own_loops, refused = _own_loops(), _refused_loops()
     for module in model.modules():
+        if isinstance(module, Llama4TextMoe):  # experts outside transformers' implementations
+            _prepare_llama4(module)
         if type(module) in refused:
             raise ExpertsError(f"{type(module).__name__} computes {refused[type(module)]}, which llmc does not lower")
         if type(module) in own_loops:

@@ -98,8 +98,9 @@ def _initialiser(model: torch.nn.Module, owner_name: str) -> torch.nn.Module:
 
 
 def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int,
-                rope_lengths: SimpleNamespace | None = None) -> torch.export.ExportedProgram:
-    """With `rope_lengths` (length-dependent RoPE, llmc/frontend/rope.py) the step takes rope_seq_lens too."""
+                rope_lengths: SimpleNamespace | None = None, max_seq_len: int | None = None) -> torch.export.ExportedProgram:
+    """With `rope_lengths` (length-dependent RoPE, llmc/frontend/rope.py) the step takes rope_seq_lens too; masks are
+    recognised over positions below `max_seq_len` (attention_interface.positions_below)."""
     num_tokens = torch.export.Dim("num_tokens", min=2, max=max(max_batch_tokens, 3))
     num_seqs = torch.export.Dim("num_seqs", min=1, max=max(max_num_seqs, 3))
     # Example sizes avoid 0 and 1, which torch.export would specialise on.
@@ -113,7 +114,7 @@ def export_step(model: torch.nn.Module, max_batch_tokens: int, max_num_seqs: int
         example, dims = (*example, torch.full((1, 3), 3, device="meta")), (*dims, {1: num_tokens})
     # Without gradients, as engines run: a model's own `torch.no_grad()` regions (Phi-3.5-MoE's router) then trace
     # inline instead of as wrapped regions (wrap_with_set_grad_enabled).
-    with attention_interface.unpacked_sequences(), torch.no_grad():
+    with attention_interface.unpacked_sequences(), attention_interface.positions_below(max_seq_len), torch.no_grad():
         return torch.export.export(_Step(model, rope_lengths or SimpleNamespace()), example, dynamic_shapes=dims,
                                    strict=False)
 
@@ -230,7 +231,7 @@ def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, 
 
 
 def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_seqs: int,
-          prequantized: Prequantized | None = None) -> fx.GraphModule:
+          prequantized: Prequantized | None = None, max_seq_len: int | None = None) -> fx.GraphModule:
     """HF checkpoint -> GraphModule with real weights (the input of the pass pipeline). With `prequantized`
     (the checkpoint's quantization, llmc/frontend/prequantized.py) its quantized linears take its packed tensors."""
     stateful = sorted({str(t) for t in getattr(ckpt.config.get_text_config(), "layer_types", None) or []} & STATEFUL_LAYERS)
@@ -244,7 +245,8 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype, max_batch_tokens: int, max_num_s
     rope_lengths = SimpleNamespace(value=None)
     try:
         with per_token_rope(model, rope_lengths) as rope_buffers:
-            ep = export_step(model, max_batch_tokens, max_num_seqs, None if rope_buffers is None else rope_lengths)
+            ep = export_step(model, max_batch_tokens, max_num_seqs, None if rope_buffers is None else rope_lengths,
+                             max_seq_len)
     except (experts.ExpertsError, CheckpointError):  # llmc refused a feature: its message says which
         raise
     except Exception as e:  # torch.export raises many types; all mean the same thing here

@@ -9,14 +9,14 @@ from llmc.passes.manager import PASSES, BuildContext, register_pass, run_passes
 
 # Importing a pass module registers it.
 from llmc.passes import (  # noqa: E402,F401
-    attention, calibrate, canonicalize, eager_attention, expert_parallel, fold_rotary_into_attention,
+    attention, calibrate, canonicalize, complex_rotary, eager_attention, expert_parallel, fold_rotary_into_attention,
     fuse_gated_activation, fuse_layer_norm, fuse_rms_norm, fuse_rotary_embedding, linear, merge_linears,
     pipeline_parallel, positions, quantize, quantize_kv_cache, smooth_activations, tensor_parallel,
 )
 
 PIPELINE = (
     # The whole model:
-    "canonicalize", "positions", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
+    "canonicalize", "complex_rotary", "positions", "eager_attention", "attention", "fuse_rms_norm", "fuse_layer_norm", "fuse_gated_activation",
     "fuse_rotary_embedding", "linear",
     "calibrate", "smooth_activations", "quantize_kv_cache",
     # After calibration, which records the keys' amax where they enter the cache: after RoPE.

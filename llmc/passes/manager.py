@@ -68,6 +68,11 @@ class BuildContext:
     activation_stats: dict[str, dict] = field(default_factory=dict)
 
     @property
+    def architecture(self) -> str:
+        """The model's architecture, as build errors name it."""
+        return (self.hf_config.architectures or [self.hf_config.model_type])[0]
+
+    @property
     def world_size(self) -> int:
         return self.tp_size * self.ep_size * self.pp_size
 
