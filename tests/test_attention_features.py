@@ -140,7 +140,7 @@ def test_attention_in_the_model_own_code_is_a_clear_build_error(tmp_path, monkey
 
     checkpoint = make_checkpoint("llama", tmp_path / "checkpoint")
     monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *_: modeling_llama.eager_attention_forward)
-    with pytest.raises(PassError, match="LlamaForCausalLM: 0 of its 2 layers compute attention through transformers' "
+    with pytest.raises(PassError, match="LlamaForCausalLM: none of its 2 layers computes attention through transformers' "
                                         "attention interface"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=32, log=lambda _: None)
 

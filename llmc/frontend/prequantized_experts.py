@@ -16,7 +16,6 @@ import torch.fx as fx
 
 import llmc.plugins.moe  # noqa: F401  (registers the ops the rewrite inserts)
 from llmc.frontend.checkpoint import CheckpointError
-from llmc.passes.graph import arg
 from llmc.plugins.moe import OPTIONAL_ARG_NAMES
 from llmc.weights import set_weight
 
@@ -32,7 +31,8 @@ def rewrite_experts(gm: fx.GraphModule, what: str, quantized: set[str], packed: 
     for node in list(gm.graph.nodes):
         if node.target != MOE:
             continue
-        gate_up, down = arg(node, "gate_up"), arg(node, "down")
+        call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs  # by name, through the op's schema
+        gate_up, down = call["gate_up"], call["down"]
         prefix = gate_up.target.rpartition(".")[0] if gate_up.op == "get_attr" else None
         names = next((p for p in PROJECTIONS if prefix and f"{prefix}.0.{p[0]}" in quantized), None)
         if names is None or down.op != "get_attr":
@@ -59,9 +59,8 @@ def rewrite_experts(gm: fx.GraphModule, what: str, quantized: set[str], packed: 
                 set_weight(gm, f"{weight.target}_{fmt}{suffix}", value.contiguous())
                 with gm.graph.inserting_before(node):
                     args.append(gm.graph.get_attr(f"{weight.target}_{fmt}{suffix}"))
-        optional = {name: arg(node, name) for name in OPTIONAL_ARG_NAMES}  # biases stay in the build dtype
-        x, ids, topk_weights = node.args[:3]
-        act, first_expert = arg(node, "act"), arg(node, "first_expert")
+        optional = {name: call[name] for name in OPTIONAL_ARG_NAMES}  # biases stay in the build dtype
+        x, ids, topk_weights, act, first_expert = (call[name] for name in ("x", "topk_ids", "topk_weights", "act", "first_expert"))
         node.target = torch.ops.llmc.fp8_moe.default if fmt == "fp8" else torch.ops.llmc.nvfp4_moe.default
         node.args, node.kwargs = (x, ids, topk_weights, *args, act, first_expert), optional
         for weight in (gate_up, down):
