@@ -186,14 +186,17 @@ class CheckpointWeights:
         if name in self.keys:
             return self.ckpt.tensor(self.keys[name])
         if name in self.conversions:
-            converter = self.conversions.pop(name)
-            try:
-                self.converted.update(converter.convert(name, model=self.model, config=self.model.config))
-            except Exception as e:  # a conversion transformers cannot apply to these tensors
-                raise CheckpointError(f"cannot convert {self.ckpt.path}'s weights into {name!r} ({converter}): {e}") from None
+            self._convert(name)
         while name not in self.converted and self.conversions:  # a conversion's other target (a split): run the rest
-            self.get(next(iter(self.conversions)))
+            self._convert(next(iter(self.conversions)))  # all their targets wait, the first too (HRM's gqkv: gate, q, ...)
         return self.converted.pop(name, None)
+
+    def _convert(self, name: str) -> None:
+        converter = self.conversions.pop(name)
+        try:
+            self.converted.update(converter.convert(name, model=self.model, config=self.model.config))
+        except Exception as e:  # a conversion transformers cannot apply to these tensors
+            raise CheckpointError(f"cannot convert {self.ckpt.path}'s weights into {name!r} ({converter}): {e}") from None
 
 
 def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, torch.Tensor], weights: CheckpointWeights) -> None:
