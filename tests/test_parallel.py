@@ -118,16 +118,42 @@ def test_fused_projection_through_a_pointwise_op_shards_by_section(monkeypatch, 
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 10)
 
 
-def test_fused_projection_through_an_op_llmc_cannot_follow_is_refused(monkeypatch, tmp_path):
-    """A per-feature scale before the chunk: the pass cannot prove the layout, so it refuses instead of guessing."""
+def _phi3_mlp_viewed_as_gate_and_up(self, x):
+    gate, up = self.gate_up_proj(x).view(*x.shape[:-1], 2, -1).unbind(-2)  # the two halves as a dim of 2 "heads"
+    return self.down_proj(up * self.activation_fn(gate))
+
+
+@pytest.mark.parametrize("forward, op, cut", [
+    (_phi3_mlp_through(lambda self, y: y * self.gate_up_proj.weight[:, 0]), "aten.mul.Tensor", "aten.(chunk|split)"),
+    (_phi3_mlp_viewed_as_gate_and_up, "aten.view.default", "aten.unbind.int"),
+], ids=["per-feature scale", "view into halves"])
+def test_fused_projection_through_an_op_llmc_cannot_follow_is_refused(forward, op, cut, monkeypatch, tmp_path):
+    """An op before the cut that the pass cannot prove maps each feature to itself, or a view into groups of features
+    that are cut apart: the pass refuses instead of guessing the layout."""
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
 
-    monkeypatch.setattr(Phi3MLP, "forward", _phi3_mlp_through(lambda self, y: y * self.gate_up_proj.weight[:, 0]))
+    monkeypatch.setattr(Phi3MLP, "forward", forward)
     checkpoint = make_checkpoint("phi3_longrope", tmp_path / "checkpoint", seed=1)
-    with pytest.raises(PassError, match=r"Phi3ForCausalLM's .*gate_up_proj.weight output goes through .*aten.mul.Tensor.* "
-                                        r"before .*aten.(chunk|split).* cuts its features, .*build with --tp 1$"):
+    with pytest.raises(PassError, match=rf"Phi3ForCausalLM's .*gate_up_proj.weight output goes through .*{op}.* "
+                                        rf"before .*{cut}.* cuts its features, .*build with --tp 1$"):
         llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, tp=2, log=lambda _: None)
     llmc.build(checkpoint, tmp_path / "tp1", max_seq_len=64, log=lambda _: None)  # --tp 1 builds
+
+
+def test_attention_gate_viewed_into_heads_shards_by_heads(tmp_path):
+    """HRM-Text's sigmoid gate of the attention's output: a projection viewed into heads that no attention reads,
+    sharded by whole heads as the attention it multiplies."""
+    from llmc import sweep
+
+    model = sweep.make_checkpoint("hrm_text", tmp_path / "checkpoint")
+    engine = llmc.build(tmp_path / "checkpoint", tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, tp=2,
+                        log=lambda _: None)
+    with LLM(engine) as llm:
+        outputs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
+    for prompt, out in zip(PROMPTS, outputs):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+        assert out.outputs[0].token_ids == expected.tolist()
 
 
 def test_gpt2_fused_qkv_shards_by_section(parallel_checkpoints, single_rank_outputs, tmp_path):

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
+from llmc.passes.graph import CASTS, calls
 from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
 from llmc.passes.pipeline_parallel import NORMS, activations
 from llmc.weights import set_weight
@@ -53,7 +54,7 @@ def _feature_by_feature(node: fx.Node, source: fx.Node) -> bool:
     """An op of `source` alone that maps each feature to itself (DBRX's clipped QKV, a dtype cast, tanh...): ATen's
     pointwise ops whose only tensor argument is `source`, which keep its shape."""
     target = node.target
-    if target == aten.to.dtype:
+    if calls(node, CASTS):
         return node.args[0] is source
     if not (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
         return False
@@ -155,8 +156,11 @@ def _unproven_cut(linear: fx.Node, heads: bool) -> tuple[fx.Node, fx.Node] | Non
             elif u.target in VIEWS and _shape(u)[-1] == features:
                 stack.append(u)
             elif u.target in VIEWS and len(_shape(u)) == len(_shape(n)) + 1 and _shape(u)[-2] * _shape(u)[-1] == features:
-                if not heads:
-                    return u, u
+                # Groups of features, sharded whole: fine for an attention's heads, and elsewhere (HRM's per-head gate
+                # of the attention's output) unless something cuts into them (a fused gate/up viewed as [2, I])
+                cut = None if heads else _cut_after(u, None)
+                if cut is not None:
+                    return u, cut
             else:
                 cut = _cut_after(u, features)
                 if cut is not None:
@@ -164,8 +168,9 @@ def _unproven_cut(linear: fx.Node, heads: bool) -> tuple[fx.Node, fx.Node] | Non
     return None
 
 
-def _cut_after(op: fx.Node, features: int) -> fx.Node | None:
-    """The first op from `op` on (up to the next linear or attention) that cuts a dim of `features` features."""
+def _cut_after(op: fx.Node, features: int | None) -> fx.Node | None:
+    """The first op from `op` on (up to the next linear or attention) that cuts a dim of `features` features
+    (None: that cuts any dim)."""
     stack, seen = [op], set()
     while stack:
         n = stack.pop()
@@ -173,6 +178,8 @@ def _cut_after(op: fx.Node, features: int) -> fx.Node | None:
             continue
         seen.add(n)
         source = n.args[0] if n.args else None
+        if features is None and n.target in CUTS:
+            return n
         if _has_dim(source, features) and (n.target in CUTS or n.target in VIEWS and not _has_dim(n, features)):
             return n
         stack.extend(n.users)
