@@ -71,6 +71,11 @@ class BuildContext:
     def world_size(self) -> int:
         return self.tp_size * self.ep_size * self.pp_size
 
+    @property
+    def architecture(self) -> str:
+        """The model's class name (what build errors name), or its model_type where the config has none."""
+        return (self.hf_config.architectures or [self.hf_config.model_type])[0]
+
 
 class PassError(RuntimeError):
     pass

@@ -155,9 +155,10 @@ def _unproven_cut(linear: fx.Node, heads: bool) -> tuple[fx.Node, fx.Node] | Non
                         return u, cut
             elif u.target in VIEWS and _shape(u)[-1] == features:
                 stack.append(u)
-            elif u.target in VIEWS and len(_shape(u)) == len(_shape(n)) + 1 and _shape(u)[-2] * _shape(u)[-1] == features:
-                # Groups of features, sharded whole: fine for an attention's heads, and elsewhere (HRM's per-head gate
-                # of the attention's output) unless something cuts into them (a fused gate/up viewed as [2, I])
+            elif u.target in VIEWS and _into_groups(_shape(u), features):
+                # Groups of features, sharded whole: fine for an attention's heads (Bloom's [heads, 3, d], DeepSeek's
+                # [heads, nope + v]), and elsewhere (HRM's per-head gate of the attention's output) unless something
+                # cuts into them (a fused gate/up viewed as [2, I])
                 cut = None if heads else _cut_after(u, None)
                 if cut is not None:
                     return u, cut
@@ -166,6 +167,16 @@ def _unproven_cut(linear: fx.Node, heads: bool) -> tuple[fx.Node, fx.Node] | Non
                 if cut is not None:
                     return u, cut
     return None
+
+
+def _into_groups(shape: tuple, features: int) -> bool:
+    """Whether a view of that shape cuts `features` features into its last dims: [..., groups, (...,) size]."""
+    size = 1
+    for d in reversed(shape):
+        if not isinstance(d, int) or size >= features:
+            break
+        size *= d
+    return size == features and shape[-1] != features
 
 
 def _cut_after(op: fx.Node, features: int | None) -> fx.Node | None:
@@ -244,7 +255,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
             unproven = _unproven_cut(lin, heads=lin in attention_columns)
             if unproven is not None:
                 op, cut = unproven
-                raise PassError(f"tensor_parallel: {_architecture(ctx)}'s {lin.args[1].target} output goes through "
+                raise PassError(f"tensor_parallel: {ctx.architecture}'s {lin.args[1].target} output goes through "
                                 f"{_op_name(op)} before {_op_name(cut)} cuts its features, a layout llmc cannot shard; "
                                 "build with --tp 1")
         if lin in attention_columns:
@@ -350,10 +361,6 @@ def _has_dim(node, size: int) -> bool:
     """Whether `node` is a tensor with a dim of `size` (a number: symbolic dims are the tokens')."""
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return isinstance(v, torch.Tensor) and any(isinstance(d, int) and d == size for d in v.shape)
-
-
-def _architecture(ctx: BuildContext) -> str:
-    return (getattr(ctx.hf_config, "architectures", None) or [ctx.hf_config.model_type])[0]
 
 
 def _op_name(node: fx.Node) -> str:
