@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import llmc
 from llmc import sweep
@@ -106,3 +107,29 @@ def test_a_model_without_a_position_limit_takes_the_engines():
 
     assert XLNetConfig().max_position_embeddings == -1  # transformers' "no sequence length limit"
     assert max_context(XLNetConfig()) == MAX_SEQ_LEN
+
+
+def test_a_conversion_target_asked_for_before_the_first_is_read(tmp_path):
+    # HRM's checkpoint fuses gate, q, k and v into one gqkv_proj; its graph asks for q first, and the conversion
+    # that makes q made gate too, which must wait for its turn instead of being dropped.
+    from llmc.frontend.checkpoint import Checkpoint
+    from llmc.frontend.export import CheckpointWeights, build_meta_model
+
+    model = sweep.make_checkpoint("hrm_text", tmp_path / "ckpt")
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    weights = CheckpointWeights(ckpt, build_meta_model(ckpt, torch.float32))
+    assert not any("self_attn.q_proj" in key for key in ckpt.keys())
+    params = dict(model.named_parameters())
+    for proj in ("q", "gate", "v", "k"):
+        name = f"model.L_module.layers.0.self_attn.{proj}_proj.weight"
+        assert torch.equal(weights.get(name), params[name])
+
+
+def test_parameters_made_off_the_default_device_are_traced_on_meta(tmp_path):
+    # XLNet makes its parameters with torch.FloatTensor(...), on the CPU whatever the default device; moved to meta,
+    # its trace gets to the model's real limit: a relative shift that holds for every token count but one.
+    sweep.make_checkpoint("xlnet", tmp_path / "ckpt")
+    with pytest.raises(BUILD_ERRORS, match=r"could not trace XLNetLMHeadModel: the model's code holds only where "
+                                           r"\(\(\(-1\) \+ 2\*num_tokens\) % num_tokens\) != 0, and one program") as e:
+        llmc.build(tmp_path / "ckpt", tmp_path / "engine", max_seq_len=32, log=lambda _: None)
+    assert "\n" not in str(e.value)

@@ -92,6 +92,70 @@ def test_parallel_matches_transformers(arch, mapping, tmp_path):
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 10)
 
 
+def _phi3_mlp_through(op):
+    """Phi-3's MLP with `op` between its fused gate/up projection and the chunk that cuts it into gate and up."""
+    def forward(self, x):
+        gate, up = op(self, self.gate_up_proj(x)).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+    return forward
+
+
+def test_fused_projection_through_a_pointwise_op_shards_by_section(monkeypatch, tmp_path):
+    """tanh maps each feature to itself: the sections after it are the projection's (before, it was sharded as one
+    block and every token differed at tp 2)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    from test_parity import hf_greedy
+
+    monkeypatch.setattr(Phi3MLP, "forward", _phi3_mlp_through(lambda self, y: torch.tanh(y) * 3))
+    checkpoint = make_checkpoint("phi3_longrope", tmp_path / "checkpoint", seed=1)
+    engine = llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, tp=2, log=lambda _: None)
+    with LLM(engine) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))
+    for prompt, out in zip(PROMPTS, outputs):
+        reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()  # fresh: Phi-3's RoPE depends on length
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 10)
+
+
+def _phi3_mlp_viewed_as_gate_and_up(self, x):
+    gate, up = self.gate_up_proj(x).view(*x.shape[:-1], 2, -1).unbind(-2)  # the two halves as a dim of 2 "heads"
+    return self.down_proj(up * self.activation_fn(gate))
+
+
+@pytest.mark.parametrize("forward, op, cut", [
+    (_phi3_mlp_through(lambda self, y: y * self.gate_up_proj.weight[:, 0]), "aten.mul.Tensor", "aten.(chunk|split)"),
+    (_phi3_mlp_viewed_as_gate_and_up, "aten.view.default", "aten.unbind.int"),
+], ids=["per-feature scale", "view into halves"])
+def test_fused_projection_through_an_op_llmc_cannot_follow_is_refused(forward, op, cut, monkeypatch, tmp_path):
+    """An op before the cut that the pass cannot prove maps each feature to itself, or a view into groups of features
+    that are cut apart: the pass refuses instead of guessing the layout."""
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    monkeypatch.setattr(Phi3MLP, "forward", forward)
+    checkpoint = make_checkpoint("phi3_longrope", tmp_path / "checkpoint", seed=1)
+    with pytest.raises(PassError, match=rf"Phi3ForCausalLM's .*gate_up_proj.weight output goes through .*{op}.* "
+                                        rf"before .*{cut}.* cuts its features, .*build with --tp 1$"):
+        llmc.build(checkpoint, tmp_path / "engine", max_seq_len=64, tp=2, log=lambda _: None)
+    llmc.build(checkpoint, tmp_path / "tp1", max_seq_len=64, log=lambda _: None)  # --tp 1 builds
+
+
+def test_attention_gate_viewed_into_heads_shards_by_heads(tmp_path):
+    """HRM-Text's sigmoid gate of the attention's output: a projection viewed into heads that no attention reads,
+    sharded by whole heads as the attention it multiplies."""
+    from llmc import sweep
+
+    model = sweep.make_checkpoint("hrm_text", tmp_path / "checkpoint")
+    engine = llmc.build(tmp_path / "checkpoint", tmp_path / "engine", max_seq_len=64, max_batch_tokens=16, tp=2,
+                        log=lambda _: None)
+    with LLM(engine) as llm:
+        outputs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
+    for prompt, out in zip(PROMPTS, outputs):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+        assert out.outputs[0].token_ids == expected.tolist()
+
+
 def test_gpt2_fused_qkv_shards_by_section(parallel_checkpoints, single_rank_outputs, tmp_path):
     engine = llmc.build(parallel_checkpoints["gpt2"], tmp_path / "engine", max_seq_len=64, tp=4, pp=2, log=lambda _: None)
     with LLM(engine) as llm:

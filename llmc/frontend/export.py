@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from types import SimpleNamespace
 
 import torch
@@ -65,7 +66,9 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
             f"{ckpt.architecture} computes attention in the model's own code (attention classes chosen by name, none "
             "through transformers' attention interface), which llmc does not lower"
         ) from None
-    return model.eval()
+    # Legacy constructors (XLNet's `nn.Parameter(torch.FloatTensor(...))`) ignore the default device: such
+    # parameters are made on the CPU, and the trace would mix them with the meta ones.
+    return model.to(device="meta").eval()
 
 
 def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -191,14 +194,17 @@ class CheckpointWeights:
         if name in self.keys:
             return self.ckpt.tensor(self.keys[name])
         if name in self.conversions:
-            converter = self.conversions.pop(name)
-            try:
-                self.converted.update(converter.convert(name, model=self.model, config=self.model.config))
-            except Exception as e:  # a conversion transformers cannot apply to these tensors
-                raise CheckpointError(f"cannot convert {self.ckpt.path}'s weights into {name!r} ({converter}): {e}") from None
+            self._convert(name)
         while name not in self.converted and self.conversions:  # a conversion's other target (a split): run the rest
-            self.get(next(iter(self.conversions)))
+            self._convert(next(iter(self.conversions)))  # all their targets wait, the first too (HRM's gqkv: gate, q, ...)
         return self.converted.pop(name, None)
+
+    def _convert(self, name: str) -> None:
+        converter = self.conversions.pop(name)
+        try:
+            self.converted.update(converter.convert(name, model=self.model, config=self.model.config))
+        except Exception as e:  # a conversion transformers cannot apply to these tensors
+            raise CheckpointError(f"cannot convert {self.ckpt.path}'s weights into {name!r} ({converter}): {e}") from None
 
 
 def load_weights(gm: fx.GraphModule, model: torch.nn.Module, buffers: dict[str, torch.Tensor], weights: CheckpointWeights) -> None:
@@ -273,6 +279,11 @@ def export_failure(e: Exception) -> str:
     if isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e).lower():
         return ("the model branches on the values of its inputs (data-dependent control flow, e.g. a RoPE that "
                 "depends on the sequence length), which one traced program cannot express")
+    guard = re.search(r"satisfy the generated guard (.+?)\.?$", str(e), flags=re.M)
+    if guard:  # a size the code specialises on (XLNet's relative shift holds for num_tokens != 1 only)
+        condition = re.sub(r"L\['input_ids'\]\.size\(\)\[1\]", "num_tokens", guard.group(1))
+        return (f"the model's code holds only where {condition}, and one program runs every step, from 1 token to "
+                "max_batch_tokens")
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
 

@@ -41,13 +41,9 @@ def _add_inputs(graph: fx.Graph) -> dict[str, fx.Node]:
     return inputs
 
 
-def _architecture(ctx: BuildContext) -> str:
-    return (ctx.hf_config.architectures or [ctx.hf_config.model_type])[0]
-
-
 def _mask(gm: fx.GraphModule, mask: fx.Node, ctx: BuildContext, layer: int) -> tuple[int, fx.Node | None]:
     """(sliding window, ALiBi slopes node or None) of the mask an attention received, or a PassError."""
-    arch = _architecture(ctx)
+    arch = ctx.architecture
     if mask.target == CAUSAL_MASK:
         return int(mask.args[1]), None
     encoder = getattr(ctx.hf_config.get_text_config(), "is_decoder", None) is False
@@ -81,7 +77,7 @@ def _interface_coverage(arch: str, calls: int, layers: int | None) -> str:
 
 @register_pass("attention")
 def attention(gm: fx.GraphModule, ctx: BuildContext):
-    graph, arch = gm.graph, _architecture(ctx)
+    graph, arch = gm.graph, ctx.architecture
     sdpas = [n for n in graph.nodes if n.target == aten.scaled_dot_product_attention.default]
     if sdpas:
         raise PassError(f"{arch} calls scaled_dot_product_attention itself ({sdpas[0].name}), not through transformers' "

@@ -7,7 +7,8 @@
   concatenation (its pass-through part `x[..., d:]`), so RoPE is found as on any other model,
 - tensors computed from literals alone (Phi-3.5-MoE computes its RoPE frequencies `base ** (arange(0, d, 2) / d)`
   in every forward) are computed once and become weights, like other models' frequency buffers,
-- `concat` is `cat` (the name the other passes match),
+- `concat` is `cat` (the name the other passes match), and `expand_as(x, y)` is `expand(x, y's sizes)` (HRM's
+  initial state, broadcast to the embeddings' shape),
 - `squeeze()` of a tensor of static shape (ERNIE-MoE's router bias) becomes squeezes of its size-1 dims: the
   dim-less form stays refused where a dim is symbolic (a decode step's one token would be squeezed away),
 - slices that cut a linear's output into consecutive parts (Phi-3's fused QKV `qkv[..., :q]`, `qkv[..., q:q + k]`,
@@ -93,6 +94,16 @@ def _static_squeeze(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
+def _expand_as(graph: fx.Graph, node: fx.Node) -> None:
+    """`expand_as(x, other)` -> `expand(x, other's sizes)`: numbers, or `sym_size` of `other` where symbolic."""
+    other = node.args[1]
+    with graph.inserting_before(node):
+        sizes = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (other, i))
+                 for i, d in enumerate(val(other).shape)]
+        node.replace_all_uses_with(graph.call_function(aten.expand.default, (node.args[0], sizes)))
+    graph.erase_node(node)
+
+
 def _is_pure(node: fx.Node) -> bool:
     """An ATen op that neither draws random numbers nor writes to its arguments."""
     target = node.target
@@ -163,7 +174,7 @@ def _fold_expert_weights(gm: fx.GraphModule) -> int:
 
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
-    asserts = conversions = dropouts = aliases = empties = squeezes = 0
+    asserts = conversions = dropouts = aliases = empties = squeezes = expands = 0
     for node in list(gm.graph.nodes):
         if calls(node, ASSERTS):
             gm.graph.erase_node(node)
@@ -182,6 +193,9 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
             aliases += 1
         elif node.target == aten.concat.default:
             node.target = aten.cat.default
+        elif node.target == aten.expand_as.default and val(node.args[1]) is not None:
+            _expand_as(gm.graph, node)
+            expands += 1
         elif node.target == aten.squeeze.default and _static_squeeze(gm.graph, node):
             squeezes += 1
         elif node.target == aten.cat.default and any(map(_is_empty, node.args[0])) and not _is_empty(node):
@@ -196,4 +210,5 @@ def canonicalize(gm: fx.GraphModule, ctx: BuildContext):
     splits = _slices_to_splits(gm.graph)
     expert_weights = _fold_expert_weights(gm)
     return gm, {"constants_folded": constants, "slices_to_splits": splits, "expert_weights_rearranged": expert_weights, "asserts_removed": asserts, "noop_conversions_removed": conversions, "eval_dropouts_removed": dropouts,
-                "aliases_removed": aliases, "empty_concatenated_removed": empties, "static_squeezes": squeezes}
+                "aliases_removed": aliases, "empty_concatenated_removed": empties, "static_squeezes": squeezes,
+                "expand_as_to_expand": expands}

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 import llmc.plugins.collectives  # noqa: F401  (registers torch.ops.llmc.all_reduce, ...)
+from llmc.passes.graph import CASTS, calls
 from llmc.passes.manager import BuildContext, PassError, example_step, register_pass
 from llmc.passes.pipeline_parallel import NORMS, activations
 from llmc.weights import set_weight
@@ -45,8 +46,21 @@ LINEARS = {
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 CHUNK = aten.chunk.default  # by count: each rank's chunks are its share of each section, unchanged
-# Ops of one tensor, feature by feature, between a linear and the split of its sections (DBRX's clipped QKV).
-ELEMENTWISE = (aten.clamp.default, aten.to.dtype)
+# Ops that cut a tensor's features into parts (what a split of sections or heads does), checked by `_unproven_cut`.
+CUTS = (*SPLITS, CHUNK, aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.unbind.int, aten.index_select.default,
+        aten.index.Tensor, aten.gather.default, aten.unfold.default, aten.as_strided.default)
+
+
+def _feature_by_feature(node: fx.Node, source: fx.Node) -> bool:
+    """An op of `source` alone that maps each feature to itself (DBRX's clipped QKV, a dtype cast, tanh...): ATen's
+    pointwise ops whose only tensor argument is `source`, which keep its shape."""
+    target = node.target
+    if calls(node, CASTS):
+        return node.args[0] is source
+    if not (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
+        return False
+    return (node.all_input_nodes == [source] and isinstance(node.meta.get("val"), torch.Tensor)
+            and _shape(node) == _shape(source))
 
 
 def _cone(node: fx.Node, stop_at_norms: bool) -> set[fx.Node]:
@@ -100,7 +114,7 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int, tuple[fx.No
                     size = _shape(n)[-1] // u.args[1] if u.target == CHUNK else u.args[1]  # chunk(x, count)
                     sections = list(size) if isinstance(size, (list, tuple)) else [size] * (_shape(n)[-1] // size)
                     stack.append(u)
-            elif u.target == operator.getitem or u.target in ELEMENTWISE and u.args[0] is n:
+            elif u.target == operator.getitem or _feature_by_feature(u, n):
                 stack.append(u)
             elif u.target in VIEWS:
                 before, after = _shape(u.args[0]), _shape(u)
@@ -113,6 +127,75 @@ def _layout(linear: fx.Node, features: int) -> tuple[list[int], int, tuple[fx.No
                     return sections or [features], head, None
                 stack.append(u)
     return sections or [features], 1, None
+
+
+def _unproven_cut(linear: fx.Node, heads: bool) -> tuple[fx.Node, fx.Node] | None:
+    """(op, cut) where a column linear's output reaches an op that `_layout` does not follow and, from there, an op
+    that cuts its features: sections `_layout` cannot see, which the rank's shard would mix up. Views into heads are
+    known where the linear feeds an attention (`heads`), and cuts in any other linear's output are its own."""
+    stack, seen = [linear], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n.meta.get("val"), torch.Tensor):  # a split: its getitems are followed
+            stack.extend(u for u in n.users if u.target == operator.getitem and u not in seen)
+            continue
+        features = _shape(n)[-1]
+        for u in n.users:
+            if u in seen or u.target in LINEARS or u.target == ATTENTION:
+                continue
+            seen.add(u)
+            if _feature_by_feature(u, n):
+                stack.append(u)
+            elif u.target in SPLITS or u.target == CHUNK:
+                dim = u.args[2] if len(u.args) > 2 else 0
+                if dim % len(_shape(n)) == len(_shape(n)) - 1:
+                    stack.append(u)
+                else:
+                    cut = _cut_after(u, features)
+                    if cut is not None:
+                        return u, cut
+            elif u.target in VIEWS and _shape(u)[-1] == features:
+                stack.append(u)
+            elif u.target in VIEWS and _into_groups(_shape(u), features):
+                # Groups of features, sharded whole: fine for an attention's heads (Bloom's [heads, 3, d], DeepSeek's
+                # [heads, nope + v]), and elsewhere (HRM's per-head gate of the attention's output) unless something
+                # cuts into them (a fused gate/up viewed as [2, I])
+                cut = None if heads else _cut_after(u, None)
+                if cut is not None:
+                    return u, cut
+            else:
+                cut = _cut_after(u, features)
+                if cut is not None:
+                    return u, cut
+    return None
+
+
+def _into_groups(shape: tuple, features: int) -> bool:
+    """Whether a view of that shape cuts `features` features into its last dims: [..., groups, (...,) size]."""
+    size = 1
+    for d in reversed(shape):
+        if not isinstance(d, int) or size >= features:
+            break
+        size *= d
+    return size == features and shape[-1] != features
+
+
+def _cut_after(op: fx.Node, features: int | None) -> fx.Node | None:
+    """The first op from `op` on (up to the next linear or attention) that cuts a dim of `features` features
+    (None: that cuts any dim)."""
+    stack, seen = [op], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.target in LINEARS or n.target == ATTENTION or n.op != "call_function":
+            continue
+        seen.add(n)
+        source = n.args[0] if n.args else None
+        if features is None and n.target in CUTS:
+            return n
+        if _has_dim(source, features) and (n.target in CUTS or n.target in VIEWS and not _has_dim(n, features)):
+            return n
+        stack.extend(n.users)
+    return None
 
 
 class _Plan:
@@ -169,6 +252,13 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
     fixed_sizes: dict[fx.Node, list] = {}  # a view or split of heads -> the sizes it names on this rank
 
     for lin in linears:
+        if (lin in attention_columns and _norm_over_all_heads(lin) is None) or lin in mlp_columns:
+            unproven = _unproven_cut(lin, heads=lin in attention_columns)
+            if unproven is not None:
+                op, cut = unproven
+                raise PassError(f"tensor_parallel: {ctx.architecture}'s {lin.args[1].target} output goes through "
+                                f"{_op_name(op)} before {_op_name(cut)} cuts its features, a layout llmc cannot shard; "
+                                "build with --tp 1")
         if lin in attention_columns:
             sections, unit, head_split = _layout(lin, gm.get_buffer(lin.args[1].target).shape[0])
             query_heads = _shape(attention_columns[lin].args[0])[1]
@@ -266,6 +356,16 @@ def tensor_parallel(gm: fx.GraphModule, ctx: BuildContext):
         "replicated": len(others) - len(vocab_linears),
         "kv_heads_per_rank": ctx.kv_cache["num_kv_heads"],
     }
+
+
+def _has_dim(node, size: int) -> bool:
+    """Whether `node` is a tensor with a dim of `size` (a number: symbolic dims are the tokens')."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(v, torch.Tensor) and any(isinstance(d, int) and d == size for d in v.shape)
+
+
+def _op_name(node: fx.Node) -> str:
+    return f"{node.name} ({node.target})" if isinstance(node.target, torch._ops.OpOverload) else node.name
 
 
 def _sharded_dim(full: tuple, local: torch.Size) -> tuple[int, int] | None:
