@@ -15,6 +15,7 @@ import torch
 
 from llmc.plugins import CPU_FUNCTIONS, cpu_kernels
 from llmc.plugins.linear import prepack_weight
+from llmc.plugins.moe import prepack_experts
 from llmc.plugins.quant_formats import quantize_fp8_weight, quantize_nvfp4
 from llmc.plugins.quant_linear import prepack_quantized
 
@@ -22,7 +23,8 @@ ops = torch.ops.llmc
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
 # The ops with a kernel at each level; the others run their reference.
 PORTABLE_KERNELS = {"llmc::prepacked_linear", "llmc::paged_attention", "llmc::gated_activation", "llmc::rms_norm",
-                    "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding", "llmc::moe"}
+                    "llmc::add_rms_norm", "llmc::add_layer_norm", "llmc::rotary_embedding", "llmc::moe",
+                    "llmc::prepacked_moe"}
 QUANTIZED_KERNELS = {"llmc::fp8_prepacked_linear", "llmc::fp8_dynamic_prepacked_linear", "llmc::nvfp4_prepacked_linear"}  # x86 intrinsics: AVX2 and up
 KERNELS = {
     "avx512bf16": PORTABLE_KERNELS | QUANTIZED_KERNELS,
@@ -89,6 +91,9 @@ def small_inputs(dtype):
         ops.nvfp4_prepacked_linear.default: (x, prepack_quantized(q4), prepack_quantized(block_scale), global_scale, None,
                                              None, 40),
         ops.paged_attention.default: attention,
+        ops.prepacked_moe.default: (x[0], torch.tensor([[0, 2], [1, 3], [2, 2]]), torch.rand(3, 2, generator=g),
+                                    prepack_experts(randn(3, 24, 32)), prepack_experts(randn(3, 32, 12)), "silu", 1,
+                                    randn(3, 24), None, 0.0, 0.0, 24),
     }
 
 

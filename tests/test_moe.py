@@ -16,12 +16,14 @@ from llmc.frontend.checkpoint import CheckpointError
 from llmc.frontend.experts import ExpertsError
 from llmc.passes.manager import PassError
 from llmc.plugins import cpu_kernels
-from llmc.plugins.moe import moe
+from llmc.plugins.linear import prepack_linears
+from llmc.plugins.moe import moe, prepack_experts, prepacked_moe
 
 from conftest import VOCAB, make_checkpoint, tokenizer
 from test_parity import hf_greedy
 
 MOE = torch.ops.llmc.moe.default
+PREPACKED_MOE = torch.ops.llmc.prepacked_moe.default
 PROMPTS = [[1, 2, 3], list(range(10, 40)), [5] * 7, list(range(100, 117))]
 NEW_TOKENS = 12
 
@@ -104,6 +106,64 @@ def test_kernel_rejects_bad_arguments():
         MOE(x, ids[:3], w, gate_up, down, "silu", 0)
     with pytest.raises(RuntimeError, match="activation"):
         MOE(x, ids, w, gate_up, down, "relu", 0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+def test_prepacked_kernel_matches_reference(dtype, tol, tokens):
+    """llmc::prepacked_moe's kernel against llmc::moe's reference: one row, a few, more than a tile (8 rows) per expert;
+    odd sizes (bf16 pads K to even, N to 16); experts with no rows; another rank's ids; biases, the clamped SwiGLU.
+    It sums each product in its own order (and bf16 rounds them there), so it is close, not equal."""
+    x, ids, w, gate_up, down = random_moe_inputs(dtype, tokens=tokens, experts=6, hidden=17, intermediate=13, seed=tokens)
+    ids = torch.where(ids % 6 == 2, ids + 1, ids)  # expert 2 (of either rank) gets no rows
+    ids[0] = torch.tensor([1, 7])  # and the first token one of each rank's
+    g = torch.Generator().manual_seed(2)
+    gate_up_bias, down_bias = torch.randn(6, 26, generator=g).to(dtype), torch.randn(6, 17, generator=g).to(dtype)
+    packed = prepack_experts(gate_up), prepack_experts(down)
+    for act, first_expert, biases, alpha, limit in (("silu", 0, (None, None), 0.0, 0.0), ("gelu_tanh", 6, (None, None), 0.0, 0.0),
+                                                    ("clamped_swiglu", 0, (gate_up_bias, down_bias), 1.702, 2.0)):
+        expected = moe(x, ids, w, gate_up, down, act, first_expert, *biases, alpha, limit)
+        got = PREPACKED_MOE(x, ids, w, *packed, act, first_expert, *biases, alpha, limit, 26)
+        assert got.dtype == dtype and expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
+        reference = prepacked_moe(x, ids, w, *packed, act, first_expert, *biases, alpha, limit, 26)
+        torch.testing.assert_close(reference, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_prepacked_kernel_with_no_rows_here_is_zero():
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32)
+    got = PREPACKED_MOE(x, ids % 4 + 4, w, prepack_experts(gate_up), prepack_experts(down), "silu", 0, None, None, 0.0, 0.0, 24)
+    assert torch.equal(got, torch.zeros_like(x))
+
+
+def test_prepacked_kernel_rejects_bad_arguments():
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32)
+    packed = prepack_experts(gate_up), prepack_experts(down)
+    with pytest.raises(RuntimeError, match="not in the prepacked layout"):
+        PREPACKED_MOE(x, ids, w, gate_up, down, "silu", 0, None, None, 0.0, 0.0, 24)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        PREPACKED_MOE(x, ids, w, *packed, "silu", 0, None, None, 0.0, 0.0, 40)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        PREPACKED_MOE(x.bfloat16(), ids, w, *packed, "silu", 0, None, None, 0.0, 0.0, 24)
+    with pytest.raises(RuntimeError, match="down_bias"):
+        PREPACKED_MOE(x, ids, w, *packed, "silu", 0, None, torch.zeros(4, 8), 0.0, 0.0, 24)
+
+
+def test_loading_prepacks_the_experts():
+    """The torch backend's load rewrites llmc::moe (its optional arguments left out, as DBRX's forward calls it) into
+    llmc::prepacked_moe over the experts' prepacked weights; the layer's output is unchanged."""
+    x, ids, w, gate_up, down = random_moe_inputs(torch.float32)
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    root.register_buffer("gate_up", gate_up)
+    root.register_buffer("down", down)
+    inputs = [graph.placeholder(name) for name in ("x", "ids", "w")]
+    graph.output(graph.call_function(MOE, (*inputs, graph.get_attr("gate_up"), graph.get_attr("down"), "silu", 0)))
+    gm = torch.fx.GraphModule(root, graph)
+    expected = gm(x, ids, w)
+    assert prepack_linears(gm) == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [PREPACKED_MOE]
+    assert gm.gate_up.shape == (4, 2, 16, 16) and gm.down.shape == (4, 1, 12, 16)
+    torch.testing.assert_close(gm(x, ids, w), expected, rtol=1e-5, atol=1e-5)
 
 
 def engine_matches_transformers(checkpoint, engine_dir, **options):

@@ -74,7 +74,8 @@ register_prepacked(torch.ops.llmc.linear.default, torch.ops.llmc.prepacked_linea
 
 def prepack_linears(gm: fx.GraphModule) -> int:
     """Rewrite every linear op of PREPACKED whose prepacked op has a C++ kernel on this CPU, and whose weights a kernel
-    takes, into its prepacked op; returns how many.
+    takes, into its prepacked op; returns how many. Its out_features is the rows (dim -2) of its first prepacked weight
+    (an MoE's gate_up: [experts, rows, K]).
 
     A weight only such ops read, at the same argument, is replaced by its prepacked form; one that something else
     reads too (an LM head tied to the embedding) gets a prepacked copy beside it.
@@ -93,11 +94,17 @@ def prepack_linears(gm: fx.GraphModule) -> int:
         new = {i: packed[node.args[i].target, pack] for i, pack in packers.items()}
         if any(attr is None for attr, _ in new.values()):
             continue
-        args = [new[i][0] if i in new else arg for i, arg in enumerate(node.args)]
-        node.target, node.args = prepacked_op, (*args, new[1][1])
+        args = [new[i][0] if i in new else arg for i, arg in enumerate(_positional(node))]
+        node.target, node.args, node.kwargs = prepacked_op, (*args, new[min(new)][1]), {}
         count += 1
     gm.recompile()
     return count
+
+
+def _positional(node: fx.Node) -> list:
+    """node's arguments all positional, those it leaves out at their defaults: out_features follows them."""
+    rest = node.target._schema.arguments[len(node.args):]
+    return [*node.args, *(node.kwargs.get(a.name, a.default_value) for a in rest)]
 
 
 def _prepack(gm: fx.GraphModule, weight: fx.Node, index: int, pack):
@@ -109,7 +116,7 @@ def _prepack(gm: fx.GraphModule, weight: fx.Node, index: int, pack):
     if all(user.target in PREPACKED and PREPACKED[user.target][1].get(index) is pack and user.args[index] is reader
            for reader in readers for user in reader.users):
         set_weight(gm, weight.target, prepacked)
-        return weight, tensor.shape[0]
+        return weight, tensor.shape[-2]
     set_weight(gm, weight.target + "_prepacked", prepacked)
     with gm.graph.inserting_after(weight):
-        return gm.graph.get_attr(weight.target + "_prepacked"), tensor.shape[0]
+        return gm.graph.get_attr(weight.target + "_prepacked"), tensor.shape[-2]

@@ -12,7 +12,10 @@ experts' part and an all-reduce sums the parts (docs/design.md, Parallelism). Pr
 fp32 and rounded to x's dtype once.
 
 The reference is the definition; on CPU a C++ kernel (csrc/moe.cpp) computes the same with the same
-ATen matrix products, without Python's loop.
+ATen matrix products, without Python's loop. llmc::prepacked_moe is what it runs as where llmc's CPU kernels
+are loaded: the torch backend prepacks each expert's weights at load into csrc/linear.cpp's column blocks
+(`prepack_experts`, as `prepack_linears` does a linear's), and its kernel runs the chosen experts with the dense
+linears' blocked kernel; its reference is llmc::moe's over the unpacked weights.
 
 llmc::fp8_moe and llmc::nvfp4_moe are the same layer over packed expert weights (weight-only: x is used as
 it is), each expert quantized on its own as a linear's weight is (plugins/quant_formats.py): FP8 with a scale
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from llmc.plugins import cpu_kernels
 from llmc.plugins.activations import ACTIVATIONS
+from llmc.plugins.linear import prepack_weight, register_prepacked, unpack_weight
 from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4
 
 # Biases and the clamped SwiGLU's constants, last in each op's schema (GPT-OSS's experts).
@@ -49,6 +53,15 @@ torch.library.define(
     "llmc::nvfp4_moe",
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor gate_up_scale, Tensor gate_up_global_scale, "
     f"Tensor down, Tensor down_scale, Tensor down_global_scale, str act, int first_expert{_OPTIONAL_ARGS}) -> Tensor",
+)
+
+
+# gate_up and down prepacked (prepack_experts); out_features is gate_up's rows (2 x intermediate). Every argument is
+# given: the torch backend writes its calls (plugins/linear.py, prepack_linears).
+torch.library.define(
+    "llmc::prepacked_moe",
+    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor down, str act, int first_expert, "
+    "Tensor? gate_up_bias, Tensor? down_bias, float swiglu_alpha, float swiglu_limit, int out_features) -> Tensor",
 )
 
 
@@ -106,6 +119,28 @@ def nvfp4_moe(x, topk_ids, topk_weights, gate_up, gate_up_scale, gate_up_global_
                        swiglu_alpha, swiglu_limit)
 
 
-for name, fn in (("moe", moe), ("fp8_moe", fp8_moe), ("nvfp4_moe", nvfp4_moe)):
+def prepacked_moe(x, topk_ids, topk_weights, gate_up, down, act, first_expert, gate_up_bias, down_bias, swiglu_alpha,
+                  swiglu_limit, out_features):
+    hidden, intermediate = x.shape[-1], out_features // 2
+
+    def expert(e):
+        return (unpack_weight(gate_up[e], out_features, hidden).contiguous(),  # llmc::moe's GEMM on the same layout
+                unpack_weight(down[e], hidden, intermediate).contiguous())
+
+    return run_experts(x, topk_ids, topk_weights, gate_up.shape[0], expert, act, first_expert, gate_up_bias, down_bias,
+                       swiglu_alpha, swiglu_limit)
+
+
+def prepack_experts(w: torch.Tensor) -> torch.Tensor | None:
+    """[E, N, K] -> each expert's weight prepacked as a linear's (plugins/linear.py, prepack_weight), stacked; None
+    for dtypes the kernel does not take."""
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return torch.stack([prepack_weight(expert) for expert in w])
+
+
+for name, fn in (("moe", moe), ("fp8_moe", fp8_moe), ("nvfp4_moe", nvfp4_moe), ("prepacked_moe", prepacked_moe)):
     cpu_kernels.reference(f"llmc::{name}", fn)
     torch.library.register_fake(f"llmc::{name}", lambda x, *args, **kwargs: torch.empty_like(x))
+
+register_prepacked(torch.ops.llmc.moe.default, torch.ops.llmc.prepacked_moe.default, {3: prepack_experts, 4: prepack_experts})

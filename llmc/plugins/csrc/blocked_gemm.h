@@ -1,6 +1,7 @@
-// linear.cpp's blocked fp32 GEMM, for kernels that produce prepacked fp32 weights on the fly (quant_linear.cpp
-// decodes a column group into this layout and runs it over all rows).
+// linear.cpp's blocked GEMM, for kernels that produce prepacked fp32 weights on the fly (quant_linear.cpp
+// decodes a column group into this layout and runs it over all rows) or hold many prepacked weights (moe.cpp's experts).
 #pragma once
+#include <c10/util/BFloat16.h>
 #include <cstdint>
 
 namespace llmc {
@@ -10,5 +11,11 @@ namespace llmc {
 // apart. Serial: callers split the columns among threads. bias may be null.
 void blocked_gemm_columns(const float* x, int64_t M, int64_t K, const float* w, int64_t blocks, const float* bias,
                           float* y, int64_t N, int64_t n0);
+// The same for a prepacked bf16 weight (K even, pairs of k: [K / 2][16][2] per block), summed in fp32, y rounded to bf16.
+void blocked_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, int64_t blocks,
+                          const float* bias, c10::BFloat16* y, int64_t N, int64_t n0);
+
+// The column blocks a tile of `rows` rows runs at once: a thread's share of the columns is best a multiple of it.
+int64_t blocked_gemm_group(int64_t rows);
 
 }  // namespace llmc
