@@ -301,14 +301,15 @@ def test_a_prompt_list_runs_batched(server, expected):
 def test_disconnected_client_aborts_its_requests(server):
     """A non-streaming client that goes away stops its requests within a step: the engine is idle, its KV blocks free."""
     llm = server.llm
-    tokens = llm.num_step_requests
     with pytest.raises(httpx.ReadTimeout):
-        post(server, {"prompt": [PROMPTS[i % 5] for i in range(20)], "max_tokens": 100, "ignore_eos": True}, timeout=0.3)
-    gone = time.perf_counter()
+        post(server, {"prompt": [PROMPTS[i % 5] for i in range(20)], "max_tokens": 100, "ignore_eos": True}, timeout=0.1)
+    gone, done_when_gone = time.perf_counter(), llm.num_step_requests
     while llm.engine.has_unfinished_requests() or llm.engine.block_manager.usage:
         assert time.perf_counter() - gone < 0.5, "requests of a disconnected client still running"
         time.sleep(0.01)
-    assert llm.num_step_requests - tokens < 20 * 100 / 2
+    # Counted from the moment the client left, not from its request (how much ran before depends on the host's speed):
+    # the 20 requests (100 steps each) stop within the few steps it takes their abort to reach the engine.
+    assert llm.num_step_requests - done_when_gone < 20 * 100 / 4
 
 
 def test_a_huge_prompt_does_not_stall_other_requests(server, expected):
