@@ -209,10 +209,9 @@ def test_expert_parallel_matches_transformers(arch, tp, ep, tmp_path):
         assert shapes["o_proj.weight"] == [64, 24] and shapes["q_a_proj.weight_merged"] == [56, 64]
 
 
-def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
-    """The tiny DeepSeek-V3 exercises what its router adds to plain top-k: without the score bias, or choosing
-    from every group, some tokens would go to other experts (so matching transformers tests both)."""
-    model = AutoModelForCausalLM.from_pretrained(make_checkpoint("deepseek_v3", tmp_path / "checkpoint", seed=3))
+def moe_router(model_type: str, tmp_path):
+    """The tiny model's first MoE router, and a function giving the experts it chooses for 64 fixed tokens."""
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(model_type, tmp_path / "checkpoint", seed=3))
     router = model.model.layers[1].mlp.gate
     x = torch.randn(64, router.hidden_dim, generator=torch.Generator().manual_seed(0))
 
@@ -220,6 +219,13 @@ def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
         with torch.no_grad():
             return router(x)[2].sort(dim=-1).values
 
+    return router, chosen
+
+
+def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
+    """The tiny DeepSeek-V3 exercises what its router adds to plain top-k: without the score bias, or choosing
+    from every group, some tokens would go to other experts (so matching transformers tests both)."""
+    router, chosen = moe_router("deepseek_v3", tmp_path)
     routed = chosen()
     router.topk_group = router.num_group
     assert not torch.equal(chosen(), routed)
@@ -233,14 +239,7 @@ def test_deepseek_v3_routing_depends_on_score_bias_and_groups(tmp_path):
 def test_deepseek_v2_routing_depends_on_groups(tmp_path):
     """The tiny DeepSeek-V2 routes within the best group (group_limited_greedy): choosing from every group, some
     tokens would go to other experts (so matching transformers tests it)."""
-    model = AutoModelForCausalLM.from_pretrained(make_checkpoint("deepseek_v2", tmp_path / "checkpoint", seed=3))
-    router = model.model.layers[1].mlp.gate
-    x = torch.randn(64, router.hidden_dim, generator=torch.Generator().manual_seed(0))
-
-    def chosen():
-        with torch.no_grad():
-            return router(x)[2].sort(dim=-1).values
-
+    router, chosen = moe_router("deepseek_v2", tmp_path)
     routed = chosen()
     router.topk_method = "greedy"
     assert not torch.equal(chosen(), routed)
