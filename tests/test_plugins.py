@@ -76,6 +76,49 @@ def test_cpu_kernel_matches_reference_on_a_mixed_step(dtype, tol):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+PREFILL_STEPS = {  # (context before the step, new tokens) of three sequences
+    "fresh-prompts": [(0, 97), (20, 1), (0, 33)],
+    "chunk-after-context": [(150, 64), (3, 1), (0, 1)],
+    "odd-sizes": [(31, 71), (0, 1), (7, 9)],
+}
+
+
+@pytest.mark.parametrize("dtype, cache_dtype, tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+                                                     (torch.float32, torch.float8_e4m3fn, 1e-5)], ids=["fp32", "bf16", "fp8-cache"])
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("step", list(PREFILL_STEPS))
+def test_prefill_kernel_matches_reference_across_query_and_key_tiles(step, window, dtype, cache_dtype, tol):
+    """Steps that are mostly prefill (the kernel's blocked flash attention): chunks of 1 to 97 tokens, some after
+    earlier context, beside a decode, so that tiles of 32 queries and 64 keys are whole, partial, or cross the
+    diagonal and the window's edge; 3 query heads a KV head, head dim 24 (not a whole column block), pages of 16
+    in no order, the previous context random in the cache."""
+    g = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, block = 6, 2, 24, 16
+    seqs = PREFILL_STEPS[step]
+    cache = (torch.randn(2, 2, 24, block, kv_heads, dim, generator=g) * 3).to(cache_dtype)
+    pages = torch.randperm(24, generator=g).tolist()
+    tables, slots = [], []
+    for past, new in seqs:
+        tables.append([pages.pop() for _ in range(-(-(past + new) // block))])
+        slots += [tables[-1][p // block] * block + p % block for p in range(past, past + new)]
+    width = max(map(len, tables))
+    T = len(slots)
+    q = torch.randn(1, heads, T, dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, kv_heads, T, dim, generator=g).to(dtype) for _ in range(2))
+    starts = [0]
+    for _, new in seqs:
+        starts.append(starts[-1] + new)
+    args = (1, torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            torch.tensor([past + new for past, new in seqs], dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+            0.2, window, *((torch.tensor(0.02), torch.tensor(0.015)) if cache_dtype == torch.float8_e4m3fn else (None, None)))
+    assert T > 8 * len(seqs)  # the blocked path
+    cache_ref = cache.clone()
+    expected = reference(q, k, v, cache_ref, *args)
+    got = kernel(q, k, v, cache, *args)
+    assert torch.equal(cache.view(torch.uint8), cache_ref.view(torch.uint8))
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 def test_fp8_kv_cache_kernel_matches_reference():
     """An E4M3 cache with per-layer scales: the kernel writes the reference's bytes (saturating) and reads them back alike."""
     g = torch.Generator().manual_seed(2)
@@ -96,7 +139,7 @@ def test_fp8_kv_cache_kernel_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim, interleaved", [(DIM, False), (4, False), (4, True)])
-@pytest.mark.parametrize("tokens", [5, 40], ids=["decode-kernel", "prefill-reference"])
+@pytest.mark.parametrize("tokens", [5, 40], ids=["decode-kernel", "prefill-kernel"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["", "fp8-cache"])
 def test_rope_folded_into_attention_equals_rotary_then_attention(dtype, rotary_dim, interleaved, tokens, fp8):
     """cos / sin given to the op: the cache and the output are bit for bit those of llmc::rotary_embedding on

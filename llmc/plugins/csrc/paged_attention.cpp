@@ -5,12 +5,15 @@
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
 // Attention features as the reference defines them: logit soft-capping, ALiBi slopes, sink logits per head, and
 // K and V of different head dims (the cache's last dim is the larger, the other zero-padded).
-// Steps that are mostly prefill, and mixed dtypes, take the reference's way in ATen ops (SDPA per sequence).
+// Steps that are mostly prefill take a flash attention blocked over queries and keys (attend_blocked); mixed
+// dtypes take the reference's way in ATen ops (SDPA per sequence).
 // Every index the step program gives (layer, slots, block tables, sequence bounds) is checked against the
 // cache first: a malformed program gets an error, never a read or write outside the cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+#include "blocked_gemm.h"
 #include "rotary.h"
 #include <algorithm>
 #include <cmath>
@@ -168,6 +171,145 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       }
       for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(acc[d] * v_scale / l);
     }
+  });
+}
+
+// Prefill: flash attention (online softmax) blocked over queries and keys. A work item is one sequence's KV head
+// and a block of its new tokens, for every query head sharing that KV head (GQA): their queries, rotated and
+// scaled, are the rows of one tile. Each block of keys is copied from its pages into linear.cpp's prepacked layout
+// (in fp32: AVX2 has no bf16 dot products, and the scores want fp32), and the scores and the weighted values are
+// that kernel's GEMMs, so attention runs at the linears' FMA rate; only tiles that cross the diagonal, the window's
+// edge or the end of the keys are masked. Items are dealt to the threads largest first (causal blocks differ).
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kQueryBlock = 32, kKeyBlock = 64, kCols = 16;  // kCols: blocked_gemm's column block
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+template <typename scalar_t, typename cache_t>
+void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
+                    const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
+                    int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
+                    const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+  const int64_t H = q.size(1), Dk = q.size(3), Dv = out.size(3), Dvp = round_up(Dv, kCols);
+  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
+  const int64_t group = H / Hkv, S = seq_lens.size(0), max_blocks = block_tables.size(1);
+  const cache_t* kbase = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
+  const cache_t* vbase = kbase + NB * BS * Hkv * D;
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  auto qa = q.accessor<scalar_t, 4>();
+  auto oa = out.accessor<scalar_t, 4>();
+  const float qscale = softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;  // as attend's
+
+  struct Item { int64_t seq, kvh, q0, nq, cost; };
+  std::vector<Item> items;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n_new = starts[i + 1] - starts[i];
+    for (int64_t q0 = 0; q0 < n_new; q0 += kQueryBlock)
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        const int64_t nq = std::min(kQueryBlock, n_new - q0), last = lens[i] - n_new + q0 + nq;  // keys up to `last`
+        items.push_back({i, kvh, q0, nq, nq * (sliding_window > 0 ? std::min(last, sliding_window + nq) : last)});
+      }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+    const int64_t rows = group * kQueryBlock;
+    std::vector<float> qt(rows * Dk), kp(kKeyBlock * Dk), vp(kKeyBlock * Dvp), s(rows * kKeyBlock), o(rows * Dvp),
+        pv(rows * Dvp), m(rows), l(rows), alpha(rows);
+    std::vector<int64_t> pos(rows);
+    for (int64_t thread = t_begin; thread < t_end; ++thread)
+      for (size_t w = thread; w < items.size(); w += threads) {
+        const Item& item = items[w];
+        const int64_t i = item.seq, kvh = item.kvh, nq = item.nq, M = group * nq;
+        const int64_t n_new = starts[i + 1] - starts[i], first_pos = lens[i] - n_new + item.q0, last_pos = first_pos + nq - 1;
+        const int32_t* table = tables + i * max_blocks;
+        auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
+          return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
+        };
+        for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
+          const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
+          pos[r] = first_pos + r % nq;
+          for (int64_t d = 0; d < Dk; ++d) qt[r * Dk + d] = rope(qa[0][h][t], t, d) * qscale;
+        }
+        std::fill_n(m.begin(), M, -INFINITY);
+        std::fill_n(l.begin(), M, 0.f);
+        std::fill_n(o.begin(), M * Dvp, 0.f);
+        const int64_t j_begin = sliding_window > 0 ? std::max<int64_t>(0, first_pos - sliding_window + 1) : 0;
+        for (int64_t j0 = j_begin; j0 <= last_pos; j0 += kKeyBlock) {
+          const int64_t jn = std::min(kKeyBlock, last_pos + 1 - j0), kb = round_up(jn, kCols);
+          // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
+          for (int64_t jj = 0; jj < kb; ++jj) {
+            const cache_t* kr = jj < jn ? cached(kbase, j0 + jj) : nullptr;
+            const cache_t* vr = jj < jn ? cached(vbase, j0 + jj) : nullptr;
+            float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
+            for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = kr ? static_cast<float>(kr[d]) : 0.f;
+            for (int64_t d = 0; d < Dvp; ++d)
+              vp[((d / kCols) * kb + jj) * kCols + d % kCols] = vr && d < Dv ? static_cast<float>(vr[d]) : 0.f;
+          }
+          blocked_gemm_columns(qt.data(), M, Dk, kp.data(), kb / kCols, nullptr, s.data(), kb, 0);
+          for (int64_t r = 0; r < M; ++r) {
+            float* sr = s.data() + r * kb;
+            const int64_t p = pos[r];
+            const bool inside = j0 + kb - 1 <= p && (sliding_window <= 0 || j0 > p - sliding_window);
+            if (!inside || softcap > 0.f || alibi) {
+              const float slope = alibi ? alibi[kvh * group + r / nq] : 0.f;
+              for (int64_t jj = 0; jj < kb; ++jj) {
+                const int64_t j = j0 + jj;
+                const bool allowed = jj < jn && j <= p && (sliding_window <= 0 || j > p - sliding_window);
+                float x = sr[jj];
+                if (softcap > 0.f) x = softcap * std::tanh(x * static_cast<float>(scale) / softcap);
+                sr[jj] = allowed ? x + slope * static_cast<float>(j - p) : -INFINITY;
+              }
+            }
+            Vec mv(-INFINITY);
+            for (int64_t jj = 0; jj < kb; jj += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(sr + jj));
+            float lanes[Vec::size()];
+            mv.store(lanes);
+            const float row_max = *std::max_element(lanes, lanes + Vec::size());
+            const float m_new = std::max(m[r], row_max);
+            if (m_new == -INFINITY) {  // no key of this row yet (a window's edge): nothing to add
+              alpha[r] = 1.f;
+              std::fill_n(sr, kb, 0.f);
+              continue;
+            }
+            alpha[r] = std::exp(m[r] - m_new);
+            Vec sum(0.f);
+            const Vec mn(m_new);
+            for (int64_t jj = 0; jj < kb; jj += Vec::size()) {
+              const Vec e = (Vec::loadu(sr + jj) - mn).exp();
+              e.store(sr + jj);
+              sum = sum + e;
+            }
+            sum.store(lanes);
+            float total = 0.f;
+            for (float x : lanes) total += x;
+            l[r] = l[r] * alpha[r] + total;
+            m[r] = m_new;
+          }
+          blocked_gemm_columns(s.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
+          for (int64_t r = 0; r < M; ++r) {
+            const Vec a(alpha[r]);
+            float* orow = o.data() + r * Dvp;
+            const float* prow = pv.data() + r * Dvp;
+            for (int64_t d = 0; d < Dvp; d += Vec::size())
+              at::vec::fmadd(Vec::loadu(orow + d), a, Vec::loadu(prow + d)).store(orow + d);
+          }
+        }
+        for (int64_t r = 0; r < M; ++r) {
+          const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
+          float rescale = 1.f, total = l[r];
+          if (sinks) {  // a sink takes its share of the softmax, adds no value
+            const float mn = std::max(m[r], sinks[h]);
+            rescale = std::exp(m[r] - mn);
+            total = total * rescale + std::exp(sinks[h] - mn);
+          }
+          const float factor = rescale * v_scale / total;
+          for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(o[r * Dvp + d] * factor);
+        }
+      }
   });
 }
 
@@ -329,9 +471,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const bool one_dtype = k.scalar_type() == dtype && v.scalar_type() == dtype && (fp8 || kv_cache.scalar_type() == dtype) &&
                          (!cos_rows.defined() || (cos_rows.scalar_type() == dtype && sin_rows.scalar_type() == dtype)) &&
                          at::isFloatingType(dtype);
-  // The kernel is a loop per (token, head): best for decode. Steps that are mostly prefill take the reference's
-  // SDPA, a GEMM (1.3 s against 1.9 s for a 512-token prompt, 125M Llama); RoPE there is the rotary kernel.
-  if (!one_dtype || T > 8 * lens.numel()) {
+  // attend is a loop per (token, head): best for decode. Steps that are mostly prefill take attend_blocked, whose
+  // tiles are GEMMs. Mixed dtypes take the reference's ATen ops; RoPE there is the rotary kernel.
+  if (!one_dtype) {
     at::Tensor qr = q, kr = k;
     if (cos_rows.defined()) qr = apply_rope(q, cos_rows, sin_rows, rotary_interleaved), kr = apply_rope(k, cos_rows, sin_rows, rotary_interleaved);
     return attention_reference(qr, kr, v, kv_cache, layer, slots, tables, lens, starts, scale, sliding_window, k_scale, v_scale,
@@ -339,6 +481,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
   auto out = output_like(q, v.size(3));
+  const bool prefill = T > 8 * lens.numel();
   const float* alibi_ptr = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
   const float* sink_ptr = sink.defined() ? sink.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention", [&] {
@@ -347,10 +490,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
       rope = {cos_rows.data_ptr<scalar_t>(), sin_rows.data_ptr<scalar_t>(), cos_rows.size(1), rotary_interleaved};
     if (fp8) {
       write_cache<scalar_t, c10::Float8_e4m3fn>(k, v, kv_cache, layer, slots, ks, vs, rope);
-      attend<scalar_t, c10::Float8_e4m3fn>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, alibi_ptr, softcap, sink_ptr, out);
+      (prefill ? attend_blocked<scalar_t, c10::Float8_e4m3fn> : attend<scalar_t, c10::Float8_e4m3fn>)(
+          q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, alibi_ptr, softcap, sink_ptr, out);
     } else {
       write_cache<scalar_t, scalar_t>(k, v, kv_cache, layer, slots, 1.f, 1.f, rope);
-      attend<scalar_t, scalar_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, alibi_ptr, softcap, sink_ptr, out);
+      (prefill ? attend_blocked<scalar_t, scalar_t> : attend<scalar_t, scalar_t>)(
+          q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, alibi_ptr, softcap, sink_ptr, out);
     }
   });
   return out;
