@@ -186,6 +186,19 @@ def test_prepacked_linear_matches_torch(dtype, tol, rows, in_features, bias):
     torch.testing.assert_close(got, prepacked_linear(x, packed, b, 33), rtol=tol, atol=tol * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("in_features", [70, 71])
+def test_bf16_prepacked_linear_on_many_rows_equals_a_few_rows_at_a_time(in_features):
+    """Many bf16 rows (where a level without bf16 dot products widens x and the weights to fp32 tiles) give, bit
+    for bit, what the same rows give a few at a time (the bf16 tile): the same products, summed in the same order."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 45, in_features, generator=g).to(torch.bfloat16)
+    w = torch.randn(50, in_features, generator=g).to(torch.bfloat16)
+    b = torch.randn(50, generator=g).to(torch.bfloat16)
+    packed = prepack_weight(w)
+    few = torch.cat([torch.ops.llmc.prepacked_linear(x[:, i : i + 5], packed, b, 50) for i in range(0, 45, 5)], dim=1)
+    assert torch.equal(torch.ops.llmc.prepacked_linear(x, packed, b, 50), few)
+
+
 def test_prepacked_linear_rejects_what_does_not_fit():
     """A wrong input width or an unpacked weight is an error that names the mismatch, not a wrong answer."""
     packed = prepack_weight(torch.randn(33, 70))

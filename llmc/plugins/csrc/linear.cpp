@@ -16,6 +16,8 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 #include "blocked_gemm.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -100,8 +102,8 @@ inline void store_lanes(c10::BFloat16* y, const Vec& v, int64_t count) {  // rou
 }
 
 // y[m][n0 : n0 + 16 NB] (clipped to N) = acc + bias.
-template <int MB, int NB, typename T>
-inline void store(Vec (&acc)[MB][NB * kVecs], const float* bias, T* y, int64_t ldy, int64_t n0, int64_t N) {
+template <int MB, int NB, typename Y>
+inline void store(Vec (&acc)[MB][NB * kVecs], const float* bias, Y* y, int64_t ldy, int64_t n0, int64_t N) {
   for (int i = 0; i < NB * kVecs; ++i) {
     const int64_t n = n0 + i * Vec::size(), count = std::min<int64_t>(Vec::size(), N - n);
     if (count <= 0) return;
@@ -110,8 +112,8 @@ inline void store(Vec (&acc)[MB][NB * kVecs], const float* bias, T* y, int64_t l
   }
 }
 
-template <int MB, int NB, typename T>
-void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y,
+template <int MB, int NB, typename T, typename Y>
+void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const float* bias, Y* y,
                        int64_t N, int64_t n0) {
   Vec acc[MB][NB * kVecs];
   for (int m = 0; m < MB; ++m)
@@ -121,8 +123,8 @@ void rows_times_blocks(const T* x, int64_t K, const T* w, int64_t stride, const 
 }
 
 // A tile of mb (<= MB) rows against nb (<= NB) column blocks: the last rows and columns may be short.
-template <int MB, int NB, typename T>
-void tile_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, T* y,
+template <int MB, int NB, typename T, typename Y>
+void tile_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_t stride, const float* bias, Y* y,
                    int64_t N, int64_t n0) {
   if constexpr (MB > 1)
     if (mb < MB) return tile_dispatch<MB - 1, NB>(mb, nb, x, K, w, stride, bias, y, N, n0);
@@ -133,8 +135,8 @@ void tile_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_
 
 // All M rows against `blocks` consecutive column blocks (w at the first, `stride` apart), into y[:, n0 : n0 + 16 blocks]
 // clipped to N. Serial: callers split the columns among threads.
-template <typename T>
-void gemm_columns(const T* x, int64_t M, int64_t K, const T* w, int64_t stride, int64_t blocks, const float* bias, T* y,
+template <typename T, typename Y>
+void gemm_columns(const T* x, int64_t M, int64_t K, const T* w, int64_t stride, int64_t blocks, const float* bias, Y* y,
                   int64_t N, int64_t n0) {
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
   for (int64_t b = 0; b < blocks; b += nb)
@@ -143,8 +145,40 @@ void gemm_columns(const T* x, int64_t M, int64_t K, const T* w, int64_t stride, 
                                              x + m * K, K, w + b * stride, stride, bias, y + m * N, N, n0 + b * kBlock);
 }
 
+// Without bf16 dot products (below AVX512-BF16) the bf16 tile widens each weight in its inner loop, once per tile
+// of rows: with many rows, widening x once and each column block once, then the fp32 tile, is about twice as fast
+// (docs/performance-history.md). The same products summed in the same order: the same result.
+#ifdef __AVX512BF16__
+constexpr int64_t kWidenRows = INT64_MAX;
+#else
+constexpr int64_t kWidenRows = 32;
+#endif
+
+void widened_gemm(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, const float* bias,
+                  c10::BFloat16* y, int64_t N) {
+  const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
+  const int nb = blocks_for(kMaxRows);
+  std::vector<float> xf(M * K);
+  at::parallel_for(0, M * K, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) xf[i] = static_cast<float>(x[i]);
+  });
+  at::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> wf(nb * stride);
+    for (int64_t first = g0 * nb; first < std::min(g1 * nb, num_blocks); first += nb) {
+      const int64_t blocks = std::min<int64_t>(nb, num_blocks - first);
+      for (int64_t b = 0; b < blocks; ++b)  // [K / 2][16][2] pairs -> [K][16]
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < kBlock; ++j)
+            wf[b * stride + k * kBlock + j] = static_cast<float>(w[(first + b) * stride + ((k / 2) * kBlock + j) * 2 + k % 2]);
+      gemm_columns(xf.data(), M, K, wf.data(), stride, blocks, bias, y, N, first * kBlock);
+    }
+  });
+}
+
 template <typename T>
 void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bias, T* y, int64_t N) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (M >= kWidenRows) return widened_gemm(x, M, K, w, bias, y, N);
   const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
   // Threads split the columns: each streams its own contiguous part of W, once, for all rows.
