@@ -16,6 +16,7 @@
 #include "blocked_gemm.h"
 #include "rotary.h"
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -178,10 +179,12 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
 // and a block of its new tokens, for every query head sharing that KV head (GQA): their queries, rotated and
 // scaled, are the rows of one tile. Each block of keys is copied from its pages into linear.cpp's prepacked layout
 // (in fp32: AVX2 has no bf16 dot products, and the scores want fp32), and the scores and the weighted values are
-// that kernel's GEMMs, so attention runs at the linears' FMA rate; only tiles that cross the diagonal, the window's
-// edge or the end of the keys are masked. Items are dealt to the threads largest first (causal blocks differ).
+// that kernel's GEMMs (at 64 x 64 tiles the copies and the softmax leave about half the linears' FMA rate: 1.5-2x
+// ATen's SDPA per sequence, docs/performance-history.md); only tiles that cross the diagonal, the window's edge or
+// the end of the keys are masked. Threads take items largest first from a shared counter (causal blocks
+// differ in size, and on a busy host a thread may run late).
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kQueryBlock = 32, kKeyBlock = 64, kCols = 16;  // kCols: blocked_gemm's column block
+constexpr int64_t kQueryBlock = 64, kKeyBlock = 64, kCols = 16;  // kCols: blocked_gemm's column block
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -214,102 +217,111 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  std::atomic<size_t> next{0};
 
-  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t rows = group * kQueryBlock;
     std::vector<float> qt(rows * Dk), kp(kKeyBlock * Dk), vp(kKeyBlock * Dvp), s(rows * kKeyBlock), o(rows * Dvp),
         pv(rows * Dvp), m(rows), l(rows), alpha(rows);
     std::vector<int64_t> pos(rows);
-    for (int64_t thread = t_begin; thread < t_end; ++thread)
-      for (size_t w = thread; w < items.size(); w += threads) {
-        const Item& item = items[w];
-        const int64_t i = item.seq, kvh = item.kvh, nq = item.nq, M = group * nq;
-        const int64_t n_new = starts[i + 1] - starts[i], first_pos = lens[i] - n_new + item.q0, last_pos = first_pos + nq - 1;
-        const int32_t* table = tables + i * max_blocks;
-        auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
-          return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
-        };
-        for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
-          const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
-          pos[r] = first_pos + r % nq;
-          for (int64_t d = 0; d < Dk; ++d) qt[r * Dk + d] = rope(qa[0][h][t], t, d) * qscale;
-        }
-        std::fill_n(m.begin(), M, -INFINITY);
-        std::fill_n(l.begin(), M, 0.f);
-        std::fill_n(o.begin(), M * Dvp, 0.f);
-        const int64_t j_begin = sliding_window > 0 ? std::max<int64_t>(0, first_pos - sliding_window + 1) : 0;
-        for (int64_t j0 = j_begin; j0 <= last_pos; j0 += kKeyBlock) {
-          const int64_t jn = std::min(kKeyBlock, last_pos + 1 - j0), kb = round_up(jn, kCols);
-          // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
-          for (int64_t jj = 0; jj < kb; ++jj) {
-            const cache_t* kr = jj < jn ? cached(kbase, j0 + jj) : nullptr;
-            const cache_t* vr = jj < jn ? cached(vbase, j0 + jj) : nullptr;
-            float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
-            for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = kr ? static_cast<float>(kr[d]) : 0.f;
-            for (int64_t d = 0; d < Dvp; ++d)
-              vp[((d / kCols) * kb + jj) * kCols + d % kCols] = vr && d < Dv ? static_cast<float>(vr[d]) : 0.f;
+    for (size_t w = next++; w < items.size(); w = next++) {
+      const Item& item = items[w];
+      const int64_t i = item.seq, kvh = item.kvh, nq = item.nq, M = group * nq;
+      const int64_t n_new = starts[i + 1] - starts[i], first_pos = lens[i] - n_new + item.q0, last_pos = first_pos + nq - 1;
+      const int32_t* table = tables + i * max_blocks;
+      auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
+        return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
+      };
+      for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
+        const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
+        pos[r] = first_pos + r % nq;
+        for (int64_t d = 0; d < Dk; ++d) qt[r * Dk + d] = rope(qa[0][h][t], t, d) * qscale;
+      }
+      std::fill_n(m.begin(), M, -INFINITY);
+      std::fill_n(l.begin(), M, 0.f);
+      std::fill_n(o.begin(), M * Dvp, 0.f);
+      const int64_t j_begin = sliding_window > 0 ? std::max<int64_t>(0, first_pos - sliding_window + 1) : 0;
+      for (int64_t j0 = j_begin; j0 <= last_pos; j0 += kKeyBlock) {
+        const int64_t jn = std::min(kKeyBlock, last_pos + 1 - j0), kb = round_up(jn, kCols);
+        // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
+        for (int64_t jj = 0; jj < kb; ++jj) {
+          float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
+          if (jj >= jn) {
+            for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = 0.f;
+            for (int64_t b = 0; b < Dvp / kCols; ++b) std::fill_n(vp.data() + (b * kb + jj) * kCols, kCols, 0.f);
+            continue;
           }
-          blocked_gemm_columns(qt.data(), M, Dk, kp.data(), kb / kCols, nullptr, s.data(), kb, 0);
-          for (int64_t r = 0; r < M; ++r) {
-            float* sr = s.data() + r * kb;
-            const int64_t p = pos[r];
-            const bool inside = j0 + kb - 1 <= p && (sliding_window <= 0 || j0 > p - sliding_window);
-            if (!inside || softcap > 0.f || alibi) {
-              const float slope = alibi ? alibi[kvh * group + r / nq] : 0.f;
-              for (int64_t jj = 0; jj < kb; ++jj) {
-                const int64_t j = j0 + jj;
-                const bool allowed = jj < jn && j <= p && (sliding_window <= 0 || j > p - sliding_window);
-                float x = sr[jj];
-                if (softcap > 0.f) x = softcap * std::tanh(x * static_cast<float>(scale) / softcap);
-                sr[jj] = allowed ? x + slope * static_cast<float>(j - p) : -INFINITY;
-              }
-            }
-            Vec mv(-INFINITY);
-            for (int64_t jj = 0; jj < kb; jj += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(sr + jj));
-            float lanes[Vec::size()];
-            mv.store(lanes);
-            const float row_max = *std::max_element(lanes, lanes + Vec::size());
-            const float m_new = std::max(m[r], row_max);
-            if (m_new == -INFINITY) {  // no key of this row yet (a window's edge): nothing to add
-              alpha[r] = 1.f;
-              std::fill_n(sr, kb, 0.f);
-              continue;
-            }
-            alpha[r] = std::exp(m[r] - m_new);
-            Vec sum(0.f);
-            const Vec mn(m_new);
-            for (int64_t jj = 0; jj < kb; jj += Vec::size()) {
-              const Vec e = (Vec::loadu(sr + jj) - mn).exp();
-              e.store(sr + jj);
-              sum = sum + e;
-            }
-            sum.store(lanes);
-            float total = 0.f;
-            for (float x : lanes) total += x;
-            l[r] = l[r] * alpha[r] + total;
-            m[r] = m_new;
-          }
-          blocked_gemm_columns(s.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
-          for (int64_t r = 0; r < M; ++r) {
-            const Vec a(alpha[r]);
-            float* orow = o.data() + r * Dvp;
-            const float* prow = pv.data() + r * Dvp;
-            for (int64_t d = 0; d < Dvp; d += Vec::size())
-              at::vec::fmadd(Vec::loadu(orow + d), a, Vec::loadu(prow + d)).store(orow + d);
+          const cache_t* kr = cached(kbase, j0 + jj);
+          const cache_t* vr = cached(vbase, j0 + jj);
+          for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = static_cast<float>(kr[d]);
+          for (int64_t b = 0; b < Dvp / kCols; ++b) {  // 16 consecutive channels of the row
+            float* vd = vp.data() + (b * kb + jj) * kCols;
+            const int64_t n = std::min(kCols, Dv - b * kCols);
+            for (int64_t c = 0; c < n; ++c) vd[c] = static_cast<float>(vr[b * kCols + c]);
+            std::fill(vd + n, vd + kCols, 0.f);
           }
         }
+        blocked_gemm_columns(qt.data(), M, Dk, kp.data(), kb / kCols, nullptr, s.data(), kb, 0);
         for (int64_t r = 0; r < M; ++r) {
-          const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
-          float rescale = 1.f, total = l[r];
-          if (sinks) {  // a sink takes its share of the softmax, adds no value
-            const float mn = std::max(m[r], sinks[h]);
-            rescale = std::exp(m[r] - mn);
-            total = total * rescale + std::exp(sinks[h] - mn);
+          float* sr = s.data() + r * kb;
+          const int64_t p = pos[r];
+          const bool inside = j0 + kb - 1 <= p && (sliding_window <= 0 || j0 > p - sliding_window);
+          if (!inside || softcap > 0.f || alibi) {
+            const float slope = alibi ? alibi[kvh * group + r / nq] : 0.f;
+            for (int64_t jj = 0; jj < kb; ++jj) {
+              const int64_t j = j0 + jj;
+              const bool allowed = jj < jn && j <= p && (sliding_window <= 0 || j > p - sliding_window);
+              float x = sr[jj];
+              if (softcap > 0.f) x = softcap * std::tanh(x * static_cast<float>(scale) / softcap);
+              sr[jj] = allowed ? x + slope * static_cast<float>(j - p) : -INFINITY;
+            }
           }
-          const float factor = rescale * v_scale / total;
-          for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(o[r * Dvp + d] * factor);
+          Vec mv(-INFINITY);
+          for (int64_t jj = 0; jj < kb; jj += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(sr + jj));
+          float lanes[Vec::size()];
+          mv.store(lanes);
+          const float row_max = *std::max_element(lanes, lanes + Vec::size());
+          const float m_new = std::max(m[r], row_max);
+          if (m_new == -INFINITY) {  // no key of this row yet (a window's edge): nothing to add
+            alpha[r] = 1.f;
+            std::fill_n(sr, kb, 0.f);
+            continue;
+          }
+          alpha[r] = std::exp(m[r] - m_new);
+          Vec sum(0.f);
+          const Vec mn(m_new);
+          for (int64_t jj = 0; jj < kb; jj += Vec::size()) {
+            const Vec e = (Vec::loadu(sr + jj) - mn).exp_u20();  // ATen's flash attention's exp (20 ulp), inlined
+            e.store(sr + jj);
+            sum = sum + e;
+          }
+          sum.store(lanes);
+          float total = 0.f;
+          for (float x : lanes) total += x;
+          l[r] = l[r] * alpha[r] + total;
+          m[r] = m_new;
+        }
+        blocked_gemm_columns(s.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
+        for (int64_t r = 0; r < M; ++r) {
+          const Vec a(alpha[r]);
+          float* orow = o.data() + r * Dvp;
+          const float* prow = pv.data() + r * Dvp;
+          for (int64_t d = 0; d < Dvp; d += Vec::size())
+            at::vec::fmadd(Vec::loadu(orow + d), a, Vec::loadu(prow + d)).store(orow + d);
         }
       }
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
+        float rescale = 1.f, total = l[r];
+        if (sinks) {  // a sink takes its share of the softmax, adds no value
+          const float mn = std::max(m[r], sinks[h]);
+          rescale = std::exp(m[r] - mn);
+          total = total * rescale + std::exp(sinks[h] - mn);
+        }
+        const float factor = rescale * v_scale / total;
+        for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(o[r * Dvp + d] * factor);
+      }
+    }
   });
 }
 
