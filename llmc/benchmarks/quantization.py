@@ -37,19 +37,36 @@ def engine_bytes(engine: Path) -> int:
 
 
 def decode_bytes_per_token(engine: Path) -> int:
-    """Weight bytes one batch-1 decode step reads: every tensor once, of the embedding's tables (the values, the
-    per-row scales) only the token's row."""
+    """Weight bytes one batch-1 decode step reads: every tensor once, but one row of those that only embedding ops
+    use (the token's row of the table and of its per-row scales; a table tied to the LM head is read whole)."""
     from safetensors import safe_open
 
     total = 0
-    for path in engine.glob("rank*/*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
+    for rank in engine.glob("rank*"):
+        nodes = json.loads((rank / "program.json").read_text())["nodes"]
+        tensors = {n["name"]: n["target"] for n in nodes if n["op"] == "get_attr"}
+        uses: dict[str, set] = {}
+        for n in nodes:
+            if n["op"] == "call_function":
+                for name in node_names([n["args"], n["kwargs"]]):
+                    if name in tensors:
+                        uses.setdefault(tensors[name], set()).add("embedding" in n["target"])
+        with safe_open(str(rank / "weights.safetensors"), framework="pt") as f:
             for name in f.keys():
                 t = f.get_slice(name)
                 shape = t.get_shape()
                 nbytes = math.prod(shape) * DTYPE_BYTES[t.get_dtype()]
-                total += nbytes // shape[0] if "embed_tokens" in name and shape else nbytes
+                total += nbytes // shape[0] if shape and uses.get(name) == {True} else nbytes
     return total
+
+
+def node_names(args) -> list:
+    """The nodes a serialized node's arguments refer to ({"node": name}, in lists and dicts)."""
+    if isinstance(args, dict):
+        return [args["node"]] if set(args) == {"node"} else [m for v in args.values() for m in node_names(v)]
+    if isinstance(args, list):
+        return [m for v in args for m in node_names(v)]
+    return []
 
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
