@@ -109,10 +109,11 @@ void fp8_tile(const float* x, int64_t K, const uint8_t* w, __m256 (&acc)[MB][NB]
 }
 
 // E2M1 -> fp32 for 32 outputs' two codes a byte (32 bytes of a group's row, at p), in output order: lo[b] the codes in
-// bits 0..3 (k even) of outputs 8b..8b+7, hi[b] those in bits 4..7 (k odd). No conversion instruction: vcvtph2ps (the
-// E4M3 route) issues once per 2 cycles on Zen 3 and was the limit. Two byte tables give each value's fp32 bytes 3 and
-// 2 (its bf16: the exact values, -0 included; bytes 1 and 0 are zero), unpacks interleave them into dwords, and the
-// dword permute first puts outputs 4j..4j+3 where the in-lane unpacks take them from, so that they come out in order.
+// bits 0..3 (k even) of outputs 8b..8b+7, hi[b] those in bits 4..7 (k odd). Neither the 8-entry permute and sign (10
+// instructions per 16 weights) nor vcvtph2ps (one 8-lane conversion per 2 cycles on Zen 3): two byte tables give each
+// value's fp32 bytes 3 and 2 (its bf16: the exact values, -0 included; bytes 1 and 0 are zero), unpacks interleave them
+// into dwords, and the dword permute first puts outputs 4j..4j+3 where the in-lane unpacks take them from, so that they
+// come out in order.
 inline void e2m1x64(const uint8_t* p, __m256 (&lo)[4], __m256 (&hi)[4]) {
   const __m256i byte3 = _mm256_setr_epi8(0, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, -128, -65, -65, -65, -64, -64, -64, -64,
                                          0, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, -128, -65, -65, -65, -64, -64, -64, -64);
