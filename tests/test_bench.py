@@ -144,3 +144,36 @@ def test_bench_quantization_reports_modes_and_algorithms(checkpoints):
                     "--window", 64, "--calib-samples", 2)
     assert all(out[name]["ppl"] > 1 and out[name]["build_s"] > 0 for name in configs.split(","))
     assert out["nvfp4-weight-only"]["size_vs_none"] < 1 and out["none"]["ppl_vs_none"] == 1
+
+
+
+def test_bench_quantization_latency_reports_the_roofline(checkpoints):
+    """Batch-1 speed against the host's read bandwidth over the bytes a decode step reads."""
+    text = Path(__file__).resolve().parent.parent / "examples" / "stdlib-llama" / "heldout.txt"
+    out = run_bench("quantization", checkpoints["llama"], "--text", text, "--configs", "none,nvfp4-weight-only",
+                    "--max-tokens", 100, "--window", 64, "--calib-samples", 2, "--latency", "--new-tokens", 2, "--repeats", 1)
+    assert out["read_gb_s"] == max(out["read_gb_s_before"], out["read_gb_s_after"]) > 0
+    for name in ("none", "nvfp4-weight-only"):
+        row = out[name]
+        assert row["batch1_roofline_tokens_per_s"] == pytest.approx(out["read_gb_s"] * 1e3 / row["decode_mb_per_token"])
+        assert row["batch1_fraction_of_roofline"] == pytest.approx(row["batch1_tokens_per_s"] / row["batch1_roofline_tokens_per_s"])
+    assert out["nvfp4-weight-only"]["decode_mb_per_token"] < out["none"]["decode_mb_per_token"] / 2
+
+
+def test_decode_bytes_read_embedding_only_tables_a_row_at_a_time(engine, checkpoints, tmp_path):
+    """The tiny Llama's table is tied to its LM head: read whole in fp32; quantized with the LM head kept, the
+    embedding's packed copy is read one row a token."""
+    from safetensors.torch import load_file
+
+    from llmc.benchmarks.quantization import decode_bytes_per_token
+
+    def weights(e):
+        return load_file(e / "rank0" / "weights.safetensors")
+
+    assert decode_bytes_per_token(engine) == sum(t.nbytes for t in weights(engine).values())
+    quantized = llmc.build(checkpoints["llama"], tmp_path / "q", quant="nvfp4-weight-only", log=lambda _: None)
+    tensors = weights(quantized)
+    table = [t for name, t in tensors.items() if name.startswith("lm_head.weight_nvfp4") and t.dim()]
+    assert len(table) == 2  # the packed codes and their block scales
+    expected = sum(t.nbytes for t in tensors.values()) - sum(t.nbytes - t[0].nbytes for t in table)
+    assert decode_bytes_per_token(quantized) == expected

@@ -56,6 +56,35 @@ def test_prepacked_kernel_matches_reference(fmt, k, rows):
     assert_matches(op(x3, *packed, bias, N), reference(x3, *args, bias), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("rows", [1, 2])  # the decode path's one- and two-row tiles
+def test_decode_path_reads_every_code_of_every_group(fmt, rows):
+    """One-hot inputs read the weight back column by column: every E4M3 byte or E2M1 code (-0 and both signs
+    included) decodes to its value at every output of several groups (the last short) and both halves of each,
+    however the threads split the groups."""
+    from llmc.plugins.quant_formats import dequantize_fp8, dequantize_nvfp4
+
+    n, k = 200, 64
+    g = torch.Generator().manual_seed(rows)
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8)
+    if fmt == "fp8":
+        codes[(codes & 0x7F) == 0x7F] = 0  # E4M3's NaN codes are no weights
+        q = codes.view(torch.float8_e4m3fn)
+        scale = torch.rand(n, generator=g) + 0.5
+        w, op, packed = dequantize_fp8(q, scale[:, None]), torch.ops.llmc.fp8_prepacked_linear, (prepack_quantized(q), scale, None)
+    else:
+        packed_w = codes[:, : k // 2]  # two codes a byte: all 16 in each nibble
+        block_scale = (torch.rand(n, k // 16, generator=g) * 4 + 0.25).to(torch.float8_e4m3fn)
+        global_scale = torch.tensor(0.37)
+        w = dequantize_nvfp4(packed_w, block_scale, global_scale)
+        op = torch.ops.llmc.nvfp4_prepacked_linear
+        packed = (prepack_quantized(packed_w), prepack_quantized(block_scale), global_scale, None)
+    eye = torch.eye(k)
+    for i in range(0, k, rows):
+        x = eye[i : i + rows]
+        torch.testing.assert_close(op(x, *packed, None, n), w[:, i : i + rows].T, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("rows", [1, 40])  # the decode and the prefill path
 def test_kernels_quantize_activations_bit_exactly(rows):
     """Through an identity weight the kernels return their quantized inputs: W8A8's E4M3 and W4A4's NVFP4 equal

@@ -4,12 +4,17 @@ and Hugging Face, in one run; prints JSON.
 
 Every mode is built from MODEL with llmc's default calibration corpus; perplexity is `llmc eval`'s
 (windows of --window tokens of FILE). Engine size is the bytes of all its rank files.
+
+With --latency the run also measures the host's streaming read bandwidth (before and after the engines) and
+reports each engine's batch-1 roofline: that bandwidth over the bytes a decode step reads (every weight tensor
+once, the embedding table's one row), and the measured batch-1 speed as a fraction of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import runpy
 import sys
 import tempfile
@@ -29,6 +34,57 @@ for mode, activations in MODES.items():
 
 def engine_bytes(engine: Path) -> int:
     return sum(p.stat().st_size for p in engine.glob("rank*/*") if p.is_file())
+
+
+def decode_bytes_per_token(engine: Path) -> int:
+    """Weight bytes one batch-1 decode step reads: every tensor once, but one row of those that only embedding ops
+    use (the token's row of the table and of its per-row scales; a table tied to the LM head is read whole)."""
+    from safetensors import safe_open
+
+    total = 0
+    for rank in engine.glob("rank*"):
+        nodes = json.loads((rank / "program.json").read_text())["nodes"]
+        tensors = {n["name"]: n["target"] for n in nodes if n["op"] == "get_attr"}
+        uses: dict[str, set] = {}
+        for n in nodes:
+            if n["op"] == "call_function":
+                for name in node_names([n["args"], n["kwargs"]]):
+                    if name in tensors:
+                        uses.setdefault(tensors[name], set()).add("embedding" in n["target"])
+        with safe_open(str(rank / "weights.safetensors"), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                shape = t.get_shape()
+                nbytes = math.prod(shape) * DTYPE_BYTES[t.get_dtype()]
+                total += nbytes // shape[0] if shape and uses.get(name) == {True} else nbytes
+    return total
+
+
+def node_names(args) -> list:
+    """The nodes a serialized node's arguments refer to ({"node": name}, in lists and dicts)."""
+    if isinstance(args, dict):
+        return [args["node"]] if set(args) == {"node"} else [m for v in args.values() for m in node_names(v)]
+    if isinstance(args, list):
+        return [m for v in args for m in node_names(v)]
+    return []
+
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
+
+
+def read_bandwidth_gb_s(mbytes: int = 512, repeats: int = 10) -> float:
+    """The host's streaming read bandwidth with torch's threads: the best of `repeats` passes over `mbytes` MB, by
+    torch.sum and by llmc's fp32 batch-1 linear (a decode step's access pattern), whichever reads faster."""
+    import torch
+
+    from llmc.benchmarks.quant_gemv import best_seconds
+    from llmc.plugins.linear import prepack_weight
+
+    n = mbytes * 2**20 // 4 // 1024
+    data = prepack_weight(torch.ones(n, 1024))
+    x = torch.ones(1, 1024)
+    passes = {"sum": data.sum, "linear": lambda: torch.ops.llmc.prepacked_linear(x, data, None, n)}
+    return max(data.numel() * 4 / best_seconds(fn, repeats) / 1e9 for fn in passes.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"model": args.model, "text": args.text, "window": args.window, "dtype": args.dtype, "exclude": args.exclude,
               "hf": perplexity(args.model, args.text, window=args.window, max_tokens=args.max_tokens)}
     exclude = () if args.exclude == "none" else tuple(args.exclude.split(","))
+    if latency:
+        result["read_gb_s_before"] = read_bandwidth_gb_s()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"[bench] {name}", file=sys.stderr, flush=True)
@@ -68,7 +126,15 @@ def main(argv: list[str] | None = None) -> None:
             if latency:
                 prompts = latency["make_prompts"](llmc.engine.EngineConfig.load(engine).vocab_size)
                 row.update(latency["bench_llmc"](engine, prompts, args.new_tokens, args.repeats))
+                row["decode_mb_per_token"] = decode_bytes_per_token(engine) / 1e6
             result[name] = row
+    if latency:  # the roofline from the higher of the two bandwidths (the machine is shared: load only lowers it)
+        result["read_gb_s_after"] = read_bandwidth_gb_s()
+        result["read_gb_s"] = max(result["read_gb_s_before"], result["read_gb_s_after"])
+        for name in names:
+            row = result[name]
+            row["batch1_roofline_tokens_per_s"] = result["read_gb_s"] * 1e3 / row["decode_mb_per_token"]
+            row["batch1_fraction_of_roofline"] = row["batch1_tokens_per_s"] / row["batch1_roofline_tokens_per_s"]
     base = result.get("none")
     if base:
         for name in names:

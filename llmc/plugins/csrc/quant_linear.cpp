@@ -24,6 +24,7 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 #include <immintrin.h>
@@ -38,6 +39,17 @@ constexpr int64_t kGroup = 64, kBlock = 16;  // outputs per group; NVFP4's block
 
 inline float e4m3_round(float v) {  // saturating, round to nearest even
   return static_cast<float>(c10::Float8_e4m3fn(std::min(std::max(v, -kE4M3Max), kE4M3Max)));
+}
+
+// f(g) for each group g < groups on torch's threads, each taking the next group when done with one: on a shared host
+// a thread that loses its core leaves its groups to the others, where a static split waits for its whole share.
+// Each group is still one thread's, so the results do not depend on the split.
+template <typename F>
+void for_each_group(int64_t groups, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t g = next++; g < groups; g = next++) f(g);
+  });
 }
 
 }  // namespace llmc::quant_linear_kernel
@@ -231,20 +243,18 @@ void decode_rows(int64_t mb, const Weights& weights, const float* x, int64_t g, 
 // y [M, N] = x [M, K] dequant(W)^T + bias: threads split the groups of 64 outputs.
 template <typename Weights>
 void quantized_gemm(const Weights& weights, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N) {
-  at::parallel_for(0, (N + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
-    if (M <= kDecodeMaxRows) {
-      for (int64_t g = g0; g < g1; ++g)
-        for (int64_t m = 0; m < M; m += Weights::kTileRows)
-          decode_rows(std::min<int64_t>(Weights::kTileRows, M - m), weights, x + m * K, g, bias, y + m * N, N);
-      return;
-    }
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+  if (M <= kDecodeMaxRows)
+    return for_each_group(groups, [&](int64_t g) {
+      for (int64_t m = 0; m < M; m += Weights::kTileRows)
+        decode_rows(std::min<int64_t>(Weights::kTileRows, M - m), weights, x + m * K, g, bias, y + m * N, N);
+    });
+  for_each_group(groups, [&](int64_t g) {
     thread_local std::vector<float> tile;
     tile.resize(kGroup * K);
-    for (int64_t g = g0; g < g1; ++g) {
-      weights.dequantize(g, N, tile.data());
-      blocked_gemm_columns(x, M, K, tile.data(), std::min<int64_t>(kBlocks, (N - g * kGroup + kVec - 1) / kVec), bias, y,
-                           N, g * kGroup);
-    }
+    weights.dequantize(g, N, tile.data());
+    blocked_gemm_columns(x, M, K, tile.data(), std::min<int64_t>(kBlocks, (N - g * kGroup + kVec - 1) / kVec), bias, y,
+                         N, g * kGroup);
   });
 }
 
