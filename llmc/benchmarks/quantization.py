@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import runpy
 import sys
 import tempfile
@@ -41,35 +40,18 @@ def decode_bytes_per_token(engine: Path) -> int:
     use (the token's row of the table and of its per-row scales; a table tied to the LM head is read whole)."""
     from safetensors import safe_open
 
+    from llmc.backends.graph_format import graph_from_json
+
     total = 0
     for rank in engine.glob("rank*"):
-        nodes = json.loads((rank / "program.json").read_text())["nodes"]
-        tensors = {n["name"]: n["target"] for n in nodes if n["op"] == "get_attr"}
-        uses: dict[str, set] = {}
-        for n in nodes:
-            if n["op"] == "call_function":
-                for name in node_names([n["args"], n["kwargs"]]):
-                    if name in tensors:
-                        uses.setdefault(tensors[name], set()).add("embedding" in n["target"])
+        graph = graph_from_json(json.loads((rank / "program.json").read_text()))
+        embedding_only = {n.target for n in graph.nodes
+                          if n.op == "get_attr" and n.users and all("embedding" in str(user.target) for user in n.users)}
         with safe_open(str(rank / "weights.safetensors"), framework="pt") as f:
             for name in f.keys():
-                t = f.get_slice(name)
-                shape = t.get_shape()
-                nbytes = math.prod(shape) * DTYPE_BYTES[t.get_dtype()]
-                total += nbytes // shape[0] if shape and uses.get(name) == {True} else nbytes
+                tensor = f.get_tensor(name)
+                total += tensor[0].nbytes if name in embedding_only and tensor.dim() else tensor.nbytes
     return total
-
-
-def node_names(args) -> list:
-    """The nodes a serialized node's arguments refer to ({"node": name}, in lists and dicts)."""
-    if isinstance(args, dict):
-        return [args["node"]] if set(args) == {"node"} else [m for v in args.values() for m in node_names(v)]
-    if isinstance(args, list):
-        return [m for v in args for m in node_names(v)]
-    return []
-
-
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
 
 
 def read_bandwidth_gb_s(mbytes: int = 512, repeats: int = 10) -> float:

@@ -117,17 +117,40 @@ void add_scaled(float p, const T* v, float* acc, int64_t n) {  // acc += p * v
   for (; i < n; ++i) acc[i] += p * static_cast<float>(v[i]);
 }
 
+// One layer of the paged cache as the attention kernels read it: the K or V row of token j of sequence i, KV head h.
+template <typename cache_t>
+struct PagedLayer {
+  const cache_t* k;
+  const cache_t* v;
+  const int32_t* tables;
+  int64_t max_blocks, block_size, kv_heads, dim;
+
+  PagedLayer(const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables)
+      : tables(block_tables.data_ptr<int32_t>()), max_blocks(block_tables.size(1)), block_size(cache.size(3)),
+        kv_heads(cache.size(4)), dim(cache.size(5)) {
+    const int64_t layer_size = cache.size(2) * block_size * kv_heads * dim;  // of K, then of V
+    k = cache.data_ptr<cache_t>() + layer * 2 * layer_size;
+    v = k + layer_size;
+  }
+  const cache_t* row(const cache_t* base, int64_t i, int64_t j, int64_t h) const {
+    const int64_t block = tables[i * max_blocks + j / block_size];
+    return base + ((block * block_size + j % block_size) * kv_heads + h) * dim;
+  }
+};
+
+// With a soft-cap the scale goes inside it; else it is folded into q.
+inline float query_scale(double scale, float softcap, float k_scale) {
+  return softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;
+}
+
 template <typename scalar_t, typename cache_t>
 void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
                    int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
                    const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+  const PagedLayer<cache_t> pages(cache, layer, block_tables);
   const int64_t H = q.size(1), T = q.size(2), Dk = q.size(3), Dv = out.size(3);
-  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
-  const int64_t group = H / Hkv, S = seq_lens.size(0), max_blocks = block_tables.size(1);
-  const cache_t* kbase = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
-  const cache_t* vbase = kbase + NB * BS * Hkv * D;
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t group = H / pages.kv_heads, S = seq_lens.size(0);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   auto qa = q.accessor<scalar_t, 4>();
@@ -144,19 +167,14 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       const int64_t context = lens[i], n_new = starts[i + 1] - starts[i];
       const int64_t pos = context - n_new + (t - starts[i]);  // this token's position
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-      const int32_t* table = tables + i * max_blocks;
-      auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
-        return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
-      };
-      // With a soft-cap, the scale goes inside it; else it is folded into q.
-      const float qscale = softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;
+      const float qscale = query_scale(scale, softcap, k_scale);
       for (int64_t d = 0; d < Dk; ++d) qv[d] = rope(qa[0][h][t], t, d) * qscale;
       const float slope = alibi ? alibi[h] : 0.f;
       // Two passes: the scores and their maximum, then the softmax-weighted sum of the values.
       scores.resize(pos + 1 - first);
       float m = -INFINITY;
       for (int64_t j = first; j <= pos; ++j) {
-        float s = dot(qv.data(), cached(kbase, j), Dk);
+        float s = dot(qv.data(), pages.row(pages.k, i, j, kvh), Dk);
         if (softcap > 0.f) s = softcap * std::tanh(s * static_cast<float>(scale) / softcap);
         s += slope * static_cast<float>(j - pos);
         scores[j - first] = s;
@@ -168,7 +186,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       for (int64_t j = first; j <= pos; ++j) {
         const float p = std::exp(scores[j - first] - m);
         l += p;
-        add_scaled(p, cached(vbase, j), acc.data(), Dv);
+        add_scaled(p, pages.row(pages.v, i, j, kvh), acc.data(), Dv);
       }
       for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(acc[d] * v_scale / l);
     }
@@ -193,17 +211,14 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
                     int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
                     const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+  const PagedLayer<cache_t> pages(cache, layer, block_tables);
   const int64_t H = q.size(1), Dk = q.size(3), Dv = out.size(3), Dvp = round_up(Dv, kCols);
-  const int64_t NB = cache.size(2), BS = cache.size(3), Hkv = cache.size(4), D = cache.size(5);
-  const int64_t group = H / Hkv, S = seq_lens.size(0), max_blocks = block_tables.size(1);
-  const cache_t* kbase = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
-  const cache_t* vbase = kbase + NB * BS * Hkv * D;
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t Hkv = pages.kv_heads, group = H / Hkv, S = seq_lens.size(0);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   auto qa = q.accessor<scalar_t, 4>();
   auto oa = out.accessor<scalar_t, 4>();
-  const float qscale = softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;  // as attend's
+  const float qscale = query_scale(scale, softcap, k_scale);
 
   struct Item { int64_t seq, kvh, q0, nq, cost; };
   std::vector<Item> items;
@@ -228,10 +243,6 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
       const Item& item = items[w];
       const int64_t i = item.seq, kvh = item.kvh, nq = item.nq, M = group * nq;
       const int64_t n_new = starts[i + 1] - starts[i], first_pos = lens[i] - n_new + item.q0, last_pos = first_pos + nq - 1;
-      const int32_t* table = tables + i * max_blocks;
-      auto cached = [&](const cache_t* base, int64_t j) {  // token j's row of this KV head
-        return base + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
-      };
       for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
         const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
         pos[r] = first_pos + r % nq;
@@ -251,8 +262,8 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
             for (int64_t b = 0; b < Dvp / kCols; ++b) std::fill_n(vp.data() + (b * kb + jj) * kCols, kCols, 0.f);
             continue;
           }
-          const cache_t* kr = cached(kbase, j0 + jj);
-          const cache_t* vr = cached(vbase, j0 + jj);
+          const cache_t* kr = pages.row(pages.k, i, j0 + jj, kvh);
+          const cache_t* vr = pages.row(pages.v, i, j0 + jj, kvh);
           for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = static_cast<float>(kr[d]);
           for (int64_t b = 0; b < Dvp / kCols; ++b) {  // 16 consecutive channels of the row
             float* vd = vp.data() + (b * kb + jj) * kCols;
