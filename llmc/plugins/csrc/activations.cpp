@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 #include <cmath>
+#include "parallel.h"
 
 namespace llmc::activations_kernel {
 
@@ -54,7 +55,7 @@ void gated_rows(const T* gate, int64_t gate_stride, const T* up, int64_t up_stri
   using Vec = Vectorized<T>;
   // Tasks of at least 16K values, torch's own threshold for threading GELU: smaller ones cost more to
   // hand to a thread than to compute (a decode step's rows run on the calling thread).
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / H), [&](int64_t r0, int64_t r1) {
+  llmc::parallel_for(0, rows, std::max<int64_t>(1, 16384 / H), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < H; i += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), H - i);

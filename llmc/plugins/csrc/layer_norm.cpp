@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
+#include "parallel.h"
 
 namespace llmc::layer_norm_kernel {
 
@@ -27,7 +28,7 @@ float lane_sum(int64_t n, F term) {
 template <typename scalar_t>
 void add_layer_norm_rows(const scalar_t* x, const scalar_t* r, const scalar_t* w, const scalar_t* b, scalar_t* h,
                          scalar_t* y, int64_t rows, int64_t H, float eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  llmc::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const scalar_t* xr = x + row * H;
       const scalar_t* rr = r + row * H;

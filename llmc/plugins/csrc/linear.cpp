@@ -21,6 +21,7 @@
 #include "blocked_gemm.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
+#include "parallel.h"
 #endif
 
 namespace llmc {
@@ -159,10 +160,10 @@ void widened_gemm(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloa
   const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
   const int nb = blocks_for(kMaxRows);
   std::vector<float> xf(M * K);
-  at::parallel_for(0, M * K, 4096, [&](int64_t i0, int64_t i1) {
+  llmc::parallel_for(0, M * K, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) xf[i] = static_cast<float>(x[i]);
   });
-  at::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
+  llmc::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> wf(nb * stride);
     for (int64_t first = g0 * nb; first < std::min(g1 * nb, num_blocks); first += nb) {
       const int64_t blocks = std::min<int64_t>(nb, num_blocks - first);
@@ -182,7 +183,7 @@ void blocked_gemm(const T* x, int64_t M, int64_t K, const T* w, const float* bia
   const int64_t num_blocks = (N + kBlock - 1) / kBlock, stride = K * kBlock;
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
   // Threads split the columns: each streams its own contiguous part of W, once, for all rows.
-  at::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
+  llmc::parallel_for(0, (num_blocks + nb - 1) / nb, 1, [&](int64_t g0, int64_t g1) {
     const int64_t first = g0 * nb, blocks = std::min(g1 * nb, num_blocks) - first;
     gemm_columns(x, M, K, w + first * stride, stride, blocks, bias, y, N, first * kBlock);
   });

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 #include "blocked_gemm.h"
+#include "parallel.h"
 
 namespace llmc::moe_kernel {
 
@@ -113,7 +114,7 @@ void experts_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   const T* wp = w.data_ptr<T>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   T* yp = y.data_ptr<T>();
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t i0, int64_t i1) {
+  llmc::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Work& piece = work[i];
       const int64_t e = experts[piece.active], row = offsets[piece.active];

@@ -22,6 +22,7 @@
 #include <vector>
 #ifdef CPU_CAPABILITY_AVX512
 #include <immintrin.h>
+#include "parallel.h"
 #endif
 
 namespace llmc::rotary_kernel {
@@ -64,7 +65,7 @@ void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, in
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   auto ka = k.accessor<scalar_t, 4>();
   auto va = v.accessor<scalar_t, 4>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  llmc::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       cache_t* kd = base + slots[t] * Hkv * D;
       cache_t* vd = kd + NB * BS * Hkv * D;
@@ -160,7 +161,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   for (int64_t i = 0; i < S; ++i)
     for (int64_t t = starts[i]; t < starts[i + 1]; ++t) seq_of[t] = i;
 
-  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+  llmc::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qv(Dk), acc(Dv), scores;
     for (int64_t work = begin; work < end; ++work) {
       const int64_t t = work / H, h = work % H, kvh = h / group, i = seq_of[t];
@@ -234,7 +235,7 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   std::atomic<size_t> next{0};
 
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  llmc::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t rows = group * kQueryBlock;
     std::vector<float> qt(rows * Dk), kp(kKeyBlock * Dk), vp(kKeyBlock * Dvp), s(rows * kKeyBlock), o(rows * Dvp),
         pv(rows * Dvp), m(rows), l(rows), alpha(rows);

@@ -29,6 +29,7 @@
 #include <vector>
 #include <immintrin.h>
 #include "blocked_gemm.h"
+#include "parallel.h"
 
 namespace llmc::quant_linear_kernel {
 
@@ -47,7 +48,7 @@ inline float e4m3_round(float v) {  // saturating, round to nearest even
 template <typename F>
 void for_each_group(int64_t groups, const F& f) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  llmc::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t g = next++; g < groups; g = next++) f(g);
   });
 }
@@ -316,9 +317,9 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   float* xp = xf.data_ptr<float>();
   if (given(in_scale)) {
     const float s = scalar(*in_scale, "fp8_prepacked_linear: input_scale");
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { fake_quantize_fp8(xp + m0 * K, (m1 - m0) * K, s); });
+    llmc::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { fake_quantize_fp8(xp + m0 * K, (m1 - m0) * K, s); });
   } else if (per_token) {
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    llmc::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         float amax = 0.f;
         for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xp[m * K + k]));
@@ -360,7 +361,7 @@ at::Tensor nvfp4_prepacked_linear(const at::Tensor& x, const at::Tensor& w, cons
   if (given(in_global_scale)) {  // W4A4: the inputs quantized to NVFP4 block by block and read back
     const float gs = scalar(*in_global_scale, "nvfp4_prepacked_linear: input_global_scale");
     float* xp = xf.data_ptr<float>();
-    at::parallel_for(0, M * K / kBlock, 256, [&](int64_t b0, int64_t b1) {
+    llmc::parallel_for(0, M * K / kBlock, 256, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) fake_quantize_nvfp4_block(xp + blk * kBlock, gs);
     });
   }

@@ -5,12 +5,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
+#include "parallel.h"
 
 namespace llmc::rms_norm_kernel {
 
 template <typename scalar_t>
 void rms_rows(const scalar_t* x, const scalar_t* w, scalar_t* y, int64_t rows, int64_t H, double eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  llmc::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* xr = x + r * H;
       float ss = 0.f;
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
     const scalar_t* a = xc.data_ptr<scalar_t>();
     const scalar_t* b = rc.data_ptr<scalar_t>();
     scalar_t* o = h.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    llmc::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
     });
   });

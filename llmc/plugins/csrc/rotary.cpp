@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include "rotary.h"
+#include "parallel.h"
 
 namespace llmc::rotary_kernel {
 
@@ -33,7 +34,7 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
     auto ca = c.accessor<scalar_t, 4>();
     auto sa = s.accessor<scalar_t, 4>();
     auto oa = out.accessor<scalar_t, 4>();
-    at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+    llmc::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (H * T), h = i / T % H, t = i % T;
         for (int64_t d = 0; d < D; ++d)
