@@ -99,6 +99,7 @@ void fake_quantize_nvfp4_block(float* x, float global_scale) {
 template <int MB, int NB>
 void fp8_tile(const float* x, int64_t K, const uint8_t* w, __m256 (&acc)[MB][NB]) {
   for (int64_t k = 0; k < K; ++k) {
+    prefetch_row(w + (k + kPrefetchRows) * kGroup);
     __m256 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm256_set1_ps(x[m * K + k]);
     for (int b = 0; b < NB; ++b) {
@@ -142,8 +143,10 @@ void nvfp4_tile(const float* x, int64_t K, const uint8_t* w, const uint8_t* scal
   for (int64_t c = 0; c < K / kBlock; ++c) {
     __m256 part[NB], s[NB];
     for (int b = 0; b < NB; ++b) part[b] = _mm256_setzero_ps(), s[b] = e4m3x8(load8(scales + c * kGroup + b * kVec));
+    prefetch_row(scales + (c + kPrefetchRows / 8) * kGroup);
     for (int64_t p = 0; p < kBlock / 2; ++p) {
       const int64_t k = c * kBlock + 2 * p;
+      prefetch_row(w + (k / 2 + kPrefetchRows) * kGroup);
       __m256 lo[NB], hi[NB];
       e2m1x64(w + (k / 2) * kGroup, lo, hi);
       for (int b = 0; b < NB; ++b) {
