@@ -4,6 +4,7 @@ import os
 
 __version__ = "0.1.0"
 
+# llmc's kernels run on a pool of their own (plugins/csrc/parallel.h); torch's ops run on OpenMP.
 # OpenMP threads (torch's CPU pool, libgomp) by default spin for a while after each parallel
 # region. A step is hundreds of regions with Python in between; once another process wants a core,
 # the spinning threads and the thread that drives the steps take turns on too few cores, and
