@@ -1,6 +1,7 @@
 // llmc::paged_attention for CPU: the same numerics as the plain-torch reference in attention.py
 // (write the new K/V into the paged cache, then causal attention of each new token over its
-// sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with OpenMP.
+// sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with
+// llmc::parallel_for (parallel.h).
 // An FP8 cache (float8_e4m3fn) holds k / k_scale and v / v_scale, saturated at 448 as torch's cast does.
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
 // Attention features as the reference defines them: logit soft-capping, ALiBi slopes, sink logits per head, and
