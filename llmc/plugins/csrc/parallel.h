@@ -179,4 +179,17 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   });
 }
 
+// f(i) for each i < n, each taken by the next free thread (as many as torch.set_num_threads): for items of uneven
+// cost, and on a shared host, where a thread that loses its core leaves its items to the others instead of holding up
+// a fixed share. Each item is one thread's, so results do not depend on the split.
+template <typename F>
+void parallel_for_each(int64_t n, const F& f) {
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  if (helpers <= 0 || thread_pool::in_parallel_for || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  thread_pool::pool().run(n, helpers, f);
+}
+
 }  // namespace llmc

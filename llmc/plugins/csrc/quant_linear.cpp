@@ -24,7 +24,6 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 #include <immintrin.h>
@@ -45,17 +44,6 @@ inline void prefetch_row(const uint8_t* row) { _mm_prefetch(reinterpret_cast<con
 
 inline float e4m3_round(float v) {  // saturating, round to nearest even
   return static_cast<float>(c10::Float8_e4m3fn(std::min(std::max(v, -kE4M3Max), kE4M3Max)));
-}
-
-// f(g) for each group g < groups on torch's threads, each taking the next group when done with one: on a shared host
-// a thread that loses its core leaves its groups to the others, where a static split waits for its whole share.
-// Each group is still one thread's, so the results do not depend on the split.
-template <typename F>
-void for_each_group(int64_t groups, const F& f) {
-  std::atomic<int64_t> next{0};
-  llmc::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t g = next++; g < groups; g = next++) f(g);
-  });
 }
 
 }  // namespace llmc::quant_linear_kernel
@@ -254,11 +242,11 @@ template <typename Weights>
 void quantized_gemm(const Weights& weights, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N) {
   const int64_t groups = (N + kGroup - 1) / kGroup;
   if (M <= kDecodeMaxRows)
-    return for_each_group(groups, [&](int64_t g) {
+    return llmc::parallel_for_each(groups, [&](int64_t g) {
       for (int64_t m = 0; m < M; m += Weights::kTileRows)
         decode_rows(std::min<int64_t>(Weights::kTileRows, M - m), weights, x + m * K, g, bias, y + m * N, N);
     });
-  for_each_group(groups, [&](int64_t g) {
+  llmc::parallel_for_each(groups, [&](int64_t g) {
     thread_local std::vector<float> tile;
     tile.resize(kGroup * K);
     weights.dequantize(g, N, tile.data());

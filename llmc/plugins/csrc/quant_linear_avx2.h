@@ -238,12 +238,12 @@ template <typename Weights>
 void quantized_gemm(const Weights& weights, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N) {
   const int64_t groups = (N + kGroup - 1) / kGroup;
   if (M <= Weights::kDecodeMaxRows)
-    return for_each_group(groups, [&](int64_t g) {
+    return llmc::parallel_for_each(groups, [&](int64_t g) {
       int64_t m = 0;
       for (; m + 2 <= M; m += 2) decode_rows<2>(weights, x + m * K, g, bias, y + m * N, N);
       if (m < M) decode_rows<1>(weights, x + m * K, g, bias, y + m * N, N);
     });
-  for_each_group(groups, [&](int64_t g) {
+  llmc::parallel_for_each(groups, [&](int64_t g) {
     thread_local std::vector<float> tile;
     tile.resize(kGroup * K);
     weights.dequantize(g, N, tile.data());
