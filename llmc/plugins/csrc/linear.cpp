@@ -19,9 +19,9 @@
 #include <type_traits>
 #include <vector>
 #include "blocked_gemm.h"
+#include "parallel.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
-#include "parallel.h"
 #endif
 
 namespace llmc {

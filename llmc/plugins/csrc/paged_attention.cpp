@@ -21,9 +21,9 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+#include "parallel.h"
 #ifdef CPU_CAPABILITY_AVX512
 #include <immintrin.h>
-#include "parallel.h"
 #endif
 
 namespace llmc::rotary_kernel {
