@@ -207,7 +207,10 @@ def test_32_concurrent_requests_are_batched_in_flight(server, llm):
     assert [r.json()["output_ids"] for r in responses] == [o.outputs[0].token_ids for o in expected]
     steps, advanced = metric(server, "llmc_steps") - steps, metric(server, "llmc_step_requests") - advanced
     assert advanced == 32 * 32  # every token of every request came from a step
-    assert advanced / steps >= 8, f"{steps} steps advanced {advanced} requests: not batched in flight"
+    # Served one at a time, each step advances exactly one request. How many share a step depends on how
+    # fast the ensemble's tokenizer hands requests over against how fast the engine steps: about 25 on a
+    # quiet host, 6.4 seen beside a busy test worker; 2 still proves batching and leaves that margin.
+    assert advanced / steps >= 2, f"{steps} steps advanced {advanced} requests: not batched in flight"
 
 
 @pytest.mark.parametrize(
