@@ -138,16 +138,18 @@ def test_fp8_kv_cache_kernel_matches_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rotary_dim, interleaved", [(DIM, False), (4, False), (4, True)])
+@pytest.mark.parametrize("head_dim, rotary_dim, interleaved", [(DIM, DIM, False), (DIM, 4, False), (DIM, 4, True), (64, 64, False),
+                                                             (64, 32, False)])
 @pytest.mark.parametrize("tokens", [5, 40], ids=["decode-kernel", "prefill-kernel"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["", "fp8-cache"])
-def test_rope_folded_into_attention_equals_rotary_then_attention(dtype, rotary_dim, interleaved, tokens, fp8):
+def test_rope_folded_into_attention_equals_rotary_then_attention(dtype, head_dim, rotary_dim, interleaved, tokens, fp8):
     """cos / sin given to the op: the cache and the output are bit for bit those of llmc::rotary_embedding on
-    q's and k's first rotary_dim channels, then the op (a step of a decode and a prefill chunk, either path)."""
+    q's and k's first rotary_dim channels, then the op (a step of a decode and a prefill chunk, either path; head
+    dims of 64 take the kernel's rows 16 channels at a time)."""
     g = torch.Generator().manual_seed(3)
-    cache = torch.zeros(3, 2, 16, BLOCK, KV_HEADS, DIM, dtype=torch.float8_e4m3fn if fp8 else dtype)
-    q = torch.randn(1, HEADS, tokens, DIM, generator=g).to(dtype)
-    k, v = (torch.randn(1, KV_HEADS, tokens, DIM, generator=g).to(dtype) for _ in range(2))
+    cache = torch.zeros(3, 2, 16, BLOCK, KV_HEADS, head_dim, dtype=torch.float8_e4m3fn if fp8 else dtype)
+    q = torch.randn(1, HEADS, tokens, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, tokens, head_dim, generator=g).to(dtype) for _ in range(2))
     cos, sin = (torch.randn(tokens, rotary_dim, generator=g).to(dtype) for _ in range(2))
     slots = torch.tensor([13] + list(range(20, 20 + tokens - 1)))
     args = (2, slots, torch.tensor([[8, 2, 3, 1] + [0] * 8, list(range(5, 5 + 12))], dtype=torch.int32),

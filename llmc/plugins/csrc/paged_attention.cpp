@@ -56,29 +56,6 @@ struct Rope {
   }
 };
 
-template <typename scalar_t, typename cache_t>
-void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
-                        const at::Tensor& slot_mapping, float k_scale, float v_scale, const Rope<scalar_t>& rope) {
-  const int64_t T = k.size(2), Hkv = k.size(1), Dk = k.size(3), Dv = v.size(3), D = cache.size(5);
-  const int64_t NB = cache.size(2), BS = cache.size(3);
-  const float k_inv = 1.f / k_scale, v_inv = 1.f / v_scale;
-  cache_t* base = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  auto ka = k.accessor<scalar_t, 4>();
-  auto va = v.accessor<scalar_t, 4>();
-  llmc::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      cache_t* kd = base + slots[t] * Hkv * D;
-      cache_t* vd = kd + NB * BS * Hkv * D;
-      for (int64_t h = 0; h < Hkv; ++h)
-        for (int64_t d = 0; d < D; ++d) {
-          kd[h * D + d] = to_cache<cache_t>(d < Dk ? rope(ka[0][h][t], t, d) : 0.f, k_inv);
-          vd[h * D + d] = to_cache<cache_t>(d < Dv ? static_cast<float>(va[0][h][t][d]) : 0.f, v_inv);
-        }
-    }
-  });
-}
-
 // Cached rows are read in place, 16 values per vector. The scores reduce with a tree sum, not the
 // in-order one `omp simd reduction` compiles to (a chain of 16 dependent adds a key), and nothing is
 // staged through a buffer (store-forwarding stalls): each was a 2-3x slowdown, measured.
@@ -95,6 +72,99 @@ inline __m512 load16(const T* p) {  // FP8
   return _mm512_loadu_ps(f);
 }
 #endif
+
+#ifdef CPU_CAPABILITY_AVX512
+// Lanes rounded to scalar_t and back as c10's scalar conversion rounds: nearest even, a NaN to the canonical NaN.
+// In fp32 a rounding point all the same: the compiler may not contract the product before it into an FMA (unfused).
+template <typename scalar_t>
+inline __m512 round_as(__m512 x) {
+  static_assert(std::is_same_v<scalar_t, float>);
+  asm("" : "+v"(x));
+  return x;
+}
+template <>
+inline __m512 round_as<c10::BFloat16>(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000)));
+}
+inline __m512 negate(__m512 x) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))); }
+#endif
+
+// out[d] = channel d of token t's row as Rope rotates it, times scale, for d < n: 16 channels at a time where the row
+// is contiguous and the rotation rotate-half over a multiple of 32 channels (bit for bit the channel-by-channel way).
+template <typename scalar_t>
+void rotate_row(const Rope<scalar_t>& rope, const at::TensorAccessor<scalar_t, 1>& row, int64_t t, int64_t n, float scale,
+                float* out) {
+  int64_t d = 0;
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    const scalar_t* x = row.data();
+    if (row.stride(0) == 1 && (rope.dim == 0 || (!rope.interleaved && rope.dim % 32 == 0))) {
+      const __m512 sv = _mm512_set1_ps(scale);
+      const int64_t half = rope.dim / 2;
+      const scalar_t* cos = rope.cos + t * rope.dim;
+      const scalar_t* sin = rope.sin + t * rope.dim;
+      for (; d < half; d += 16) {  // channel d takes its partner d + half negated; d + half takes d
+        const __m512 x1 = load16(x + d), x2 = load16(x + d + half);
+        const __m512 first = _mm512_add_ps(round_as<scalar_t>(_mm512_mul_ps(x1, load16(cos + d))),
+                                           round_as<scalar_t>(_mm512_mul_ps(negate(x2), load16(sin + d))));
+        const __m512 second = _mm512_add_ps(round_as<scalar_t>(_mm512_mul_ps(x2, load16(cos + d + half))),
+                                            round_as<scalar_t>(_mm512_mul_ps(x1, load16(sin + d + half))));
+        _mm512_storeu_ps(out + d, _mm512_mul_ps(round_as<scalar_t>(first), sv));
+        _mm512_storeu_ps(out + d + half, _mm512_mul_ps(round_as<scalar_t>(second), sv));
+      }
+      for (d = rope.dim; d + 16 <= n; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(load16(x + d), sv));
+    }
+  }
+#endif
+  for (; d < n; ++d) out[d] = rope(row, t, d) * scale;
+}
+
+// A row of fp32 values into the cache's type (scaled for FP8), 16 at a time for an fp32 or bf16 cache.
+template <typename cache_t>
+void store_row(const float* row, int64_t n, float inv_scale, cache_t* out) {
+  int64_t d = 0;
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<cache_t, float>)
+    for (; d + 16 <= n; d += 16) _mm512_storeu_ps(out + d, _mm512_loadu_ps(row + d));
+  if constexpr (std::is_same_v<cache_t, c10::BFloat16>)
+    for (; d + 16 <= n; d += 16) {
+      const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_as<c10::BFloat16>(_mm512_loadu_ps(row + d))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), _mm512_cvtepi32_epi16(bits));
+    }
+#endif
+  for (; d < n; ++d) out[d] = to_cache<cache_t>(row[d], inv_scale);
+}
+
+// Each new token's K (RoPE'd) and V into its slot of the cache, zero-padded to the cache's head dim.
+template <typename scalar_t, typename cache_t>
+void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, int64_t layer,
+                        const at::Tensor& slot_mapping, float k_scale, float v_scale, const Rope<scalar_t>& rope) {
+  const int64_t T = k.size(2), Hkv = k.size(1), Dk = k.size(3), Dv = v.size(3), D = cache.size(5);
+  const int64_t NB = cache.size(2), BS = cache.size(3);
+  const float k_inv = 1.f / k_scale, v_inv = 1.f / v_scale;
+  cache_t* base = cache.data_ptr<cache_t>() + layer * 2 * NB * BS * Hkv * D;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  auto ka = k.accessor<scalar_t, 4>();
+  auto va = v.accessor<scalar_t, 4>();
+  llmc::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t t = begin; t < end; ++t) {
+      cache_t* kd = base + slots[t] * Hkv * D;
+      cache_t* vd = kd + NB * BS * Hkv * D;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        std::fill(row.begin() + Dk, row.end(), 0.f);
+        rotate_row(rope, ka[0][h][t], t, Dk, 1.f, row.data());
+        store_row(row.data(), D, k_inv, kd + h * D);
+        std::fill(row.begin() + Dv, row.end(), 0.f);
+        rotate_row(Rope<scalar_t>{}, va[0][h][t], t, Dv, 1.f, row.data());  // no rotation: V as fp32
+        store_row(row.data(), D, v_inv, vd + h * D);
+      }
+    }
+  });
+}
 
 template <typename T>
 float dot(const float* q, const T* k, int64_t n) {
@@ -170,7 +240,7 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       const int64_t pos = context - n_new + (t - starts[i]);  // this token's position
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
       const float qscale = query_scale(scale, softcap, k_scale);
-      for (int64_t d = 0; d < Dk; ++d) qv[d] = rope(qa[0][h][t], t, d) * qscale;
+      rotate_row(rope, qa[0][h][t], t, Dk, qscale, qv.data());
       const float slope = alibi ? alibi[h] : 0.f;
       // Two passes: the scores and their maximum, then the softmax-weighted sum of the values.
       scores.resize(pos + 1 - first);
@@ -248,7 +318,7 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
       for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
         const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
         pos[r] = first_pos + r % nq;
-        for (int64_t d = 0; d < Dk; ++d) qt[r * Dk + d] = rope(qa[0][h][t], t, d) * qscale;
+        rotate_row(rope, qa[0][h][t], t, Dk, qscale, qt.data() + r * Dk);
       }
       std::fill_n(m.begin(), M, -INFINITY);
       std::fill_n(l.begin(), M, 0.f);

@@ -8,14 +8,23 @@
 
 namespace llmc {
 
+// A product rounded on its own: the compiler may not contract it and the next add into an FMA (it does in fp32
+// otherwise), so every path rounds as torch's separate mul and add do, the vectorized ones included.
+inline float unfused(float product) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(product));
+#endif
+  return product;
+}
+
 template <typename scalar_t, typename Row>
 inline scalar_t rope_channel(const Row& x, int64_t d, int64_t rotary_dim, bool interleaved, float cos, float sin) {
   const int64_t half = rotary_dim / 2;
   const bool first = interleaved ? d % 2 == 0 : d < half;
   const int64_t partner = interleaved ? d ^ 1 : (first ? d + half : d - half);
   const float rotated = first ? -static_cast<float>(x[partner]) : static_cast<float>(x[partner]);
-  const scalar_t straight = static_cast<float>(x[d]) * cos;
-  const scalar_t turned = rotated * sin;
+  const scalar_t straight = unfused(static_cast<float>(x[d]) * cos);
+  const scalar_t turned = unfused(rotated * sin);
   return static_cast<float>(straight) + static_cast<float>(turned);
 }
 
