@@ -15,6 +15,10 @@ void blocked_gemm_columns(const float* x, int64_t M, int64_t K, const float* w, 
 void blocked_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, int64_t blocks,
                           const float* bias, c10::BFloat16* y, int64_t N, int64_t n0);
 
+// The same with y left in fp32 (attention's scores and weighted values).
+void blocked_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, int64_t blocks,
+                          const float* bias, float* y, int64_t N, int64_t n0);
+
 // The column blocks a tile of `rows` rows runs at once: a thread's share of the columns is best a multiple of it.
 int64_t blocked_gemm_group(int64_t rows);
 

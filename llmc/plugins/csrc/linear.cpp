@@ -242,6 +242,11 @@ void blocked_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c1
   linear_kernel::gemm_columns(x, M, K, w, K * linear_kernel::kBlock, blocks, bias, y, N, n0);
 }
 
+void blocked_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, int64_t blocks,
+                          const float* bias, float* y, int64_t N, int64_t n0) {
+  linear_kernel::gemm_columns(x, M, K, w, K * linear_kernel::kBlock, blocks, bias, y, N, n0);
+}
+
 int64_t blocked_gemm_group(int64_t rows) {
   return linear_kernel::blocks_for(static_cast<int>(std::min<int64_t>(rows, linear_kernel::kMaxRows)));
 }

@@ -268,8 +268,9 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
 // Prefill: flash attention (online softmax) blocked over queries and keys. A work item is one sequence's KV head
 // and a block of its new tokens, for every query head sharing that KV head (GQA): their queries, rotated and
 // scaled, are the rows of one tile. Each block of keys is copied from its pages into linear.cpp's prepacked layout
-// (in fp32: AVX2 has no bf16 dot products, and the scores want fp32), and the scores and the weighted values are
-// that kernel's GEMMs (at 64 x 64 tiles the copies and the softmax leave about half the linears' FMA rate: 1.5-2x
+// (in fp32; with AVX512-BF16 a bf16 cache stays bf16, summed in fp32 by bf16 dot products, as ATen's flash attention
+// does: q unscaled, the scores scaled in fp32, the probabilities rounded to bf16 for the values' GEMM), and the
+// scores and the weighted values are that kernel's GEMMs (at 64 x 64 tiles the copies and the softmax leave about half the linears' FMA rate: 1.5-2x
 // ATen's SDPA per sequence, docs/performance-history.md); only tiles that cross the diagonal, the window's edge or
 // the end of the keys are masked. Threads take items largest first from a shared counter (causal blocks
 // differ in size, and on a busy host a thread may run late).
@@ -277,6 +278,22 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kQueryBlock = 64, kKeyBlock = 64, kCols = 16;  // kCols: blocked_gemm's column block
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+#ifdef __AVX512BF16__
+template <typename scalar_t, typename cache_t>
+constexpr bool kBf16Tiles = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16>;
+#else
+template <typename scalar_t, typename cache_t>
+constexpr bool kBf16Tiles = false;
+#endif
+
+// Element (row j, column d) of a [rows][cols] matrix in blocked_gemm's prepacked layout of 16-column blocks: fp32
+// [cols / 16][rows][16]; bf16 pairs of rows [cols / 16][rows / 2][16][2].
+template <typename T>
+inline int64_t packed_index(int64_t j, int64_t d, int64_t rows) {
+  if constexpr (std::is_same_v<T, float>) return ((d / kCols) * rows + j) * kCols + d % kCols;
+  return (((d / kCols) * (rows / 2) + j / 2) * kCols + d % kCols) * 2 + j % 2;
+}
 
 template <typename scalar_t, typename cache_t>
 void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
@@ -291,6 +308,9 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
   auto qa = q.accessor<scalar_t, 4>();
   auto oa = out.accessor<scalar_t, 4>();
   const float qscale = query_scale(scale, softcap, k_scale);
+  using Tile = std::conditional_t<kBf16Tiles<scalar_t, cache_t>, c10::BFloat16, float>;
+  constexpr bool bf16_tiles = kBf16Tiles<scalar_t, cache_t>;
+  const int64_t Dkp = bf16_tiles ? round_up(Dk, 2) : Dk;  // bf16 pairs
 
   struct Item { int64_t seq, kvh, q0, nq, cost; };
   std::vector<Item> items;
@@ -308,8 +328,8 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
 
   llmc::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t rows = group * kQueryBlock;
-    std::vector<float> qt(rows * Dk), kp(kKeyBlock * Dk), vp(kKeyBlock * Dvp), s(rows * kKeyBlock), o(rows * Dvp),
-        pv(rows * Dvp), m(rows), l(rows), alpha(rows);
+    std::vector<Tile> qt(rows * Dkp), kp(kKeyBlock * Dkp), vp(kKeyBlock * Dvp), probs(bf16_tiles ? rows * kKeyBlock : 0);
+    std::vector<float> qrow(Dk), s(rows * kKeyBlock), o(rows * Dvp), pv(rows * Dvp), m(rows), l(rows), alpha(rows);
     std::vector<int64_t> pos(rows);
     for (size_t w = next++; w < items.size(); w = next++) {
       const Item& item = items[w];
@@ -318,7 +338,13 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
       for (int64_t r = 0; r < M; ++r) {  // row r: query head kvh * group + r / nq, token r % nq of the block
         const int64_t h = kvh * group + r / nq, t = starts[i] + item.q0 + r % nq;
         pos[r] = first_pos + r % nq;
-        rotate_row(rope, qa[0][h][t], t, Dk, qscale, qt.data() + r * Dk);
+        if constexpr (bf16_tiles) {  // rotated values are bf16's: exact
+          rotate_row(rope, qa[0][h][t], t, Dk, 1.f, qrow.data());
+          std::copy(qrow.begin(), qrow.end(), qt.begin() + r * Dkp);
+          std::fill(qt.begin() + r * Dkp + Dk, qt.begin() + (r + 1) * Dkp, Tile(0.f));
+        } else {
+          rotate_row(rope, qa[0][h][t], t, Dk, qscale, qt.data() + r * Dk);
+        }
       }
       std::fill_n(m.begin(), M, -INFINITY);
       std::fill_n(l.begin(), M, 0.f);
@@ -326,27 +352,39 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
       const int64_t j_begin = sliding_window > 0 ? std::max<int64_t>(0, first_pos - sliding_window + 1) : 0;
       for (int64_t j0 = j_begin; j0 <= last_pos; j0 += kKeyBlock) {
         const int64_t jn = std::min(kKeyBlock, last_pos + 1 - j0), kb = round_up(jn, kCols);
-        // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
-        for (int64_t jj = 0; jj < kb; ++jj) {
-          float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
-          if (jj >= jn) {
-            for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = 0.f;
-            for (int64_t b = 0; b < Dvp / kCols; ++b) std::fill_n(vp.data() + (b * kb + jj) * kCols, kCols, 0.f);
-            continue;
+        if constexpr (bf16_tiles) {  // K^T [Dkp][kb] and V [kb][Dvp] as prepacked bf16 pairs; zeros past the keys, Dk, Dv
+          for (int64_t jj = 0; jj < kb; ++jj) {
+            const bool key = jj < jn;
+            const cache_t* kr = key ? pages.row(pages.k, i, j0 + jj, kvh) : nullptr;
+            const cache_t* vr = key ? pages.row(pages.v, i, j0 + jj, kvh) : nullptr;
+            for (int64_t d = 0; d < Dkp; ++d) kp[packed_index<Tile>(d, jj, Dkp)] = key && d < Dk ? kr[d] : Tile(0.f);
+            for (int64_t c = 0; c < Dvp; ++c) vp[packed_index<Tile>(jj, c, kb)] = key && c < Dv ? vr[c] : Tile(0.f);
           }
-          const cache_t* kr = pages.row(pages.k, i, j0 + jj, kvh);
-          const cache_t* vr = pages.row(pages.v, i, j0 + jj, kvh);
-          for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = static_cast<float>(kr[d]);
-          for (int64_t b = 0; b < Dvp / kCols; ++b) {  // 16 consecutive channels of the row
-            float* vd = vp.data() + (b * kb + jj) * kCols;
-            const int64_t n = std::min(kCols, Dv - b * kCols);
-            for (int64_t c = 0; c < n; ++c) vd[c] = static_cast<float>(vr[b * kCols + c]);
-            std::fill(vd + n, vd + kCols, 0.f);
+        } else {
+          // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
+          for (int64_t jj = 0; jj < kb; ++jj) {
+            float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
+            if (jj >= jn) {
+              for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = 0.f;
+              for (int64_t b = 0; b < Dvp / kCols; ++b) std::fill_n(vp.data() + (b * kb + jj) * kCols, kCols, 0.f);
+              continue;
+            }
+            const cache_t* kr = pages.row(pages.k, i, j0 + jj, kvh);
+            const cache_t* vr = pages.row(pages.v, i, j0 + jj, kvh);
+            for (int64_t d = 0; d < Dk; ++d) kd[d * kCols] = static_cast<float>(kr[d]);
+            for (int64_t b = 0; b < Dvp / kCols; ++b) {  // 16 consecutive channels of the row
+              float* vd = vp.data() + (b * kb + jj) * kCols;
+              const int64_t n = std::min(kCols, Dv - b * kCols);
+              for (int64_t c = 0; c < n; ++c) vd[c] = static_cast<float>(vr[b * kCols + c]);
+              std::fill(vd + n, vd + kCols, 0.f);
+            }
           }
         }
-        blocked_gemm_columns(qt.data(), M, Dk, kp.data(), kb / kCols, nullptr, s.data(), kb, 0);
+        blocked_gemm_columns(qt.data(), M, Dkp, kp.data(), kb / kCols, nullptr, s.data(), kb, 0);
         for (int64_t r = 0; r < M; ++r) {
           float* sr = s.data() + r * kb;
+          if (bf16_tiles && qscale != 1.f)
+            for (int64_t jj = 0; jj < kb; jj += Vec::size()) (Vec::loadu(sr + jj) * Vec(qscale)).store(sr + jj);
           const int64_t p = pos[r];
           const bool inside = j0 + kb - 1 <= p && (sliding_window <= 0 || j0 > p - sliding_window);
           if (!inside || softcap > 0.f || alibi) {
@@ -384,7 +422,12 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
           l[r] = l[r] * alpha[r] + total;
           m[r] = m_new;
         }
-        blocked_gemm_columns(s.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
+        if constexpr (bf16_tiles) {
+          store_row(s.data(), M * kb, 1.f, probs.data());
+          blocked_gemm_columns(probs.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
+        } else {
+          blocked_gemm_columns(s.data(), M, kb, vp.data(), Dvp / kCols, nullptr, pv.data(), Dvp, 0);
+        }
         for (int64_t r = 0; r < M; ++r) {
           const Vec a(alpha[r]);
           float* orow = o.data() + r * Dvp;
