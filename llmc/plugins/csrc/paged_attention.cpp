@@ -6,8 +6,9 @@
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
 // Attention features as the reference defines them: logit soft-capping, ALiBi slopes, sink logits per head, and
 // K and V of different head dims (the cache's last dim is the larger, the other zero-padded).
-// Steps that are mostly prefill take a flash attention blocked over queries and keys (attend_blocked); mixed
-// dtypes take the reference's way in ATen ops (SDPA per sequence).
+// A step with a prefill chunk (a sequence with more than 8 new tokens) takes a flash attention blocked over queries
+// and keys (attend_blocked) for all its sequences, a step of decodes alone a loop per (token, head); mixed dtypes take
+// the reference's way in ATen ops (SDPA per sequence).
 // Every index the step program gives (layer, slots, block tables, sequence bounds) is checked against the
 // cache first: a malformed program gets an error, never a read or write outside the cache.
 #include <ATen/ATen.h>
@@ -609,8 +610,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const bool one_dtype = k.scalar_type() == dtype && v.scalar_type() == dtype && (fp8 || kv_cache.scalar_type() == dtype) &&
                          (!cos_rows.defined() || (cos_rows.scalar_type() == dtype && sin_rows.scalar_type() == dtype)) &&
                          at::isFloatingType(dtype);
-  // attend is a loop per (token, head): best for decode. Steps that are mostly prefill take attend_blocked, whose
-  // tiles are GEMMs. Mixed dtypes take the reference's ATen ops; RoPE there is the rotary kernel.
+  // attend is a loop per (token, head): best for decodes alone. A step with a prefill chunk takes attend_blocked for
+  // all its sequences: its tiles are GEMMs that read each key once for all the queries sharing it (a decode's query
+  // heads of one KV head included). Mixed dtypes take the reference's ATen ops; RoPE there is the rotary kernel.
   if (!one_dtype) {
     at::Tensor qr = q, kr = k;
     if (cos_rows.defined()) qr = apply_rope(q, cos_rows, sin_rows, rotary_interleaved), kr = apply_rope(k, cos_rows, sin_rows, rotary_interleaved);
@@ -619,7 +621,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
   auto out = output_like(q, v.size(3));
-  const bool prefill = T > 8 * lens.numel();
+  const int32_t* start = starts.data_ptr<int32_t>();
+  bool prefill = false;
+  for (int64_t i = 0; i < lens.numel(); ++i) prefill |= start[i + 1] - start[i] > 8;
   const float* alibi_ptr = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
   const float* sink_ptr = sink.defined() ? sink.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention", [&] {
