@@ -57,9 +57,7 @@ struct Rope {
   }
 };
 
-// Cached rows are read in place, 16 values per vector. The scores reduce with a tree sum, not the
-// in-order one `omp simd reduction` compiles to (a chain of 16 dependent adds a key), and nothing is
-// staged through a buffer (store-forwarding stalls): each was a 2-3x slowdown, measured.
+// 16 values of a row as fp32 lanes.
 #ifdef CPU_CAPABILITY_AVX512
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {  // bf16 is fp32's upper half
@@ -72,9 +70,7 @@ inline __m512 load16(const T* p) {  // FP8
   for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
   return _mm512_loadu_ps(f);
 }
-#endif
 
-#ifdef CPU_CAPABILITY_AVX512
 // Lanes rounded to scalar_t and back as c10's scalar conversion rounds: nearest even, a NaN to the canonical NaN.
 // In fp32 a rounding point all the same: the compiler may not contract the product before it into an FMA (unfused).
 template <typename scalar_t>
@@ -167,6 +163,9 @@ void write_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, in
   });
 }
 
+// Cached rows are read in place, 16 values per vector. The scores reduce with a tree sum, not the
+// in-order one `omp simd reduction` compiles to (a chain of 16 dependent adds a key), and nothing is
+// staged through a buffer (store-forwarding stalls): each was a 2-3x slowdown, measured.
 template <typename T>
 float dot(const float* q, const T* k, int64_t n) {
   int64_t i = 0;
