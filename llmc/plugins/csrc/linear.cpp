@@ -7,7 +7,8 @@
 // horizontal sums, and a weight is read from memory once per step however many rows there are, so
 // the same kernel serves decode (bound by reading W) and prefill (bound by FMAs, about torch's GEMM).
 // Written with ATen's Vectorized, so one source serves every ISA level (setup.py); the BF16 dot products
-// use AVX512-BF16's instruction where the level has it.
+// use AVX512-BF16's instruction where the level has it, and AMX tiles (amx.h) for two rows or more where the CPU
+// has them: the bf16 layout is their B operand as it is.
 // Inputs the kernel does not take (x and W of different dtypes, other weight dtypes) run the reference's
 // unpacking and at::linear (plugins/linear.py).
 #include <ATen/ATen.h>
@@ -22,6 +23,7 @@
 #include "parallel.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
+#include "amx.h"
 #endif
 
 namespace llmc {
@@ -134,11 +136,52 @@ void tile_dispatch(int64_t mb, int nb, const T* x, int64_t K, const T* w, int64_
   rows_times_blocks<MB, NB>(x, K, w, stride, bias, y, N, n0);
 }
 
+#ifdef __AVX512BF16__
+// Rows from which bf16 products run on AMX tiles where the CPU has them (amx.h). One row streams W about 5 % faster
+// through the vector tiles (batch-1 decode); from two rows on, the AMX tiles are faster (docs/performance-history.md).
+constexpr int64_t kAmxRows = 2;
+// Column blocks a thread runs for each 32 rows before the next ones: their part of W (16 blocks x K x 32 bytes,
+// 384 KB at K = 768) stays in L2 across all the rows, each 32 rows of x in L1 across the blocks.
+constexpr int64_t kAmxChunk = 16;
+
+// gemm_columns on AMX tiles: panels of up to 32 rows x 2 column blocks over all K (a multiple of amx::kChunk).
+template <typename Y>
+void amx_gemm_columns(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w, int64_t stride,
+                      int64_t blocks, const float* bias, Y* y, int64_t N, int64_t n0) {
+  constexpr int64_t R = amx::kRows;
+  amx::Tiles tiles;
+  float out[2][2][R * kBlock];
+  for (int64_t chunk = 0; chunk < blocks; chunk += kAmxChunk) {
+    const int64_t chunk_end = std::min(blocks, chunk + kAmxChunk);
+    for (int64_t m = 0; m < M; m += 2 * R) {
+      const int rows0 = static_cast<int>(std::min(R, M - m)), rows1 = static_cast<int>(std::clamp<int64_t>(M - m - R, 0, R));
+      tiles.configure(rows0, rows1);
+      for (int64_t b = chunk; b < chunk_end; b += 2) {
+        const int nb = static_cast<int>(std::min<int64_t>(2, chunk_end - b));
+        amx::panel(rows1 ? 2 : 1, nb, x + m * K, K, w + b * stride, stride, out);
+        for (int j = 0; j < nb; ++j) {
+          const int64_t n = n0 + (b + j) * kBlock, count = std::min<int64_t>(kBlock, N - n);
+          if (count <= 0) break;
+          const Vec bv = bias ? Vec::loadu(bias + n, count) : Vec(0.f);
+          for (int64_t r = 0; r < rows0 + rows1; ++r)
+            store_lanes(y + (m + r) * N + n, Vec::loadu(out[r / R][j] + (r % R) * kBlock) + bv, count);
+        }
+      }
+    }
+  }
+}
+#endif
+
 // All M rows against `blocks` consecutive column blocks (w at the first, `stride` apart), into y[:, n0 : n0 + 16 blocks]
 // clipped to N. Serial: callers split the columns among threads.
 template <typename T, typename Y>
 void gemm_columns(const T* x, int64_t M, int64_t K, const T* w, int64_t stride, int64_t blocks, const float* bias, Y* y,
                   int64_t N, int64_t n0) {
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (M >= kAmxRows && K % amx::kChunk == 0 && amx::available())
+      return amx_gemm_columns(x, M, K, w, stride, blocks, bias, y, N, n0);
+#endif
   const int nb = blocks_for(static_cast<int>(std::min<int64_t>(M, kMaxRows)));
   for (int64_t b = 0; b < blocks; b += nb)
     for (int64_t m = 0; m < M; m += kMaxRows)

@@ -287,13 +287,66 @@ template <typename scalar_t, typename cache_t>
 constexpr bool kBf16Tiles = false;
 #endif
 
-// Element (row j, column d) of a [rows][cols] matrix in blocked_gemm's prepacked layout of 16-column blocks: fp32
-// [cols / 16][rows][16]; bf16 pairs of rows [cols / 16][rows / 2][16][2].
-template <typename T>
-inline int64_t packed_index(int64_t j, int64_t d, int64_t rows) {
-  if constexpr (std::is_same_v<T, float>) return ((d / kCols) * rows + j) * kCols + d % kCols;
-  return (((d / kCols) * (rows / 2) + j / 2) * kCols + d % kCols) * 2 + j % 2;
+#ifdef __AVX512BF16__
+// A block of kb keys (a multiple of 16) from their bf16 cache rows (null past the keys: zeros) into blocked_gemm's
+// prepacked bf16 operands (linear.cpp's layout: 16-column blocks of pairs of rows), with no per-element index math.
+// r[p] = word p of every r[i] on entry: a 16 x 16 transpose of 32-bit words.
+inline void transpose_words(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane k: rows 2i and 2i + 1 at words 4k, 4k + 1; then at 4k + 2, 4k + 3
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane k: word 4k + c of rows 4i to 4i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // lane k of each u to lane i of the result
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
 }
+
+// K^T [Dkp][kb]: per 16 keys, [Dkp / 2][16] pairs of channels, a pair being one 32-bit word of a key's row: 16 words
+// of 16 keys at a time, transposed in registers.
+inline void pack_keys(const c10::BFloat16* const* rows, int64_t kb, int64_t Dk, int64_t Dkp, c10::BFloat16* kp) {
+  const int64_t pairs = Dkp / 2;
+  for (int64_t j0 = 0; j0 < kb; j0 += kCols) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(kp) + j0 * pairs;
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const int64_t n = std::min<int64_t>(32, Dk - 2 * p0);  // channels: an odd Dk's last beside a zero
+      const __mmask32 lanes = static_cast<__mmask32>((1ull << n) - 1);
+      __m512i r[16];
+      for (int64_t jj = 0; jj < kCols; ++jj)
+        r[jj] = rows[j0 + jj] ? _mm512_maskz_loadu_epi16(lanes, rows[j0 + jj] + 2 * p0) : _mm512_setzero_si512();
+      transpose_words(r);
+      for (int64_t p = 0; p < std::min<int64_t>(16, pairs - p0); ++p) _mm512_storeu_si512(out + (p0 + p) * kCols, r[p]);
+    }
+  }
+}
+
+// V [kb][Dvp]: per 16 channels, [kb / 2][16][2], the channels of two consecutive keys interleaved.
+inline void pack_values(const c10::BFloat16* const* rows, int64_t kb, int64_t Dv, int64_t Dvp, c10::BFloat16* vp) {
+  alignas(64) static const uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(interleave);
+  for (int64_t c = 0; c < Dvp; c += kCols) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::clamp<int64_t>(Dv - c, 0, kCols)) - 1);
+    for (int64_t j = 0; j < kb; j += 2) {
+      const __m256i a = rows[j] ? _mm256_maskz_loadu_epi16(lanes, rows[j] + c) : _mm256_setzero_si256();
+      const __m256i b = rows[j + 1] ? _mm256_maskz_loadu_epi16(lanes, rows[j + 1] + c) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_storeu_si512(vp + ((c / kCols) * (kb / 2) + j / 2) * 2 * kCols, _mm512_permutexvar_epi16(order, both));
+    }
+  }
+}
+#endif
 
 template <typename scalar_t, typename cache_t>
 void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
@@ -353,15 +406,16 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
       for (int64_t j0 = j_begin; j0 <= last_pos; j0 += kKeyBlock) {
         const int64_t jn = std::min(kKeyBlock, last_pos + 1 - j0), kb = round_up(jn, kCols);
         if constexpr (bf16_tiles) {  // K^T [Dkp][kb] and V [kb][Dvp] as prepacked bf16 pairs; zeros past the keys, Dk, Dv
+          const cache_t* krows[kKeyBlock];
+          const cache_t* vrows[kKeyBlock];
           for (int64_t jj = 0; jj < kb; ++jj) {
-            const bool key = jj < jn;
-            const cache_t* kr = key ? pages.row(pages.k, i, j0 + jj, kvh) : nullptr;
-            const cache_t* vr = key ? pages.row(pages.v, i, j0 + jj, kvh) : nullptr;
-            for (int64_t d = 0; d < Dkp; ++d) kp[packed_index<Tile>(d, jj, Dkp)] = key && d < Dk ? kr[d] : Tile(0.f);
-            for (int64_t c = 0; c < Dvp; ++c) vp[packed_index<Tile>(jj, c, kb)] = key && c < Dv ? vr[c] : Tile(0.f);
+            krows[jj] = jj < jn ? pages.row(pages.k, i, j0 + jj, kvh) : nullptr;
+            vrows[jj] = jj < jn ? pages.row(pages.v, i, j0 + jj, kvh) : nullptr;
           }
-        } else {  // the same in fp32, with V's 16 channels a block as whole rows (7 % faster at the op than the above)
-          // K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the keys and Dv.
+          pack_keys(krows, kb, Dk, Dkp, kp.data());
+          pack_values(vrows, kb, Dv, Dvp, vp.data());
+        } else {  // the same in fp32: K as prepacked columns [kb / 16][Dk][16], V as [Dvp / 16][kb][16]; zeros past the
+                  // keys and Dv.
           for (int64_t jj = 0; jj < kb; ++jj) {
             float* kd = kp.data() + (jj / kCols) * Dk * kCols + jj % kCols;
             if (jj >= jn) {
