@@ -1,14 +1,14 @@
 // llmc::paged_attention for CPU: the same numerics as the plain-torch reference in attention.py
 // (write the new K/V into the paged cache, then causal attention of each new token over its
-// sequence's context), per (token, head): scores, then the softmax-weighted values, threaded with
-// llmc::parallel_for (parallel.h).
+// sequence's context), per token: scores, then the softmax-weighted values, threaded with llmc::parallel_for
+// (parallel.h).
 // An FP8 cache (float8_e4m3fn) holds k / k_scale and v / v_scale, saturated at 448 as torch's cast does.
 // With cos / sin, RoPE is folded in: q and k are rotated as they are read (rotary.h), not by separate ops.
 // Attention features as the reference defines them: logit soft-capping, ALiBi slopes, sink logits per head, and
 // K and V of different head dims (the cache's last dim is the larger, the other zero-padded).
-// A step with a prefill chunk (a sequence with more than 8 new tokens) takes a flash attention blocked over queries
-// and keys (attend_blocked) for all its sequences, a step of decodes alone a loop per (token, head); mixed dtypes take
-// the reference's way in ATen ops (SDPA per sequence).
+// A prefill chunk (a sequence with more than 8 new tokens) takes a flash attention blocked over queries and keys
+// (attend_blocked), the other sequences of the step (decodes) a loop per token (attend); mixed dtypes take the
+// reference's way in ATen ops (SDPA per sequence).
 // Every index the step program gives (layer, slots, block tables, sequence bounds) is checked against the
 // cache first: a malformed program gets an error, never a read or write outside the cache.
 #include <ATen/ATen.h>
@@ -215,11 +215,12 @@ inline float query_scale(double scale, float softcap, float k_scale) {
   return softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;
 }
 
+// The sequences with at most `max_new` new tokens (the others are attend_blocked's).
 template <typename scalar_t, typename cache_t>
 void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
-                   const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
-                   int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
-                   const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+            const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
+            float k_scale, float v_scale, const Rope<scalar_t>& rope, const float* alibi, float softcap,
+            const float* sinks, int64_t max_new, at::Tensor& out) {
   const PagedLayer<cache_t> pages(cache, layer, block_tables);
   const int64_t H = q.size(1), T = q.size(2), Dk = q.size(3), Dv = out.size(3);
   const int64_t group = H / pages.kv_heads, S = seq_lens.size(0);
@@ -227,40 +228,71 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   auto qa = q.accessor<scalar_t, 4>();
   auto oa = out.accessor<scalar_t, 4>();
-  // Which sequence each token belongs to.
-  std::vector<int64_t> seq_of(T);
+  std::vector<int64_t> tokens, seq_of(T);  // the tokens to attend, and which sequence each token belongs to
   for (int64_t i = 0; i < S; ++i)
-    for (int64_t t = starts[i]; t < starts[i + 1]; ++t) seq_of[t] = i;
+    for (int64_t t = starts[i]; t < starts[i + 1]; ++t) {
+      seq_of[t] = i;
+      if (starts[i + 1] - starts[i] <= max_new) tokens.push_back(t);
+    }
+  const int64_t n_tokens = static_cast<int64_t>(tokens.size());
+  // A work item is one token and a range of KV heads (all of them unless there are fewer tokens than threads): it
+  // sweeps the keys once in order, reading each key's rows of those heads together (one stretch of the page), for
+  // all the query heads of each. Per head apart, each key row was a separate cache miss the prefetchers did not
+  // see coming (docs/performance-history.md).
+  const int64_t Hkv = pages.kv_heads;
+  const int64_t parts = std::min<int64_t>(Hkv, std::max<int64_t>(1, (at::get_num_threads() + n_tokens - 1) / std::max<int64_t>(n_tokens, 1)));
+  const float qscale = query_scale(scale, softcap, k_scale);
 
-  llmc::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qv(Dk), acc(Dv), scores;
+  llmc::parallel_for(0, n_tokens * parts, 1, [&](int64_t begin, int64_t end) {
+    using Vec = at::vec::Vectorized<float>;
+    std::vector<float> qv(H * Dk), acc(H * Dv), scores;
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t t = work / H, h = work % H, kvh = h / group, i = seq_of[t];
+      const int64_t t = tokens[work / parts], part = work % parts, i = seq_of[t];
+      const int64_t kv0 = part * Hkv / parts, kv1 = (part + 1) * Hkv / parts, h0 = kv0 * group, h1 = kv1 * group;
       const int64_t context = lens[i], n_new = starts[i + 1] - starts[i];
       const int64_t pos = context - n_new + (t - starts[i]);  // this token's position
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-      const float qscale = query_scale(scale, softcap, k_scale);
-      rotate_row(rope, qa[0][h][t], t, Dk, qscale, qv.data());
-      const float slope = alibi ? alibi[h] : 0.f;
-      // Two passes: the scores and their maximum, then the softmax-weighted sum of the values.
-      scores.resize(pos + 1 - first);
-      float m = -INFINITY;
-      for (int64_t j = first; j <= pos; ++j) {
-        float s = dot(qv.data(), pages.row(pages.k, i, j, kvh), Dk);
-        if (softcap > 0.f) s = softcap * std::tanh(s * static_cast<float>(scale) / softcap);
-        s += slope * static_cast<float>(j - pos);
-        scores[j - first] = s;
-        m = std::max(m, s);
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0, n = pos + 1 - first;
+      for (int64_t h = h0; h < h1; ++h) rotate_row(rope, qa[0][h][t], t, Dk, qscale, qv.data() + (h - h0) * Dk);
+      // The scores, key by key for every head of the range; then each head's softmax, vectorized over the keys.
+      scores.resize((h1 - h0) * n);
+      for (int64_t j = first; j <= pos; ++j)
+        for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
+          const cache_t* kr = pages.row(pages.k, i, j, kvh);
+          for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+            float s = dot(qv.data() + (h - h0) * Dk, kr, Dk);
+            if (softcap > 0.f) s = softcap * std::tanh(s * static_cast<float>(scale) / softcap);
+            if (alibi) s += alibi[h] * static_cast<float>(j - pos);
+            scores[(h - h0) * n + j - first] = s;
+          }
+        }
+      std::vector<float> total(h1 - h0);
+      for (int64_t h = h0; h < h1; ++h) {
+        float* sh = scores.data() + (h - h0) * n;
+        float m = sinks ? sinks[h] : -INFINITY;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, sh[j]);
+        const Vec mv(m);
+        Vec sum(0.f);
+        for (int64_t j = 0; j < n; j += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+          const Vec e = (Vec::loadu(sh + j, count) - mv).exp_u20();  // as the blocked path's softmax
+          e.store(sh + j, count);
+          sum = sum + Vec::set(Vec(0.f), e, count);
+        }
+        float lanes[Vec::size()];
+        sum.store(lanes);
+        total[h - h0] = (sinks ? std::exp(sinks[h] - m) : 0.f);  // a sink takes its share of the softmax, adds no value
+        for (float x : lanes) total[h - h0] += x;
       }
-      if (sinks) m = std::max(m, sinks[h]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float l = sinks ? std::exp(sinks[h] - m) : 0.f;  // a sink takes its share of the softmax, adds no value
-      for (int64_t j = first; j <= pos; ++j) {
-        const float p = std::exp(scores[j - first] - m);
-        l += p;
-        add_scaled(p, pages.row(pages.v, i, j, kvh), acc.data(), Dv);
-      }
-      for (int64_t d = 0; d < Dv; ++d) oa[0][h][t][d] = static_cast<scalar_t>(acc[d] * v_scale / l);
+      std::fill(acc.begin(), acc.begin() + (h1 - h0) * Dv, 0.f);
+      for (int64_t j = first; j <= pos; ++j)
+        for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
+          const cache_t* vr = pages.row(pages.v, i, j, kvh);
+          for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+            add_scaled(scores[(h - h0) * n + j - first], vr, acc.data() + (h - h0) * Dv, Dv);
+        }
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t d = 0; d < Dv; ++d)
+          oa[0][h][t][d] = static_cast<scalar_t>(acc[(h - h0) * Dv + d] * v_scale / total[h - h0]);
     }
   });
 }
@@ -352,7 +384,7 @@ template <typename scalar_t, typename cache_t>
 void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale,
                     int64_t sliding_window, float k_scale, float v_scale, const Rope<scalar_t>& rope,
-                    const float* alibi, float softcap, const float* sinks, at::Tensor& out) {
+                    const float* alibi, float softcap, const float* sinks, int64_t min_new, at::Tensor& out) {
   const PagedLayer<cache_t> pages(cache, layer, block_tables);
   const int64_t H = q.size(1), Dk = q.size(3), Dv = out.size(3), Dvp = round_up(Dv, kCols);
   const int64_t Hkv = pages.kv_heads, group = H / Hkv, S = seq_lens.size(0);
@@ -369,6 +401,7 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
   std::vector<Item> items;
   for (int64_t i = 0; i < S; ++i) {
     const int64_t n_new = starts[i + 1] - starts[i];
+    if (n_new < min_new) continue;  // attend's
     for (int64_t q0 = 0; q0 < n_new; q0 += kQueryBlock)
       for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
         const int64_t nq = std::min(kQueryBlock, n_new - q0), last = lens[i] - n_new + q0 + nq;  // keys up to `last`
@@ -663,9 +696,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const bool one_dtype = k.scalar_type() == dtype && v.scalar_type() == dtype && (fp8 || kv_cache.scalar_type() == dtype) &&
                          (!cos_rows.defined() || (cos_rows.scalar_type() == dtype && sin_rows.scalar_type() == dtype)) &&
                          at::isFloatingType(dtype);
-  // attend is a loop per (token, head): best for decodes alone. A step with a prefill chunk takes attend_blocked for
-  // all its sequences: its tiles are GEMMs that read each key once for all the queries sharing it (a decode's query
-  // heads of one KV head included). Mixed dtypes take the reference's ATen ops; RoPE there is the rotary kernel.
+  // Sequences with more than kChunkTokens new tokens (prefill chunks) take attend_blocked, whose tiles are GEMMs that
+  // read each key once for all the queries sharing it; the others (decodes) attend, a loop per token that streams
+  // its keys once. Mixed dtypes take the reference's ATen ops; RoPE there is the rotary kernel.
   if (!one_dtype) {
     at::Tensor qr = q, kr = k;
     if (cos_rows.defined()) qr = apply_rope(q, cos_rows, sin_rows, rotary_interleaved), kr = apply_rope(k, cos_rows, sin_rows, rotary_interleaved);
@@ -675,23 +708,29 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const float ks = fp8 ? k_scale->item<float>() : 1.f, vs = fp8 ? v_scale->item<float>() : 1.f;
   auto out = output_like(q, v.size(3));
   const int32_t* start = starts.data_ptr<int32_t>();
-  bool prefill = false;
-  for (int64_t i = 0; i < lens.numel(); ++i) prefill |= start[i + 1] - start[i] > 8;
+  constexpr int64_t kChunkTokens = 8;
+  bool chunks = false, decodes = false;
+  for (int64_t i = 0; i < lens.numel(); ++i) (start[i + 1] - start[i] > kChunkTokens ? chunks : decodes) = true;
   const float* alibi_ptr = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
   const float* sink_ptr = sink.defined() ? sink.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention", [&] {
     Rope<scalar_t> rope;
     if (cos_rows.defined())
       rope = {cos_rows.data_ptr<scalar_t>(), sin_rows.data_ptr<scalar_t>(), cos_rows.size(1), rotary_interleaved};
-    if (fp8) {
-      write_cache<scalar_t, c10::Float8_e4m3fn>(k, v, kv_cache, layer, slots, ks, vs, rope);
-      (prefill ? attend_blocked<scalar_t, c10::Float8_e4m3fn> : attend<scalar_t, c10::Float8_e4m3fn>)(
-          q, kv_cache, layer, tables, lens, starts, scale, sliding_window, ks, vs, rope, alibi_ptr, softcap, sink_ptr, out);
-    } else {
-      write_cache<scalar_t, scalar_t>(k, v, kv_cache, layer, slots, 1.f, 1.f, rope);
-      (prefill ? attend_blocked<scalar_t, scalar_t> : attend<scalar_t, scalar_t>)(
-          q, kv_cache, layer, tables, lens, starts, scale, sliding_window, 1.f, 1.f, rope, alibi_ptr, softcap, sink_ptr, out);
-    }
+    const auto attend_step = [&](auto cache_zero, float k_scale_, float v_scale_) {
+      using cache_t = decltype(cache_zero);
+      write_cache<scalar_t, cache_t>(k, v, kv_cache, layer, slots, k_scale_, v_scale_, rope);
+      if (chunks)
+        attend_blocked<scalar_t, cache_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, k_scale_, v_scale_,
+                                          rope, alibi_ptr, softcap, sink_ptr, kChunkTokens + 1, out);
+      if (decodes)
+        attend<scalar_t, cache_t>(q, kv_cache, layer, tables, lens, starts, scale, sliding_window, k_scale_, v_scale_, rope,
+                                  alibi_ptr, softcap, sink_ptr, kChunkTokens, out);
+    };
+    if (fp8)
+      attend_step(c10::Float8_e4m3fn{}, ks, vs);
+    else
+      attend_step(scalar_t{}, 1.f, 1.f);
   });
   return out;
 }
