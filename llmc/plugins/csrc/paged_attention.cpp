@@ -240,12 +240,12 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   // all the query heads of each. Per head apart, each key row was a separate cache miss the prefetchers did not
   // see coming (docs/performance-history.md).
   const int64_t Hkv = pages.kv_heads;
-  const int64_t parts = std::min<int64_t>(Hkv, std::max<int64_t>(1, (at::get_num_threads() + n_tokens - 1) / std::max<int64_t>(n_tokens, 1)));
+  const int64_t parts = n_tokens ? std::clamp<int64_t>((at::get_num_threads() + n_tokens - 1) / n_tokens, 1, Hkv) : 1;
   const float qscale = query_scale(scale, softcap, k_scale);
 
   llmc::parallel_for(0, n_tokens * parts, 1, [&](int64_t begin, int64_t end) {
     using Vec = at::vec::Vectorized<float>;
-    std::vector<float> qv(H * Dk), acc(H * Dv), scores;
+    std::vector<float> qv(H * Dk), acc(H * Dv), total(H), scores;
     for (int64_t work = begin; work < end; ++work) {
       const int64_t t = tokens[work / parts], part = work % parts, i = seq_of[t];
       const int64_t kv0 = part * Hkv / parts, kv1 = (part + 1) * Hkv / parts, h0 = kv0 * group, h1 = kv1 * group;
@@ -265,7 +265,6 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
             scores[(h - h0) * n + j - first] = s;
           }
         }
-      std::vector<float> total(h1 - h0);
       for (int64_t h = h0; h < h1; ++h) {
         float* sh = scores.data() + (h - h0) * n;
         float m = sinks ? sinks[h] : -INFINITY;
@@ -320,8 +319,6 @@ constexpr bool kBf16Tiles = false;
 #endif
 
 #ifdef __AVX512BF16__
-// A block of kb keys (a multiple of 16) from their bf16 cache rows (null past the keys: zeros) into blocked_gemm's
-// prepacked bf16 operands (linear.cpp's layout: 16-column blocks of pairs of rows), with no per-element index math.
 // r[p] = word p of every r[i] on entry: a 16 x 16 transpose of 32-bit words.
 inline void transpose_words(__m512i (&r)[16]) {
   __m512i t[16], u[16];
@@ -345,6 +342,8 @@ inline void transpose_words(__m512i (&r)[16]) {
   }
 }
 
+// A block of kb keys (a multiple of 16) from their bf16 cache rows (null past the keys: zeros) into blocked_gemm's
+// prepacked bf16 operands (linear.cpp's layout: 16-column blocks of pairs of rows), with vector shuffles.
 // K^T [Dkp][kb]: per 16 keys, [Dkp / 2][16] pairs of channels, a pair being one 32-bit word of a key's row: 16 words
 // of 16 keys at a time, transposed in registers.
 inline void pack_keys(const c10::BFloat16* const* rows, int64_t kb, int64_t Dk, int64_t Dkp, c10::BFloat16* kp) {
