@@ -215,6 +215,37 @@ inline float query_scale(double scale, float softcap, float k_scale) {
   return softcap > 0.f ? k_scale : static_cast<float>(scale) * k_scale;
 }
 
+using Vec = at::vec::Vectorized<float>;
+
+// The softmax's two vector loops, for both attention paths. The largest of n scores (-inf for none):
+inline float max_of(const float* s, int64_t n) {
+  Vec m(-INFINITY);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    m = at::vec::maximum(m, Vec::set(m, Vec::loadu(s + j, count), count));
+  }
+  float lanes[Vec::size()];
+  m.store(lanes);
+  return *std::max_element(lanes, lanes + Vec::size());
+}
+
+// s[j] = exp(s[j] - m) in place (ATen's flash attention's exp, 20 ulp, inlined); returns their sum.
+inline float exp_and_sum(float* s, int64_t n, float m) {
+  const Vec mv(m);
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const Vec e = (Vec::loadu(s + j, count) - mv).exp_u20();
+    e.store(s + j, count);
+    sum = sum + Vec::set(Vec(0.f), e, count);
+  }
+  float lanes[Vec::size()];
+  sum.store(lanes);
+  float total = 0.f;
+  for (float x : lanes) total += x;
+  return total;
+}
+
 // The sequences with at most `max_new` new tokens (the others are attend_blocked's).
 template <typename scalar_t, typename cache_t>
 void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const at::Tensor& block_tables,
@@ -244,7 +275,6 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
   const float qscale = query_scale(scale, softcap, k_scale);
 
   llmc::parallel_for(0, n_tokens * parts, 1, [&](int64_t begin, int64_t end) {
-    using Vec = at::vec::Vectorized<float>;
     std::vector<float> qv(H * Dk), acc(H * Dv), total(H), scores;
     for (int64_t work = begin; work < end; ++work) {
       const int64_t t = tokens[work / parts], part = work % parts, i = seq_of[t];
@@ -267,20 +297,9 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         }
       for (int64_t h = h0; h < h1; ++h) {
         float* sh = scores.data() + (h - h0) * n;
-        float m = sinks ? sinks[h] : -INFINITY;
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, sh[j]);
-        const Vec mv(m);
-        Vec sum(0.f);
-        for (int64_t j = 0; j < n; j += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-          const Vec e = (Vec::loadu(sh + j, count) - mv).exp_u20();  // as the blocked path's softmax
-          e.store(sh + j, count);
-          sum = sum + Vec::set(Vec(0.f), e, count);
-        }
-        float lanes[Vec::size()];
-        sum.store(lanes);
-        total[h - h0] = (sinks ? std::exp(sinks[h] - m) : 0.f);  // a sink takes its share of the softmax, adds no value
-        for (float x : lanes) total[h - h0] += x;
+        const float m = std::max(sinks ? sinks[h] : -INFINITY, max_of(sh, n));
+        // a sink takes its share of the softmax, adds no value
+        total[h - h0] = exp_and_sum(sh, n, m) + (sinks ? std::exp(sinks[h] - m) : 0.f);
       }
       std::fill(acc.begin(), acc.begin() + (h1 - h0) * Dv, 0.f);
       for (int64_t j = first; j <= pos; ++j)
@@ -305,7 +324,6 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
 // ATen's SDPA per sequence, docs/performance-history.md); only tiles that cross the diagonal, the window's edge or
 // the end of the keys are masked. Threads take items largest first from a shared counter (causal blocks
 // differ in size, and on a busy host a thread may run late).
-using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kQueryBlock = 64, kKeyBlock = 64, kCols = 16;  // kCols: blocked_gemm's column block
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -483,28 +501,14 @@ void attend_blocked(const at::Tensor& q, const at::Tensor& cache, int64_t layer,
               sr[jj] = allowed ? x + slope * static_cast<float>(j - p) : -INFINITY;
             }
           }
-          Vec mv(-INFINITY);
-          for (int64_t jj = 0; jj < kb; jj += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(sr + jj));
-          float lanes[Vec::size()];
-          mv.store(lanes);
-          const float row_max = *std::max_element(lanes, lanes + Vec::size());
-          const float m_new = std::max(m[r], row_max);
+          const float m_new = std::max(m[r], max_of(sr, kb));
           if (m_new == -INFINITY) {  // no key of this row yet (a window's edge): nothing to add
             alpha[r] = 1.f;
             std::fill_n(sr, kb, 0.f);
             continue;
           }
           alpha[r] = std::exp(m[r] - m_new);
-          Vec sum(0.f);
-          const Vec mn(m_new);
-          for (int64_t jj = 0; jj < kb; jj += Vec::size()) {
-            const Vec e = (Vec::loadu(sr + jj) - mn).exp_u20();  // ATen's flash attention's exp (20 ulp), inlined
-            e.store(sr + jj);
-            sum = sum + e;
-          }
-          sum.store(lanes);
-          float total = 0.f;
-          for (float x : lanes) total += x;
+          const float total = exp_and_sum(sr, kb, m_new);
           l[r] = l[r] * alpha[r] + total;
           m[r] = m_new;
         }
